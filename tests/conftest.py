@@ -1,0 +1,23 @@
+"""Test-wide environment. It must run before anything imports huggingface_hub, which freezes
+HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE at import time."""
+
+import os
+import socket
+import tempfile
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_SCRATCH = tempfile.mkdtemp(prefix="quiver-tests-")
+HUB_PORT = _free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ["HF_HOME"] = os.path.join(_SCRATCH, "hf-home")
+os.environ["QUIVER_HOME"] = os.path.join(_SCRATCH, "quiver-home")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HF_HUB_OFFLINE", None)
