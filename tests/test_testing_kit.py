@@ -36,7 +36,9 @@ def test_random_expert_loads_in_plain_peft_and_changes_outputs(arch, tmp_path):
 
 def test_models_are_deterministic_and_take_a_dtype():
     first, second = tiny_model("qwen2", seed=3), tiny_model("qwen2", seed=3)
-    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters(), strict=True)
+    )
     bf16 = tiny_model("qwen2", dtype=torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 

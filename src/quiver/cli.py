@@ -44,7 +44,7 @@ def _root(
 
 
 def main() -> None:
-    """Entry point: run the app and turn a ``QuiverError`` into a one-line message and exit code 1."""
+    """Run the app; a ``QuiverError`` becomes a one-line message and exit code 1."""
     try:
         app()
     except QuiverError as error:

@@ -1,7 +1,7 @@
 """The one family of errors Quiver raises.
 
-Every error says what was wrong and what to do about it: ``QuiverError(message, hint=...)`` renders as
-``"<message> (<hint>)"`` so a CLI user sees both, while callers can still catch by type.
+Every error says what was wrong and what to do about it: ``QuiverError(message, hint=...)``
+renders as ``"<message> (<hint>)"`` so a CLI user sees both, while callers can still catch by type.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class IntegrityError(QuiverError):
 
 
 class InvalidAdapterError(QuiverError):
-    """A folder that is not a usable LoRA expert: wrong PEFT type, pickled weights, missing files."""
+    """A folder that is not a usable LoRA expert: wrong PEFT type, pickles, missing files."""
 
 
 class CardError(QuiverError):

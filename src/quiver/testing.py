@@ -68,7 +68,7 @@ def tiny_config(arch: str, *, hidden: int = 32, layers: int = 2, heads: int = 4,
 def tiny_model(
     arch: str = "llama", *, seed: int = 0, dtype: torch.dtype | None = None, **config_overrides
 ) -> PreTrainedModel:
-    """A causal LM of ``arch`` with random weights, in eval mode, named ``quiver-testing/tiny-<arch>``."""
+    """A causal LM of ``arch`` with random weights, in eval mode, named after its config."""
     config = tiny_config(arch, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
