@@ -21,3 +21,16 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("HF_HUB_OFFLINE", None)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory):
+    """The self-hosted Hub on 127.0.0.1:HUB_PORT, the HF_ENDPOINT every client here talks to.
+    ``hub_server.create_token(user, write=True, orgs=())`` makes access tokens."""
+    from quiver.registry.server import HubServer
+
+    with HubServer(tmp_path_factory.mktemp("hub-root"), port=HUB_PORT) as server:
+        yield server

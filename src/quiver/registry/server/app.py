@@ -1,0 +1,670 @@
+"""HTTP routes of the self-hosted Hub: the subset of the Hugging Face Hub API that the unmodified
+``huggingface_hub`` client uses for model and dataset repos (see hub-protocol.md).
+
+Errors go out as the Hub sends them: a status, ``X-Error-Code`` (RepoNotFound, RevisionNotFound,
+EntryNotFound) and ``X-Error-Message``, so the client raises its own typed exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import unquote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from quiver.registry.server.cards import card_tags, parse_front_matter
+from quiver.registry.server.errors import (
+    AlreadyExists,
+    EntryNotFound,
+    Forbidden,
+    HubError,
+    PayloadTooLarge,
+    RepoNotFound,
+    Unauthorized,
+)
+from quiver.registry.server.storage import (
+    Deletion,
+    FileEntry,
+    HubStore,
+    Principal,
+    Repo,
+    RepoKey,
+    check_path,
+    check_ref_name,
+)
+
+_PLURALS = {"models": "model", "datasets": "dataset"}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_LFS_URL_LIFETIME_S = 3600
+_INVALID_TOKEN = "Invalid credentials in Authorization header"
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """Server knobs. ``latency_ms`` delays every request (benchmarks only); files of at least
+    ``lfs_threshold`` bytes are asked for through the legacy LFS transfer (clients with
+    HF_HUB_DISABLE_XET=1; a client with Xet cannot upload them), smaller ones inline."""
+
+    latency_ms: float = 0.0
+    max_body_bytes: int = 1 << 30
+    page_size: int = 100
+    lfs_threshold: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.latency_ms < 0:
+            raise HubError(f"latency_ms must be >= 0, got {self.latency_ms}")
+        if self.max_body_bytes <= 0 or self.page_size <= 0:
+            raise HubError("max_body_bytes and page_size must be positive")
+        if self.lfs_threshold is not None and self.lfs_threshold <= 0:
+            raise HubError(f"lfs_threshold must be positive, got {self.lfs_threshold}")
+
+
+def error_response(error: HubError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The Hub's error shape: status, ``X-Error-Code``, ``X-Error-Message``, ``{"error": ...}``."""
+    message = str(error)
+    out = {"X-Error-Message": message.encode("ascii", "replace").decode(), **(headers or {})}
+    if error.code:
+        out["X-Error-Code"] = error.code
+    return JSONResponse({"error": message}, status_code=error.status, headers=out)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Gate:
+    """ASGI middleware in front of every route: injected latency, refusal of oversized bodies
+    (413) and of '..' segments or encoded slashes in repo ids and revisions (400)."""
+
+    def __init__(self, app: ASGIApp, options: HubOptions) -> None:
+        self.app = app
+        self.options = options
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.options.latency_ms:
+            await asyncio.sleep(self.options.latency_ms / 1000)
+        problem = _path_problem(scope.get("raw_path") or scope["path"].encode())
+        if problem:
+            await error_response(HubError(problem, hint="use plain names"))(scope, receive, send)
+            return
+        limit = self.options.max_body_bytes
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _too_large(limit)(scope, receive, send)
+            return
+        received, started = 0, False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await _too_large(limit)(scope, receive, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return error_response(
+        PayloadTooLarge(
+            f"request body exceeds {limit} bytes", hint="split the upload into smaller commits"
+        )
+    )
+
+
+def _path_problem(raw_path: bytes) -> str | None:
+    """Why a raw request path is refused: any '.'/'..' segment (even percent-encoded), or an
+    encoded slash before the file-path part (repo ids and revisions never contain one)."""
+    segments = raw_path.decode("latin-1").split("/")
+    decoded = [unquote(segment) for segment in segments]
+    if any(part in (".", "..") for segment in decoded for part in re.split(r"[/\\]", segment)):
+        return "'.' and '..' are not allowed in repo ids, revisions or file paths"
+    head = len(segments)
+    for operation in ("tree", "resolve"):
+        if operation in segments:
+            head = min(head, segments.index(operation) + 2)
+    if any("/" in segment or "\\" in segment for segment in decoded[:head]):
+        return "encoded slashes are not allowed in repo ids or revisions"
+    return None
+
+
+def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
+    """The ASGI app serving ``store``."""
+    options = options or HubOptions()
+    app = FastAPI(title="Quiver Hub", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Gate, options=options)
+    lfs_secret = secrets.token_bytes(32)
+
+    @app.exception_handler(HubError)
+    async def _on_hub_error(request: Request, error: HubError) -> JSONResponse:
+        return error_response(error)
+
+    # -- access ------------------------------------------------------------------------------
+
+    def principal(request: Request) -> Principal | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not token or scheme.lower() != "bearer":
+            return None
+        found = store.authenticate(token.strip())
+        if found is None:
+            raise Unauthorized(_INVALID_TOKEN, hint="create a token with `quiver hub token create`")
+        return found
+
+    def readable(key: RepoKey, who: Principal | None) -> Repo:
+        """The repo, if it exists and ``who`` may see it; private repos are invisible to others."""
+        repo = store.get_repo(key)
+        if repo is None or (repo.private and not (who and who.owns(key.namespace))):
+            raise RepoNotFound(f"Repository {key.id} not found")
+        return repo
+
+    def require_writer(who: Principal | None, namespace: str) -> Principal:
+        if who is None:
+            raise Unauthorized("You must be authenticated to write", hint="pass a write token")
+        if not who.write:
+            raise Forbidden("This token is read-only", hint="create one with --write")
+        if not who.owns(namespace):
+            raise Forbidden(f"{who.user} cannot write to the namespace {namespace!r}")
+        return who
+
+    def writable(key: RepoKey, who: Principal | None) -> tuple[Repo, Principal]:
+        repo = readable(key, who)
+        return repo, require_writer(who, key.namespace)
+
+    def repo_key(kind: str, namespace: str, name: str) -> RepoKey:
+        if kind not in _PLURALS:
+            raise RepoNotFound(f"Unknown repo type {kind!r}")
+        return RepoKey(_PLURALS[kind], namespace, name)
+
+    def prefixed_key(request: Request, namespace: str, name: str) -> RepoKey:
+        """Key of a git-side URL: ``/{ns}/{name}/...`` for models, ``/datasets/...`` otherwise."""
+        kind = "datasets" if request.url.path.startswith("/datasets/") else "models"
+        return repo_key(kind, namespace, name)
+
+    def base_url(request: Request) -> str:
+        return str(request.base_url).rstrip("/")
+
+    def repo_url(request: Request, key: RepoKey) -> str:
+        prefix = "" if key.type == "model" else f"/{key.type}s"
+        return f"{base_url(request)}{prefix}/{key.id}"
+
+    # -- account and repos ---------------------------------------------------------------------
+
+    @app.get("/api/whoami-v2")
+    def whoami(request: Request) -> dict[str, Any]:
+        who = principal(request)
+        if who is None:
+            raise Unauthorized(_INVALID_TOKEN, hint="pass a token")
+        role = "write" if who.write else "read"
+        return {
+            "type": "user",
+            "name": who.user,
+            "fullname": who.user,
+            "avatarUrl": "",
+            "orgs": [{"type": "org", "name": org, "fullname": org} for org in who.orgs],
+            "auth": {
+                "type": "access_token",
+                "accessToken": {"displayName": "quiver", "role": role},
+            },
+        }
+
+    @app.post("/api/validate-yaml")
+    async def validate_yaml(request: Request) -> JSONResponse:
+        content = (await request.json()).get("content", "")
+        try:
+            parse_front_matter(content)
+        except Exception as error:  # any YAML error is the user's, reported back as the Hub does
+            return JSONResponse({"errors": [{"message": str(error)}], "warnings": []}, 400)
+        return JSONResponse({"errors": [], "warnings": []})
+
+    @app.post("/api/repos/create")
+    async def create_repo(request: Request) -> JSONResponse:
+        body = await request.json()
+        who = principal(request)
+        if who is None:
+            raise Unauthorized("You must be authenticated to create a repo", hint="pass a token")
+        key = RepoKey(
+            body.get("type") or "model", body.get("organization") or who.user, body.get("name", "")
+        )
+        require_writer(who, key.namespace)
+        private = body.get("visibility") == "private" or bool(body.get("private"))
+        url = repo_url(request, key)
+        try:
+            await run_in_threadpool(store.create_repo, key, private=private, author=who.user)
+        except AlreadyExists as error:
+            # exist_ok=True in the client relies on the url of the existing repo in the 409 answer.
+            return JSONResponse(
+                {"error": str(error), "url": url}, 409, {"X-Error-Message": str(error)}
+            )
+        return JSONResponse({"url": url, "name": key.id, "id": key.id})
+
+    @app.delete("/api/repos/delete")
+    async def delete_repo(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        who = principal(request)
+        key = RepoKey(
+            body.get("type") or "model",
+            body.get("organization") or (who.user if who else ""),
+            body.get("name", ""),
+        )
+        writable(key, who)
+        store.delete_repo(key)
+        return {}
+
+    @app.put("/api/{kind}/{namespace}/{name}/settings")
+    async def update_settings(request: Request, kind: str, namespace: str, name: str) -> dict:
+        key = repo_key(kind, namespace, name)
+        writable(key, principal(request))
+        body = await request.json()
+        private = body.get("private")
+        if body.get("visibility") is not None:
+            private = body["visibility"] == "private"
+        if private is not None:
+            store.set_private(key, bool(private))
+        return {}
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def info(
+        request: Request, repo: Repo, sha: str, *, card: bool = True, files: bool = True
+    ) -> dict[str, Any]:
+        commit = store.commit_info(repo, sha)
+        data = commit.card or {}
+        out: dict[str, Any] = {
+            "_id": f"{repo.rowid:024x}",
+            "id": repo.key.id,
+            "author": repo.key.namespace,
+            "sha": sha,
+            "lastModified": commit.date,
+            "createdAt": repo.created_at,
+            "private": repo.private,
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": card_tags(commit.card),
+            "library_name": data.get("library_name"),
+            "pipeline_tag": data.get("pipeline_tag"),
+        }
+        if repo.key.type == "model":
+            out["modelId"] = repo.key.id
+        if card:
+            out["cardData"] = commit.card
+        if files:
+            out["siblings"] = [_sibling(entry) for entry in store.files(repo, sha).values()]
+        return out
+
+    def paginate(request: Request, items: list, *, page_size: int) -> JSONResponse:
+        """One page of ``items`` and, if more remain, a ``Link: <...>; rel="next"`` header."""
+        start = int(request.query_params.get("cursor", "0") or 0)
+        end = start + page_size
+        headers = {}
+        if end < len(items):
+            headers["Link"] = f'<{request.url.include_query_params(cursor=end)}>; rel="next"'
+        return JSONResponse(items[start:end], headers=headers)
+
+    @app.get("/api/{kind}")
+    def list_repos(request: Request, kind: str) -> JSONResponse:
+        if kind not in _PLURALS:
+            raise HubError(f"Unknown listing {kind!r}")
+        query = request.query_params
+        who = principal(request)
+        search = (query.get("search") or "").lower()
+        wanted = set(query.getlist("filter"))
+        if query.get("pipeline_tag"):
+            wanted.add(query["pipeline_tag"])
+        full = query.get("full") in ("1", "true", "True")
+        expand = query.getlist("expand") or query.getlist("expand[]")
+        items = []
+        for repo, head in store.list_repos(_PLURALS[kind]):
+            if repo.private and not (who and who.owns(repo.key.namespace)):
+                continue
+            if query.get("author") and repo.key.namespace != query["author"]:
+                continue
+            if search not in repo.key.id.lower() or not wanted <= set(card_tags(head.card)):
+                continue
+            with_card = full or query.get("cardData") in ("1", "true", "True")
+            item = info(
+                request, repo, head.sha, card=with_card or bool(expand), files=full or bool(expand)
+            )
+            if expand:
+                item = {k: v for k, v in item.items() if k in {"id", "_id", *expand}}
+            items.append(item)
+        sort = query.get("sort")
+        if sort in ("id", "createdAt", "lastModified"):
+            items.sort(
+                key=lambda item: item.get(sort) or "", reverse=query.get("direction") == "-1"
+            )
+        limit = int(query.get("limit") or options.page_size)
+        return paginate(request, items, page_size=min(limit, options.page_size))
+
+    @app.get("/api/{kind}/{namespace}/{name}")
+    def repo_info(request: Request, kind: str, namespace: str, name: str) -> dict:
+        return repo_info_at(request, kind, namespace, name, "main")
+
+    @app.get("/api/{kind}/{namespace}/{name}/revision/{revision}")
+    def repo_info_at(request: Request, kind: str, namespace: str, name: str, revision: str) -> dict:
+        repo = readable(repo_key(kind, namespace, name), principal(request))
+        return info(request, repo, store.resolve(repo, revision))
+
+    def tree_entries(
+        files: dict[str, FileEntry], prefix: str, *, recursive: bool
+    ) -> list[dict[str, Any]]:
+        """Files and folders under ``prefix`` (only its direct children unless ``recursive``)."""
+        base = f"{prefix}/" if prefix else ""
+        below = {path: entry for path, entry in files.items() if path.startswith(base)}
+        if prefix and not below:
+            raise EntryNotFound(f"{prefix} does not exist in this revision")
+        folders: dict[str, list[FileEntry]] = {}
+        out_files = []
+        for path, entry in below.items():
+            rest = PurePosixPath(path[len(base) :])
+            parents = [str(p) for p in reversed(rest.parents) if str(p) != "."]
+            for parent in parents if recursive else parents[:1]:
+                folders.setdefault(base + parent, []).append(entry)
+            if recursive or not parents:
+                out_files.append(_tree_file(entry))
+        out_folders = [_tree_folder(path, entries) for path, entries in sorted(folders.items())]
+        return out_folders + out_files
+
+    @app.get("/api/{kind}/{namespace}/{name}/tree/{revision}")
+    @app.get("/api/{kind}/{namespace}/{name}/tree/{revision}/{path:path}")
+    def tree(
+        request: Request, kind: str, namespace: str, name: str, revision: str, path: str = ""
+    ) -> JSONResponse:
+        repo = readable(repo_key(kind, namespace, name), principal(request))
+        files = store.files(repo, store.resolve(repo, revision))
+        prefix = check_path(path.strip("/")) if path.strip("/") else ""
+        recursive = request.query_params.get("recursive") in ("1", "true", "True")
+        return paginate(request, tree_entries(files, prefix, recursive=recursive), page_size=1000)
+
+    @app.post("/api/{kind}/{namespace}/{name}/paths-info/{revision}")
+    async def paths_info(
+        request: Request, kind: str, namespace: str, name: str, revision: str
+    ) -> list[dict[str, Any]]:
+        repo = readable(repo_key(kind, namespace, name), principal(request))
+        form = await request.form()
+        files = store.files(repo, store.resolve(repo, revision))
+        out = []
+        for path in dict.fromkeys(str(p).strip("/") for p in form.getlist("paths")):
+            check_path(path)
+            if path in files:
+                out.append(_tree_file(files[path]))
+            elif below := [e for p, e in files.items() if p.startswith(path + "/")]:
+                out.append(_tree_folder(path, below))
+        return out
+
+    @app.get("/api/{kind}/{namespace}/{name}/refs")
+    def refs(request: Request, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        repo = readable(repo_key(kind, namespace, name), principal(request))
+        found = store.refs(repo)
+
+        def listing(kind: str, prefix: str) -> list[dict[str, str]]:
+            return [
+                {"name": ref, "ref": f"{prefix}{ref}", "targetCommit": target}
+                for ref, target in found[kind].items()
+            ]
+
+        return {
+            "branches": listing("branch", "refs/heads/"),
+            "converts": [],
+            "tags": listing("tag", "refs/tags/"),
+            "pullRequests": [],
+        }
+
+    @app.get("/api/{kind}/{namespace}/{name}/commits/{revision}")
+    def commits(
+        request: Request, kind: str, namespace: str, name: str, revision: str
+    ) -> JSONResponse:
+        repo = readable(repo_key(kind, namespace, name), principal(request))
+        items = [
+            {
+                "id": commit.sha,
+                "title": commit.title,
+                "message": commit.message,
+                "date": commit.date,
+                "authors": [{"user": commit.author}],
+            }
+            for commit in store.history(repo, store.resolve(repo, revision))
+        ]
+        return paginate(request, items, page_size=options.page_size)
+
+    @app.api_route("/{namespace}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
+    @app.api_route(
+        "/datasets/{namespace}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"]
+    )
+    def resolve(request: Request, namespace: str, name: str, revision: str, path: str):
+        repo = readable(prefixed_key(request, namespace, name), principal(request))
+        sha = store.resolve(repo, revision)
+        entry = store.files(repo, sha).get(check_path(path))
+        if entry is None:
+            missing = EntryNotFound(f"{path} does not exist at {revision}")
+            return error_response(missing, headers={"X-Repo-Commit": sha})
+        return FileResponse(
+            store.blobs.path(entry.sha256),
+            media_type="application/octet-stream",
+            headers={
+                "ETag": f'"{entry.etag}"',
+                "X-Repo-Commit": sha,
+                "Content-Disposition": f'inline; filename="{PurePosixPath(path).name}"',
+            },
+        )
+
+    # -- writing -------------------------------------------------------------------------------
+
+    @app.post("/api/{kind}/{namespace}/{name}/preupload/{revision}")
+    async def preupload(
+        request: Request, kind: str, namespace: str, name: str, revision: str
+    ) -> dict[str, Any]:
+        repo, _ = writable(repo_key(kind, namespace, name), principal(request))
+        body = await request.json()
+        sha = store.resolve(repo, revision)
+        existing = store.files(repo, sha)
+        answers = []
+        for item in body.get("files", []):
+            path = check_path(item["path"])
+            lfs = options.lfs_threshold is not None and item.get("size", 0) >= options.lfs_threshold
+            remote = existing.get(path)
+            oid = None
+            if remote is not None:
+                oid = remote.sha256 if lfs else (None if remote.lfs else remote.oid)
+            answers.append(
+                {
+                    "path": path,
+                    "uploadMode": "lfs" if lfs else "regular",
+                    "shouldIgnore": False,
+                    "oid": oid,
+                }
+            )
+        return {"files": answers, "commitOid": sha}
+
+    @app.post("/api/{kind}/{namespace}/{name}/commit/{revision}")
+    async def commit(
+        request: Request, kind: str, namespace: str, name: str, revision: str
+    ) -> dict[str, Any]:
+        key = repo_key(kind, namespace, name)
+        repo, who = writable(key, principal(request))
+        if request.query_params.get("create_pr") in ("1", "true", "True"):
+            raise HubError("pull requests are not supported", hint="commit to a branch instead")
+        check_ref_name(revision)
+        lines = (await request.body()).decode("utf-8").splitlines()
+        sha = await run_in_threadpool(_apply_commit, store, repo, revision, who.user, lines)
+        return {
+            "commitUrl": f"{repo_url(request, key)}/commit/{sha}",
+            "commitOid": sha,
+            "success": True,
+            "pullRequestUrl": None,
+        }
+
+    @app.post("/api/{kind}/{namespace}/{name}/branch/{branch}")
+    async def create_branch(
+        request: Request, kind: str, namespace: str, name: str, branch: str
+    ) -> dict:
+        repo, _ = writable(repo_key(kind, namespace, name), principal(request))
+        body = await request.json() if await request.body() else {}
+        store.create_ref(repo, "branch", branch, body.get("startingPoint") or "main")
+        return {}
+
+    @app.delete("/api/{kind}/{namespace}/{name}/branch/{branch}")
+    def delete_branch(request: Request, kind: str, namespace: str, name: str, branch: str) -> dict:
+        repo, _ = writable(repo_key(kind, namespace, name), principal(request))
+        store.delete_ref(repo, "branch", branch)
+        return {}
+
+    @app.post("/api/{kind}/{namespace}/{name}/tag/{revision}")
+    async def create_tag(
+        request: Request, kind: str, namespace: str, name: str, revision: str
+    ) -> dict:
+        repo, _ = writable(repo_key(kind, namespace, name), principal(request))
+        body = await request.json()
+        store.create_ref(repo, "tag", str(body.get("tag", "")), revision)
+        return {}
+
+    @app.delete("/api/{kind}/{namespace}/{name}/tag/{tag}")
+    def delete_tag(request: Request, kind: str, namespace: str, name: str, tag: str) -> dict:
+        repo, _ = writable(repo_key(kind, namespace, name), principal(request))
+        store.delete_ref(repo, "tag", tag)
+        return {}
+
+    # -- legacy LFS transfer (clients with HF_HUB_DISABLE_XET=1) ---------------------------------
+
+    def lfs_signature(oid: str, size: int, expires: int) -> str:
+        return hmac.new(lfs_secret, f"{oid}:{size}:{expires}".encode(), hashlib.sha256).hexdigest()
+
+    @app.post("/{namespace}/{name}.git/info/lfs/objects/batch")
+    @app.post("/datasets/{namespace}/{name}.git/info/lfs/objects/batch")
+    async def lfs_batch(request: Request, namespace: str, name: str) -> JSONResponse:
+        writable(prefixed_key(request, namespace, name), principal(request))
+        body = await request.json()
+        if body.get("operation") != "upload":
+            raise HubError("only the upload operation is served", hint="download through /resolve")
+        expires = int(time.time()) + _LFS_URL_LIFETIME_S
+        objects = []
+        for item in body.get("objects", []):
+            oid, size = str(item.get("oid", "")), int(item.get("size", -1))
+            if not _SHA256.match(oid) or size < 0:
+                raise HubError(f"invalid LFS object {oid!r} of size {size}")
+            answer: dict[str, Any] = {"oid": oid, "size": size}
+            if not store.blobs.has(oid):
+                query = f"size={size}&expires={expires}&sig={lfs_signature(oid, size, expires)}"
+                href = f"{base_url(request)}/api/lfs-objects/{oid}?{query}"
+                answer["authenticated"] = True
+                answer["actions"] = {"upload": {"href": href, "expires_in": _LFS_URL_LIFETIME_S}}
+            objects.append(answer)
+        return JSONResponse(
+            {"transfer": "basic", "objects": objects}, media_type="application/vnd.git-lfs+json"
+        )
+
+    @app.put("/api/lfs-objects/{oid}")
+    async def lfs_upload(request: Request, oid: str, size: int, expires: int, sig: str) -> dict:
+        """The target of a signed upload URL handed out by the batch endpoint."""
+        if not (
+            _SHA256.match(oid)
+            and expires > time.time()
+            and hmac.compare_digest(sig, lfs_signature(oid, size, expires))
+        ):
+            raise Forbidden(
+                "invalid or expired LFS upload URL", hint="ask the batch endpoint again"
+            )
+        chunks = [chunk async for chunk in request.stream()]
+        _, stored_size = await run_in_threadpool(store.blobs.put, chunks, expected_sha256=oid)
+        if stored_size != size:
+            raise HubError(f"LFS object {oid} has {stored_size} bytes, announced {size}")
+        return {}
+
+    return app
+
+
+def _apply_commit(store: HubStore, repo: Repo, branch: str, author: str, lines: list[str]) -> str:
+    """Parse an NDJSON commit body, stage its blobs, then commit it in one transaction."""
+    header: dict[str, Any] = {}
+    additions: list[FileEntry] = []
+    deletions: list[Deletion] = []
+    for key, value in _ndjson(lines):
+        if key == "header":
+            header = value
+        elif key == "file":
+            if value.get("encoding", "base64") != "base64":
+                raise HubError(f"unsupported encoding {value.get('encoding')!r}")
+            try:
+                content = base64.b64decode(value["content"], validate=True)
+            except (binascii.Error, ValueError):
+                raise HubError(f"content of {value.get('path')!r} is not base64") from None
+            additions.append(store.stage_bytes(value["path"], content))
+        elif key == "lfsFile":
+            additions.append(store.stage_lfs(value["path"], str(value["oid"]), value.get("size")))
+        elif key in ("deletedFile", "deletedFolder"):
+            path = check_path(str(value["path"]).rstrip("/"))
+            deletions.append(Deletion(path, folder=key == "deletedFolder"))
+        else:
+            raise HubError(f"unknown commit operation {key!r}")
+    if not header.get("summary"):
+        raise HubError("the commit has no summary", hint="send a header line with a summary")
+    return store.commit(
+        repo,
+        branch,
+        additions=additions,
+        deletions=deletions,
+        title=header["summary"],
+        message=header.get("description") or "",
+        author=author,
+        parent_commit=header.get("parentCommit"),
+    )
+
+
+def _ndjson(lines: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            yield str(item["key"]), dict(item["value"])
+        except (ValueError, KeyError, TypeError):
+            raise HubError(f"line {number} of the commit is not a {{key, value}} object") from None
+
+
+def _sibling(entry: FileEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"rfilename": entry.path, "size": entry.size, "blobId": entry.oid}
+    if entry.lfs:
+        out["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": entry.pointer_size}
+    return out
+
+
+def _tree_file(entry: FileEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "file", "path": entry.path, "size": entry.size, "oid": entry.oid}
+    if entry.lfs:
+        out["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": entry.pointer_size}
+    return out
+
+
+def _tree_folder(path: str, entries: list[FileEntry]) -> dict[str, Any]:
+    listing = "".join(f"{e.path}\0{e.oid}\n" for e in sorted(entries, key=lambda e: e.path))
+    return {"type": "directory", "path": path, "oid": hashlib.sha1(listing.encode()).hexdigest()}

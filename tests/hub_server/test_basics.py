@@ -1,0 +1,39 @@
+"""The core round trip of the unmodified huggingface_hub client against the self-hosted Hub."""
+
+import os
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+
+@pytest.fixture
+def api(hub_server):
+    return HfApi(token=hub_server.create_token("alice"))
+
+
+def test_fixture_serves_the_global_endpoint(hub_server):
+    assert hub_server.endpoint == os.environ["HF_ENDPOINT"]
+    assert hub_server.root.is_dir()
+
+
+def test_create_upload_info_download(api, tmp_path):
+    url = api.create_repo("alice/basics")
+    assert url.repo_id == "alice/basics"
+    info = api.upload_file(
+        path_or_fileobj=b"hello hub", path_in_repo="greeting.txt", repo_id="alice/basics"
+    )
+    model = api.model_info("alice/basics")
+    assert model.sha == info.oid
+    assert {s.rfilename for s in model.siblings} == {".gitattributes", "greeting.txt"}
+    path = hf_hub_download("alice/basics", "greeting.txt", cache_dir=tmp_path)
+    assert Path(path).read_bytes() == b"hello hub"
+
+
+def test_missing_repo_and_file_are_typed(api, tmp_path):
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info("alice/nothing-here")
+    api.create_repo("alice/sparse")
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download("alice/sparse", "missing.txt", cache_dir=tmp_path)
