@@ -14,7 +14,16 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 # The public API, imported on first use so that `import quiver` (and `quiver --help`) stays light.
-_LAZY_EXPORTS: dict[str, str] = {}
+_LAZY_EXPORTS: dict[str, str] = {
+    "route": "quiver.routing",
+    "RoutedModel": "quiver.routing",
+    "Arrow": "quiver.routing",
+    "Merge": "quiver.routing",
+    "Oracle": "quiver.routing",
+    "compute_arrow_prototypes": "quiver.routing",
+    "save_prototypes": "quiver.routing",
+    "load_prototypes": "quiver.routing",
+}
 
 
 def __getattr__(name: str) -> Any:

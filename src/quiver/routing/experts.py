@@ -1,0 +1,258 @@
+"""Read a set of PEFT LoRA folders in one pass and stack them per target module.
+
+An expert is a plain PEFT folder: ``adapter_config.json`` (peft_type LORA) and
+``adapter_model.safetensors``. Stacking turns E experts into two tensors per module,
+``A [E, r, in]`` and ``B [E, out, r]`` (ranks zero-padded to the largest, which leaves ``B @ A``
+unchanged), plus each expert's LoRA scale, so a routed layer never loops over adapter objects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from quiver.errors import IncompatibleExpertError, InvalidAdapterError, RoutingError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_LORA_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(\.[^.]+)?\.weight$"
+)
+
+
+@runtime_checkable
+class HasExpertPaths(Protocol):
+    """What routing needs from a library: its experts' local folders, in order."""
+
+    def expert_paths(self) -> dict[str, Path]: ...
+
+
+ExpertSource = Mapping[str, "str | Path"] | Sequence["str | Path"] | HasExpertPaths
+
+
+def resolve_expert_paths(source: ExpertSource) -> dict[str, Path]:
+    """Normalise a library, a ``name -> folder`` mapping or folders to ``name -> Path``."""
+    if isinstance(source, HasExpertPaths):
+        paths = dict(source.expert_paths())
+    elif isinstance(source, Mapping):
+        paths = dict(source)
+    elif isinstance(source, (str, Path)):
+        raise RoutingError(
+            f"expected several experts, got the single path {str(source)!r}",
+            hint="pass a list of folders, a name -> folder mapping, or a library",
+        )
+    else:
+        paths = {}
+        for folder in source:
+            name = Path(folder).name
+            if name in paths:
+                raise RoutingError(
+                    f"two expert folders are both named {name!r}",
+                    hint="pass a name -> folder mapping to give them distinct names",
+                )
+            paths[name] = folder
+    if not paths:
+        raise RoutingError("no experts given", hint="pass at least one PEFT LoRA folder")
+    return {str(name): Path(path) for name, path in paths.items()}
+
+
+def expert_index(names: Sequence[str], name: str) -> int:
+    if name not in names:
+        raise RoutingError(f"unknown expert {name!r}", hint=f"choose one of {', '.join(names)}")
+    return list(names).index(name)
+
+
+@dataclass(frozen=True)
+class LoraStack:
+    """One target module's experts: ``A [E, r, in]``, unscaled ``B [E, out, r]``, ``scales [E]``."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scales: torch.Tensor
+    ranks: tuple[int, ...]
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[-1]
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[1]
+
+    def scaled_B(self) -> torch.Tensor:
+        """``s_e * B_e`` for every expert: the factor routed layers multiply by."""
+        return self.B * self.scales.to(self.B.dtype)[:, None, None]
+
+    def select(self, index: Sequence[int]) -> LoraStack:
+        keep = torch.tensor(list(index), dtype=torch.long)
+        ranks = tuple(self.ranks[i] for i in index)
+        return LoraStack(self.A[keep], self.B[keep], self.scales[keep], ranks)
+
+
+@dataclass(frozen=True)
+class ExpertSet:
+    """E experts stacked per target module, all shaped alike and in the same module order."""
+
+    names: tuple[str, ...]
+    modules: dict[str, LoraStack]
+
+    def index(self, name: str) -> int:
+        return expert_index(self.names, name)
+
+    def require_uniform_rank(self, method: str) -> None:
+        """Element-wise methods (parameter mixing, merges, GenKnowSub) need equal ranks."""
+        for module, stack in self.modules.items():
+            for name, rank in zip(self.names, stack.ranks, strict=True):
+                if rank != stack.ranks[0]:
+                    raise IncompatibleExpertError(
+                        f"expert {name!r} has rank {rank} at {module} but {self.names[0]!r} has "
+                        f"rank {stack.ranks[0]}; {method} adds A and B matrices element-wise",
+                        hint="use output mixing, or experts trained with the same rank",
+                    )
+
+
+def read_expert(name: str, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Validate one PEFT LoRA folder and return its config and its tensors (safetensors only)."""
+    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_file.is_file():
+        raise InvalidAdapterError(
+            f"expert {name!r}: {folder} has no {CONFIG_FILE}",
+            hint="point at a PEFT adapter folder (the one save_pretrained wrote)",
+        )
+    if not weights_file.is_file():
+        pickled = any((folder / f).exists() for f in ("adapter_model.bin", "adapter_model.pt"))
+        raise InvalidAdapterError(
+            f"expert {name!r}: {folder} has no {WEIGHTS_FILE}"
+            + (" (only a pickled adapter_model.bin, which Quiver never loads)" if pickled else ""),
+            hint="re-save the adapter with safe_serialization=True",
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise InvalidAdapterError(f"expert {name!r}: unreadable {config_file}: {error}") from error
+    if config.get("peft_type") != "LORA" or config.get("use_dora"):
+        kind = "DoRA" if config.get("use_dora") else config.get("peft_type")
+        raise InvalidAdapterError(
+            f"expert {name!r} is a {kind} adapter, not a plain LoRA",
+            hint="routing combines LoRA experts only (peft_type LORA, use_dora false)",
+        )
+    try:
+        with safe_open(str(weights_file), framework="pt") as weights:
+            tensors = {key: weights.get_tensor(key) for key in weights.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise InvalidAdapterError(f"expert {name!r}: unreadable {weights_file}: {error}") from error
+    return config, tensors
+
+
+def _expert_factors(name: str, config: dict, tensors: dict) -> dict[str, tuple[Any, Any, float]]:
+    """``module -> (A, B, scale)`` for one expert, refusing anything that is not a LoRA factor."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise InvalidAdapterError(
+                f"expert {name!r} holds {key!r}, which is not a LoRA A/B weight",
+                hint="routing supports LoRA on Linear/Conv1D layers only (no biases, "
+                "embeddings or modules_to_save)",
+            )
+        factors.setdefault(match["module"], {})[match["factor"]] = tensor
+    alpha_pattern = config.get("alpha_pattern") or {}
+    out = {}
+    for module, pair in factors.items():
+        if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
+            raise InvalidAdapterError(f"expert {name!r}: broken LoRA pair at {module}")
+        rank = pair["A"].shape[0]
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, module), config["lora_alpha"])
+        scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+        out[module] = (pair["A"], pair["B"], float(scale))
+    return out
+
+
+def _check_against_model(name: str, factors: dict, model: nn.Module) -> None:
+    for module, (lora_a, lora_b, _) in factors.items():
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            raise IncompatibleExpertError(
+                f"expert {name!r} targets {module}, which this {type(model).__name__} lacks",
+                hint="use experts trained on this base model",
+            ) from None
+        if isinstance(layer, nn.Linear):
+            shape = (layer.in_features, layer.out_features)
+        elif isinstance(layer, Conv1D):
+            shape = tuple(layer.weight.shape)
+        else:
+            raise IncompatibleExpertError(
+                f"expert {name!r} targets {module}, a {type(layer).__name__}",
+                hint="routing supports LoRA on Linear and GPT-2 Conv1D layers only",
+            )
+        if (lora_a.shape[1], lora_b.shape[0]) != shape:
+            raise IncompatibleExpertError(
+                f"expert {name!r} at {module} maps {lora_a.shape[1]} -> {lora_b.shape[0]} "
+                f"features but the model's layer maps {shape[0]} -> {shape[1]}",
+                hint="use experts trained on this base model (same architecture and size)",
+            )
+
+
+def load_experts(
+    source: ExpertSource,
+    model: nn.Module | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> ExpertSet:
+    """Read and stack every expert; with ``model``, check each fits it and take its dtype/device."""
+    paths = resolve_expert_paths(source)
+    if model is not None:
+        reference = next(model.parameters())
+        dtype, device = dtype or reference.dtype, device or reference.device
+    per_expert = {}
+    for name, folder in paths.items():
+        factors = _expert_factors(name, *read_expert(name, folder))
+        if model is not None:
+            _check_against_model(name, factors, model)
+        per_expert[name] = factors
+    names = tuple(paths)
+    first = per_expert[names[0]]
+    for name in names[1:]:
+        _check_same_modules(name, per_expert[name], names[0], first)
+    modules = {}
+    for module, (a0, b0, _) in first.items():
+        ranks = tuple(per_expert[name][module][0].shape[0] for name in names)
+        lora_a = torch.zeros(len(names), max(ranks), a0.shape[1], dtype=dtype or a0.dtype)
+        lora_b = torch.zeros(len(names), b0.shape[0], max(ranks), dtype=dtype or b0.dtype)
+        for i, name in enumerate(names):
+            a, b, _ = per_expert[name][module]
+            lora_a[i, : a.shape[0]] = a
+            lora_b[i, :, : b.shape[1]] = b
+        scales = torch.tensor([per_expert[name][module][2] for name in names])
+        modules[module] = LoraStack(lora_a.to(device), lora_b.to(device), scales.to(device), ranks)
+    return ExpertSet(names, modules)
+
+
+def _check_same_modules(name: str, factors: dict, first_name: str, first: dict) -> None:
+    missing, extra = sorted(set(first) - set(factors)), sorted(set(factors) - set(first))
+    if missing or extra:
+        raise IncompatibleExpertError(
+            f"expert {name!r} targets different modules than {first_name!r}"
+            + (f"; missing {missing[:3]}" if missing else "")
+            + (f"; extra {extra[:3]}" if extra else ""),
+            hint="route experts trained with the same target_modules",
+        )
+    for module, (a, b, _) in factors.items():
+        if (a.shape[1], b.shape[0]) != (first[module][0].shape[1], first[module][1].shape[0]):
+            raise IncompatibleExpertError(
+                f"expert {name!r} at {module} has shapes {tuple(a.shape)}/{tuple(b.shape)}, "
+                f"unlike {first_name!r}",
+                hint="route experts trained on the same base model",
+            )
