@@ -1,0 +1,155 @@
+"""The ``Registry`` interface: one set of operations over a local folder store or a Hub endpoint.
+
+A store implements a few git-like primitives (commit a folder as a repo's new snapshot, download a
+snapshot at a revision, tag, list versions, search, delete). Experts and libraries are built on
+those, once, here and in library.py, so both stores behave the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from quiver.errors import QuiverError
+from quiver.registry.card import EXPERT_TAG, LIBRARY_TAG, base_model_tag, task_tag
+from quiver.registry.expert import EXPERT_FILES, Expert
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+KINDS = {"expert": EXPERT_TAG, "library": LIBRARY_TAG}
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not _REPO_ID.match(repo_id) or ".." in repo_id:
+        raise QuiverError(
+            f"invalid repo id {repo_id!r}",
+            hint="use 'namespace/name' with letters, digits, '-', '_' or '.'",
+        )
+    return repo_id
+
+
+@dataclass(frozen=True)
+class RepoSummary:
+    """One hit of ``search``/``list``."""
+
+    repo_id: str
+    kind: str
+    base_model: str | None
+    tags: tuple[str, ...]
+    last_modified: datetime | None = None
+
+    @property
+    def author(self) -> str:
+        return self.repo_id.split("/", 1)[0]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        prefix = task_tag("")
+        return tuple(tag[len(prefix) :] for tag in self.tags if tag.startswith(prefix))
+
+
+@dataclass(frozen=True)
+class Version:
+    """One commit of a repo, newest first in ``versions``; ``refs`` are its branches and tags."""
+
+    commit: str
+    date: datetime
+    message: str
+    refs: tuple[str, ...] = ()
+
+
+def search_tags(
+    *, base_model: str | None, task: str | None, tag: str | None, kind: str | None
+) -> list[str]:
+    """The tags a search must match: every filter is a Hub tag, so both stores filter alike."""
+    if kind is not None and kind not in KINDS:
+        raise QuiverError(f"unknown kind {kind!r}", hint=f"use one of {sorted(KINDS)}")
+    tags = [base_model_tag(base_model)] if base_model else []
+    tags += [task_tag(task)] if task else []
+    tags += [tag] if tag else []
+    tags += [KINDS[kind]] if kind else []
+    return tags
+
+
+class Registry(ABC):
+    """Where experts and libraries are published and pulled from."""
+
+    location: str
+
+    # -- store primitives -------------------------------------------------------------------
+    @abstractmethod
+    def upload(self, repo_id: str, folder: Path, *, message: str, branch: str = "main") -> str:
+        """Make ``folder``'s files the snapshot of ``repo_id`` on ``branch``; return the commit."""
+
+    @abstractmethod
+    def download(
+        self, repo_id: str, *, revision: str | None = None, patterns: Sequence[str] | None = None
+    ) -> tuple[Path, str]:
+        """Fetch the files matching ``patterns`` at ``revision``; return (folder, commit)."""
+
+    @abstractmethod
+    def tag(self, repo_id: str, tag: str, *, revision: str) -> None:
+        """Point the tag ``tag`` at ``revision``."""
+
+    @abstractmethod
+    def versions(self, repo_id: str, *, branch: str = "main") -> list[Version]:
+        """The commits of ``branch``, newest first."""
+
+    @abstractmethod
+    def search(
+        self,
+        *,
+        base_model: str | None = None,
+        task: str | None = None,
+        tag: str | None = None,
+        author: str | None = None,
+        query: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+    ) -> list[RepoSummary]:
+        """Repos matching every given filter (``query`` is free text on ids and descriptions)."""
+
+    @abstractmethod
+    def delete(self, repo_id: str) -> None:
+        """Delete a repo and all its versions."""
+
+    # -- experts ----------------------------------------------------------------------------
+    def list(self, *, kind: str | None = None) -> list[RepoSummary]:
+        return self.search(kind=kind)
+
+    def push(
+        self,
+        expert: Expert | str | Path,
+        repo_id: str,
+        *,
+        branch: str = "main",
+        tag: str | None = None,
+        message: str | None = None,
+    ) -> Expert:
+        """Publish an expert (a validated PEFT folder) with its card; return it, pinned."""
+        check_repo_id(repo_id)
+        if not isinstance(expert, Expert):
+            expert = Expert.from_folder(expert)
+        with tempfile.TemporaryDirectory(prefix="quiver-push-") as staging:
+            expert.save(staging, title=repo_id)
+            commit = self.upload(
+                repo_id, Path(staging), message=message or f"Upload expert {repo_id}", branch=branch
+            )
+        if tag:
+            self.tag(repo_id, tag, revision=commit)
+        card = dataclasses.replace(expert.card, hashes=expert.file_hashes())
+        return dataclasses.replace(expert, card=card, repo_id=repo_id, commit=commit)
+
+    def pull(self, repo_id: str, *, revision: str | None = None) -> Expert:
+        """Fetch an expert at ``revision`` (branch, tag or commit; default main) and validate it."""
+        check_repo_id(repo_id)
+        folder, commit = self.download(repo_id, revision=revision, patterns=EXPERT_FILES)
+        return Expert.from_folder(folder, repo_id=repo_id, commit=commit)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"

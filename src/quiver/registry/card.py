@@ -1,0 +1,201 @@
+"""Model cards for experts and libraries: the Hub's conventions plus a ``quiver:`` section.
+
+The YAML front matter is what the Hub indexes (base_model, library_name, tags with
+``base_model:adapter:<id>``, datasets, license, model-index), so an expert pushed by Quiver is
+found by the Hub's own filters. The ``quiver:`` section carries what the Hub has no field for: the
+tasks an expert was trained on, a training summary, its library and the content hashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from quiver.errors import CardError
+
+QUIVER_TAG = "quiver"
+EXPERT_TAG = "lora"
+LIBRARY_TAG = "quiver-library"
+TASK_TAG_PREFIX = "task:"
+ADAPTER_TAG_PREFIX = "base_model:adapter:"
+
+_EXPERT_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ description }}
+
+A LoRA expert for [{{ base_model }}](https://huggingface.co/{{ base_model }}) (rank {{ rank }},
+alpha {{ alpha }}, target modules: {{ target_modules | join(', ') }}).
+{% if tasks %}Trained on: {{ tasks | join(', ') }}.{% endif %}
+
+Load it with PEFT:
+
+```python
+from peft import PeftModel
+model = PeftModel.from_pretrained(base_model, "{{ title }}")
+```
+"""
+
+
+def base_model_tag(base_model: str) -> str:
+    return f"{ADAPTER_TAG_PREFIX}{base_model}"
+
+
+def task_tag(task: str) -> str:
+    return f"{TASK_TAG_PREFIX}{task}"
+
+
+def parse_card(text: str) -> ModelCard:
+    """Parse README.md text into a ModelCard, raising ``CardError`` on malformed YAML."""
+    try:
+        return ModelCard(text)
+    except (yaml.YAMLError, ValueError, TypeError) as error:
+        raise CardError(
+            f"malformed model card YAML: {error}",
+            hint="fix the front matter between the '---' lines of README.md",
+        ) from error
+
+
+def hub_tags(metadata: dict[str, Any]) -> list[str]:
+    """The tags the Hub derives from a card's front matter (what its ``filter=`` matches)."""
+    tags = list(metadata.get("tags") or [])
+    if metadata.get("library_name"):
+        tags.append(metadata["library_name"])
+    if metadata.get("license"):
+        tags.append(f"license:{metadata['license']}")
+    tags += [f"dataset:{name}" for name in _as_list(metadata.get("datasets"))]
+    tags += [base_model_tag(name) for name in _as_list(metadata.get("base_model"))]
+    return list(dict.fromkeys(tags))
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise CardError(
+            f"malformed quiver section in the model card: {what}",
+            hint="fix the 'quiver:' block of README.md or delete it to have it rebuilt",
+        )
+
+
+@dataclass
+class ExpertCard:
+    """What an expert's README.md says about it. Rank, alpha and targets mirror adapter_config."""
+
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    tasks: list[str] = field(default_factory=list)
+    examples: int | None = None
+    steps: int | None = None
+    library: str | None = None
+    hashes: dict[str, str] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    license: str | None = None
+    tags: list[str] = field(default_factory=list)
+    eval_results: list[EvalResult] = field(default_factory=list)
+    description: str = ""
+
+    @classmethod
+    def from_adapter_config(cls, config: dict[str, Any]) -> ExpertCard:
+        """The card of an adapter that came without one: everything adapter_config.json knows."""
+        targets = config.get("target_modules") or []
+        return cls(
+            base_model=config.get("base_model_name_or_path") or "unknown",
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            target_modules=sorted(_as_list(targets)),
+        )
+
+    @classmethod
+    def from_text(cls, text: str | None, config: dict[str, Any]) -> ExpertCard:
+        """Read a README.md (quiver's, PEFT's, or a human's) and complete it from the config."""
+        card = cls.from_adapter_config(config)
+        if text is None:
+            return card
+        model_card = parse_card(text)
+        data = model_card.data
+        section = data.to_dict().get(QUIVER_TAG) or {}
+        _require(isinstance(section, dict), "'quiver' must be a mapping")
+        training = section.get("training") or {}
+        _require(isinstance(training, dict), "'quiver.training' must be a mapping")
+        hashes = section.get("hashes") or {}
+        _require(
+            isinstance(hashes, dict) and all(isinstance(v, str) for v in hashes.values()),
+            "'quiver.hashes' must map file names to sha256 hex digests",
+        )
+        tasks = section.get("tasks") or []
+        _require(
+            isinstance(tasks, list) and all(isinstance(t, str) for t in tasks),
+            "'quiver.tasks' must be a list of strings",
+        )
+        if isinstance(data.base_model, str) and card.base_model == "unknown":
+            card.base_model = data.base_model
+        derived = {QUIVER_TAG, EXPERT_TAG, "peft", base_model_tag(card.base_model)}
+        derived |= {task_tag(task) for task in tasks}
+        card.tasks = list(tasks)
+        card.examples = training.get("examples")
+        card.steps = training.get("steps")
+        card.library = section.get("library")
+        card.hashes = dict(hashes)
+        card.datasets = _as_list(data.datasets)
+        card.license = data.license
+        card.tags = [tag for tag in data.tags or [] if tag not in derived]
+        card.eval_results = list(data.eval_results or [])
+        card.description = section.get("description") or ""
+        return card
+
+    @property
+    def all_tags(self) -> list[str]:
+        """Hub tags: the usual adapter tags, one ``task:<name>`` per task, then the user's."""
+        tags = [QUIVER_TAG, EXPERT_TAG, "peft", base_model_tag(self.base_model)]
+        tags += [task_tag(task) for task in self.tasks] + self.tags
+        return list(dict.fromkeys(tags))
+
+    def to_model_card(self, title: str) -> ModelCard:
+        training = {
+            "examples": self.examples,
+            "steps": self.steps,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": self.target_modules,
+        }
+        section = {
+            "tasks": self.tasks,
+            "training": {k: v for k, v in training.items() if v is not None},
+            "library": self.library,
+            "description": self.description or None,
+            "hashes": self.hashes,
+        }
+        data = ModelCardData(
+            base_model=self.base_model,
+            library_name="peft",
+            pipeline_tag="text-generation",
+            license=self.license,
+            datasets=self.datasets or None,
+            tags=self.all_tags,
+            model_name=title if self.eval_results else None,
+            eval_results=self.eval_results or None,
+            quiver={k: v for k, v in section.items() if v not in (None, [], {})},
+        )
+        return ModelCard.from_template(
+            data,
+            template_str=_EXPERT_TEMPLATE,
+            title=title,
+            description=self.description,
+            rank=self.rank,
+            alpha=self.alpha,
+            target_modules=self.target_modules,
+            tasks=self.tasks,
+        )

@@ -1,0 +1,192 @@
+"""An expert: a plain PEFT LoRA folder (adapter_config.json, adapter_model.safetensors, README.md).
+
+``Expert.from_folder`` is the one gate every expert passes, whether it comes from a user's disk, the
+local store or the Hub: LoRA only, safetensors only, weights that match the hashes the card pins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from quiver.errors import (
+    IncompatibleExpertError,
+    IntegrityError,
+    InvalidAdapterError,
+    NotFoundError,
+)
+from quiver.registry.card import ExpertCard
+
+ADAPTER_CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+CARD = "README.md"
+EXPERT_FILES = (ADAPTER_CONFIG, WEIGHTS, CARD)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_hash(what: str, *, expected: str, actual: str) -> None:
+    """Raise ``IntegrityError`` naming ``what`` unless the two sha256 digests agree."""
+    if actual != expected:
+        raise IntegrityError(
+            f"{what} does not match its pinned sha256 (expected {expected[:12]}…, got "
+            f"{actual[:12]}…)",
+            hint="the file was tampered with or truncated: pull it again from a trusted registry",
+        )
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise InvalidAdapterError(
+            f"{folder} has no {ADAPTER_CONFIG}",
+            hint="point at a folder written by PEFT's save_pretrained",
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidAdapterError(f"{path} is not valid JSON: {error}") from error
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise InvalidAdapterError(
+            f"{folder} holds a {peft_type or 'non-PEFT'} adapter, not a LoRA",
+            hint="Quiver experts are plain LoRA adapters (peft_type LORA)",
+        )
+    if config.get("use_dora"):
+        raise InvalidAdapterError(
+            f"{folder} holds a DoRA adapter", hint="train the expert with use_dora=False"
+        )
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if not config.get(key)]
+    if missing:
+        raise InvalidAdapterError(f"{path} misses {', '.join(missing)}")
+    return config
+
+
+def _check_weights(path: Path) -> None:
+    """Parse the safetensors header (cheap) so truncated or foreign files fail here, not later."""
+    if not path.is_file():
+        raise InvalidAdapterError(
+            f"{path.parent} has no {WEIGHTS}",
+            hint="Quiver loads safetensors only and never unpickles .bin files; "
+            "re-save the adapter with safe_serialization=True",
+        )
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            keys = list(weights.keys())
+    except (SafetensorError, OSError) as error:
+        raise IntegrityError(
+            f"{path} is not a readable safetensors file ({error})",
+            hint="the weights are truncated or corrupt: pull or re-save them",
+        ) from error
+    if not any(".lora_A." in key for key in keys):
+        raise InvalidAdapterError(f"{path} holds no lora_A/lora_B tensors")
+
+
+@dataclass
+class Expert:
+    """A validated LoRA expert on local disk, with its card and, once published, where it lives."""
+
+    path: Path
+    config: dict[str, Any]
+    card: ExpertCard
+    repo_id: str | None = None
+    commit: str | None = None
+
+    @classmethod
+    def from_folder(
+        cls,
+        path: str | Path,
+        *,
+        repo_id: str | None = None,
+        commit: str | None = None,
+        **card_fields: Any,
+    ) -> Expert:
+        """Validate a PEFT LoRA folder; ``card_fields`` (tasks=, examples=, ...) update its card."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NotFoundError(f"no expert folder at {path}")
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise InvalidAdapterError(
+                f"{path} contains pickle files ({', '.join(pickles)})",
+                hint="Quiver never unpickles: keep only adapter_model.safetensors",
+            )
+        config = _read_config(path)
+        card_path = path / CARD
+        text = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
+        card = ExpertCard.from_text(text, config)
+        unknown = set(card_fields) - {f.name for f in dataclasses.fields(ExpertCard)}
+        if unknown:
+            raise TypeError(f"unknown card fields: {', '.join(sorted(unknown))}")
+        card = dataclasses.replace(card, **card_fields)
+        expert = cls(path=path, config=config, card=card, repo_id=repo_id, commit=commit)
+        expert.verify()
+        _check_weights(path / WEIGHTS)
+        return expert
+
+    @property
+    def name(self) -> str:
+        return (self.repo_id or self.path.name).rsplit("/", 1)[-1]
+
+    @property
+    def base_model(self) -> str:
+        return self.card.base_model
+
+    @cached_property
+    def weights_sha256(self) -> str:
+        return sha256_file(self.path / WEIGHTS)
+
+    def file_hashes(self) -> dict[str, str]:
+        return {
+            ADAPTER_CONFIG: sha256_file(self.path / ADAPTER_CONFIG),
+            WEIGHTS: self.weights_sha256,
+        }
+
+    def verify(self) -> None:
+        """Raise ``IntegrityError`` if a file no longer matches the hash its card pins."""
+        for name, expected in self.card.hashes.items():
+            path = self.path / name
+            if not path.is_file():
+                actual = "missing"
+            else:
+                actual = self.weights_sha256 if name == WEIGHTS else sha256_file(path)
+            check_hash(f"{self.repo_id or self.path}: {name}", expected=expected, actual=actual)
+
+    def check_fits(self, *, base_model: str, rank: int, target_modules: list[str]) -> None:
+        """Raise ``IncompatibleExpertError`` unless this expert shares the given LoRA geometry."""
+        mine = (self.card.base_model, self.card.rank, self.card.target_modules)
+        theirs = (base_model, rank, sorted(target_modules))
+        for what, have, want in zip(
+            ("base model", "rank", "target modules"), mine, theirs, strict=True
+        ):
+            if have != want:
+                raise IncompatibleExpertError(
+                    f"expert {self.name!r} has {what} {have!r}, the library needs {want!r}",
+                    hint="a library's experts share one base model, rank and target modules",
+                )
+
+    def save(self, folder: str | Path, *, title: str | None = None) -> Path:
+        """Write the expert's files and a fresh card (with current hashes) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder.resolve() != self.path.resolve():  # saving in place only rewrites the card
+            for name in (ADAPTER_CONFIG, WEIGHTS):
+                shutil.copyfile(self.path / name, folder / name)
+        card = dataclasses.replace(self.card, hashes=self.file_hashes())
+        card.to_model_card(title or self.repo_id or self.name).save(folder / CARD)
+        return folder

@@ -1,0 +1,423 @@
+"""A library: a named, shareable set of LoRA experts for one base model, pinned in ``library.json``.
+
+Every expert is pinned by the sha256 of its weights and either referenced (another repo of the same
+registry, at a commit) or bundled in the library repo under ``experts/<name>/`` (loadable by PEFT as
+``user/repo/experts/<name>``). Optional routing artifacts (safetensors files such as Arrow
+prototypes) live under ``artifacts/``. Every change commits a new version of the library repo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from quiver.errors import CardError, NotFoundError, QuiverError
+from quiver.registry.base import Registry, check_repo_id
+from quiver.registry.card import LIBRARY_TAG, QUIVER_TAG, base_model_tag
+from quiver.registry.expert import CARD, EXPERT_FILES, Expert, check_hash, sha256_file
+
+MANIFEST = "library.json"
+FORMAT = "quiver-library/1"
+_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+_LIBRARY_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ description }}
+
+A Quiver library of {{ experts | length }} LoRA experts for {{ base_model }}.
+
+| expert | source | weights sha256 |
+|---|---|---|
+{% for pin in experts -%}
+| {{ pin.name }} | {{ pin.repo_id or 'bundled' }}{{ '@' + pin.commit[:10] if pin.commit }} | \
+{{- pin.sha256[:16] }}… |
+{% endfor %}
+Pull it with `quiver library pull {{ title }}`.
+"""
+
+
+def _check_name(name: str, what: str) -> str:
+    if not _NAME.match(name):
+        raise QuiverError(
+            f"invalid {what} name {name!r}", hint="use letters, digits, '-', '_' or '.'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ExpertPin:
+    """One expert of a library, pinned by the sha256 of its weights."""
+
+    name: str
+    sha256: str
+    repo_id: str | None = None  # None: bundled in the library repo under experts/<name>
+    commit: str | None = None
+
+    @property
+    def bundled(self) -> bool:
+        return self.repo_id is None
+
+    @property
+    def subfolder(self) -> str:
+        return f"experts/{self.name}"
+
+
+@dataclass(frozen=True)
+class LibraryManifest:
+    """The content of ``library.json``."""
+
+    name: str
+    base_model: str
+    rank: int | None = None
+    target_modules: list[str] | None = None
+    description: str = ""
+    experts: list[ExpertPin] = field(default_factory=list)
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> sha256
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, **dataclasses.asdict(self)}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str) -> LibraryManifest:
+        try:
+            data = json.loads(text)
+            if data.pop("format", None) != FORMAT:
+                raise ValueError(f"format is not {FORMAT!r}")
+            pins = [ExpertPin(**pin) for pin in data.pop("experts")]
+            manifest = cls(**data, experts=pins)
+            for pin in pins:
+                _check_name(pin.name, "expert")
+            hashes = [pin.sha256 for pin in pins] + list(manifest.artifacts.values())
+            if not all(isinstance(h, str) and _SHA256.match(h) for h in hashes):
+                raise ValueError("a sha256 is not 64 lowercase hex digits")
+        except (ValueError, TypeError, KeyError, AttributeError, QuiverError) as error:
+            raise CardError(
+                f"malformed {MANIFEST} in {source}: {error}",
+                hint="restore the manifest from an earlier version (see `versions`)",
+            ) from error
+        return manifest
+
+
+def _parse_expert_spec(spec: str) -> tuple[str, str | None]:
+    repo_id, _, revision = spec.partition("@")
+    return check_repo_id(repo_id), revision or None
+
+
+class Library:
+    """A library at one commit of a registry. Mutating methods commit a new version."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        repo_id: str,
+        manifest: LibraryManifest,
+        *,
+        commit: str,
+        folder: Path,
+    ) -> None:
+        self.registry = registry
+        self.repo_id = repo_id
+        self.manifest = manifest
+        self.commit = commit
+        self.folder = folder  # local snapshot: manifest, card and artifacts
+        self._experts: dict[str, Expert] = {}
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, registry: Registry, repo_id: str, *, base_model: str, description: str = ""
+    ) -> Library:
+        """Publish a new, empty library for ``base_model``."""
+        check_repo_id(repo_id)
+        if _exists(registry, repo_id):
+            raise QuiverError(
+                f"library {repo_id} already exists in {registry.location}",
+                hint="open it with Library.open, or pick another name",
+            )
+        manifest = LibraryManifest(name=repo_id, base_model=base_model, description=description)
+        return _publish(registry, repo_id, manifest, {}, {}, message=f"Create library {repo_id}")
+
+    @classmethod
+    def open(cls, registry: Registry, repo_id: str, *, revision: str | None = None) -> Library:
+        """Fetch a library's manifest, card and artifacts (not its experts) and verify them."""
+        check_repo_id(repo_id)
+        folder, commit = registry.download(
+            repo_id, revision=revision, patterns=[MANIFEST, CARD, "artifacts/*"]
+        )
+        if not (folder / MANIFEST).is_file():
+            raise NotFoundError(
+                f"{repo_id}@{commit[:10]} has no {MANIFEST}: it is not a Quiver library",
+                hint="pull experts with `quiver pull`, or create the library first",
+            )
+        text = (folder / MANIFEST).read_text(encoding="utf-8")
+        manifest = LibraryManifest.from_json(text, source=f"{repo_id}@{commit[:10]}")
+        library = cls(registry, repo_id, manifest, commit=commit, folder=folder)
+        for name, expected in manifest.artifacts.items():
+            path = library._artifact_file(name)
+            actual = sha256_file(path) if path.is_file() else "missing"
+            check_hash(f"{repo_id}: artifact {name!r}", expected=expected, actual=actual)
+        return library
+
+    @classmethod
+    def pull(
+        cls,
+        registry: Registry,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        max_workers: int = 16,
+    ) -> Library:
+        """Open a library and download all its experts concurrently, verifying every hash."""
+        library = cls.open(registry, repo_id, revision=revision)
+        library.fetch(max_workers=max_workers)
+        return library
+
+    def fetch(self, *, max_workers: int = 16) -> dict[str, Expert]:
+        """Download (or find in cache) every expert not fetched yet; verify each weight hash."""
+        missing = [pin for pin in self.manifest.experts if pin.name not in self._experts]
+        if missing:
+            with (
+                ThreadPoolExecutor(max_workers=max_workers) as pool,
+                tqdm(
+                    total=len(missing), desc=f"Pulling {self.repo_id}", unit="expert", disable=None
+                ) as progress,
+            ):
+                futures = {pool.submit(self._fetch_expert, pin): pin.name for pin in missing}
+                for future in as_completed(futures):
+                    self._experts[futures[future]] = future.result()
+                    progress.update()
+        return {pin.name: self._experts[pin.name] for pin in self.manifest.experts}
+
+    def _fetch_expert(self, pin: ExpertPin) -> Expert:
+        if pin.bundled:
+            root, _ = self.registry.download(
+                self.repo_id, revision=self.commit, patterns=[f"{pin.subfolder}/*"]
+            )
+            expert = Expert.from_folder(root / pin.subfolder, commit=self.commit)
+        else:
+            root, _ = self.registry.download(
+                pin.repo_id, revision=pin.commit, patterns=EXPERT_FILES
+            )
+            expert = Expert.from_folder(root, repo_id=pin.repo_id, commit=pin.commit)
+        check_hash(f"expert {pin.name!r}", expected=pin.sha256, actual=expert.weights_sha256)
+        return expert
+
+    # -- reading ------------------------------------------------------------------------------
+    @property
+    def experts(self) -> list[ExpertPin]:
+        return list(self.manifest.experts)
+
+    @property
+    def names(self) -> list[str]:
+        return [pin.name for pin in self.manifest.experts]
+
+    def expert_paths(self) -> dict[str, Path]:
+        """Expert name -> local PEFT folder, in manifest order (fetching what is missing)."""
+        return {name: expert.path for name, expert in self.fetch().items()}
+
+    def _artifact_file(self, name: str) -> Path:
+        return self.folder / "artifacts" / f"{name}.safetensors"
+
+    def artifact_path(self, name: str) -> Path | None:
+        """The local .safetensors file of artifact ``name``, or None if the library has none."""
+        return self._artifact_file(name) if name in self.manifest.artifacts else None
+
+    def versions(self) -> list:
+        return self.registry.versions(self.repo_id)
+
+    # -- changing (each call commits a new version) ---------------------------------------------
+    def add(
+        self,
+        expert: Expert | str | Path,
+        *,
+        name: str | None = None,
+        bundle: bool = False,
+        message: str | None = None,
+    ) -> Library:
+        """Add an expert: a local folder or unpublished Expert is bundled; a published one (an
+        Expert from this registry, or ``"user/repo[@revision]"``) is referenced at its commit,
+        unless ``bundle=True`` copies it in."""
+        if isinstance(expert, str) and not Path(expert).is_dir():
+            repo_id, revision = _parse_expert_spec(expert)
+            expert = self.registry.pull(repo_id, revision=revision)
+        elif not isinstance(expert, Expert):
+            expert = Expert.from_folder(expert)
+        name = _check_name(name or expert.name, "expert")
+        if name in self.names:
+            raise QuiverError(
+                f"library {self.repo_id} already has an expert named {name!r}",
+                hint="remove it first, or pass another name",
+            )
+        manifest = self.manifest
+        expert.check_fits(
+            base_model=manifest.base_model,
+            rank=manifest.rank if manifest.rank is not None else expert.card.rank,
+            target_modules=manifest.target_modules or expert.card.target_modules,
+        )
+        bundled = bundle or expert.repo_id is None
+        pin = ExpertPin(
+            name=name,
+            sha256=expert.weights_sha256,
+            repo_id=None if bundled else expert.repo_id,
+            commit=None if bundled else expert.commit,
+        )
+        manifest = dataclasses.replace(
+            manifest,
+            rank=expert.card.rank,
+            target_modules=expert.card.target_modules,
+            experts=[*manifest.experts, pin],
+        )
+        return self._commit(
+            manifest, message or f"Add expert {name}", experts={name: expert} if bundled else {}
+        )
+
+    def remove(self, name: str, *, message: str | None = None) -> Library:
+        if name not in self.names:
+            raise NotFoundError(
+                f"library {self.repo_id} has no expert {name!r}",
+                hint=f"its experts are: {', '.join(self.names) or 'none'}",
+            )
+        experts = [pin for pin in self.manifest.experts if pin.name != name]
+        manifest = dataclasses.replace(self.manifest, experts=experts)
+        self._experts.pop(name, None)
+        return self._commit(manifest, message or f"Remove expert {name}")
+
+    def add_artifact(self, name: str, path: str | Path, *, message: str | None = None) -> Library:
+        """Attach (or replace) a routing artifact, a safetensors file such as Arrow prototypes."""
+        _check_name(name, "artifact")
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise QuiverError(
+                f"artifact {path} is not a readable safetensors file ({error})",
+                hint="save routing artifacts with safetensors.torch.save_file",
+            ) from error
+        artifacts = {**self.manifest.artifacts, name: sha256_file(path)}
+        manifest = dataclasses.replace(self.manifest, artifacts=artifacts)
+        return self._commit(manifest, message or f"Add artifact {name}", artifacts={name: path})
+
+    def _commit(
+        self,
+        manifest: LibraryManifest,
+        message: str,
+        *,
+        experts: dict[str, Expert] | None = None,
+        artifacts: dict[str, Path] | None = None,
+    ) -> Library:
+        kept = {pin.name for pin in manifest.experts if pin.bundled}
+        kept_experts = {n: e for n, e in self._bundled_experts().items() if n in kept}
+        kept_artifacts = {n: self._artifact_file(n) for n in manifest.artifacts}
+        published = _publish(
+            self.registry,
+            self.repo_id,
+            manifest,
+            {**kept_experts, **(experts or {})},
+            {**kept_artifacts, **(artifacts or {})},
+            message=message,
+        )
+        referenced = {pin.name for pin in manifest.experts if not pin.bundled}
+        fetched = {n: e for n, e in self._experts.items() if n in referenced}
+        self.__dict__.update(published.__dict__)
+        self._experts = fetched
+        return self
+
+    def _bundled_experts(self) -> dict[str, Expert]:
+        bundled = [pin for pin in self.manifest.experts if pin.bundled]
+        return {pin.name: self._experts.get(pin.name) or self._fetch_expert(pin) for pin in bundled}
+
+    def push(
+        self, registry: Registry, repo_id: str | None = None, *, message: str | None = None
+    ) -> Library:
+        """Publish this library (and the experts it references) to another registry."""
+        repo_id = check_repo_id(repo_id or self.repo_id)
+        experts = self.fetch()
+        pins = []
+        for pin in self.manifest.experts:
+            if not pin.bundled and not _has_expert(registry, pin):
+                published = registry.push(experts[pin.name], pin.repo_id)
+                pin = dataclasses.replace(pin, commit=published.commit)
+            pins.append(pin)
+        manifest = dataclasses.replace(self.manifest, name=repo_id, experts=pins)
+        bundled = {pin.name: experts[pin.name] for pin in pins if pin.bundled}
+        artifacts = {name: self._artifact_file(name) for name in manifest.artifacts}
+        return _publish(
+            registry, repo_id, manifest, bundled, artifacts, message=message or "Push library"
+        )
+
+    def __repr__(self) -> str:
+        return f"Library({self.repo_id!r}@{self.commit[:10]}, experts={self.names})"
+
+
+def _exists(registry: Registry, repo_id: str) -> bool:
+    try:
+        registry.download(repo_id, patterns=[MANIFEST])
+    except NotFoundError:
+        return False
+    return True
+
+
+def _has_expert(registry: Registry, pin: ExpertPin) -> bool:
+    try:
+        return registry.pull(pin.repo_id, revision=pin.commit).weights_sha256 == pin.sha256
+    except NotFoundError:
+        return False
+
+
+def _library_card(repo_id: str, manifest: LibraryManifest) -> ModelCard:
+    data = ModelCardData(
+        base_model=manifest.base_model,
+        tags=[QUIVER_TAG, LIBRARY_TAG, base_model_tag(manifest.base_model)],
+        quiver={"library": {"experts": [pin.name for pin in manifest.experts]}},
+    )
+    return ModelCard.from_template(
+        data,
+        template_str=_LIBRARY_TEMPLATE,
+        title=repo_id,
+        description=manifest.description,
+        experts=manifest.experts,
+    )
+
+
+def _publish(
+    registry: Registry,
+    repo_id: str,
+    manifest: LibraryManifest,
+    experts: dict[str, Expert],
+    artifacts: dict[str, Path],
+    *,
+    message: str,
+) -> Library:
+    """Stage the library's full snapshot in a temporary folder and commit it as one version."""
+    with tempfile.TemporaryDirectory(prefix="quiver-library-") as staging_dir:
+        staging = Path(staging_dir)
+        for pin in manifest.experts:
+            if pin.bundled:
+                expert = experts[pin.name]
+                member = dataclasses.replace(expert.card, library=repo_id)
+                dataclasses.replace(expert, card=member).save(
+                    staging / pin.subfolder, title=f"{repo_id}/{pin.subfolder}"
+                )
+        for name, path in artifacts.items():
+            (staging / "artifacts").mkdir(exist_ok=True)
+            shutil.copyfile(path, staging / "artifacts" / f"{name}.safetensors")
+        (staging / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+        _library_card(repo_id, manifest).save(staging / CARD)
+        commit = registry.upload(repo_id, staging, message=message)
+    return Library.open(registry, repo_id, revision=commit)
