@@ -350,9 +350,10 @@ class Library:
         experts = self.fetch()
         pins = []
         for pin in self.manifest.experts:
-            if not pin.bundled and not _has_expert(registry, pin):
-                published = registry.push(experts[pin.name], pin.repo_id)
-                pin = dataclasses.replace(pin, commit=published.commit)
+            if not pin.bundled:
+                commit = _published_commit(registry, pin)
+                commit = commit or registry.push(experts[pin.name], pin.repo_id).commit
+                pin = dataclasses.replace(pin, commit=commit)
             pins.append(pin)
         manifest = dataclasses.replace(self.manifest, name=repo_id, experts=pins)
         bundled = {pin.name: experts[pin.name] for pin in pins if pin.bundled}
@@ -373,11 +374,16 @@ def _exists(registry: Registry, repo_id: str) -> bool:
     return True
 
 
-def _has_expert(registry: Registry, pin: ExpertPin) -> bool:
-    try:
-        return registry.pull(pin.repo_id, revision=pin.commit).weights_sha256 == pin.sha256
-    except NotFoundError:
-        return False
+def _published_commit(registry: Registry, pin: ExpertPin) -> str | None:
+    """The commit of ``pin``'s weights in ``registry``: the pinned one or an identical head."""
+    for revision in (pin.commit, None):
+        try:
+            expert = registry.pull(pin.repo_id, revision=revision)
+        except NotFoundError:
+            continue
+        if expert.weights_sha256 == pin.sha256:
+            return expert.commit
+    return None
 
 
 def _library_card(repo_id: str, manifest: LibraryManifest) -> ModelCard:

@@ -1,0 +1,168 @@
+"""Libraries in the local store: pinning, versions, artifacts, verified pulls, refused experts."""
+
+import json
+
+import pytest
+import torch
+from peft import ArrowConfig, PeftModel
+from peft.tuners.lora import create_arrow_model
+from registry_helpers import logits, store_state
+from safetensors.torch import save_file
+
+from quiver.errors import CardError, IncompatibleExpertError, IntegrityError, NotFoundError
+from quiver.registry import Expert, Library, LocalRegistry
+from quiver.testing import tiny_model
+
+BASE = "quiver-testing/tiny-llama"
+
+
+@pytest.fixture
+def library(local, make_expert):
+    """A library with one referenced expert ('math', published first) and one bundled ('code')."""
+    local.push(Expert.from_folder(make_expert("math"), tasks=["math"]), "alice/math")
+    library = Library.create(local, "alice/lib", base_model=BASE, description="Two skills.")
+    library.add("alice/math")
+    library.add(make_expert("code"))
+    return library
+
+
+def test_manifest_pins_every_expert(library, local):
+    math, code = library.experts
+    assert (math.name, math.repo_id, math.bundled) == ("math", "alice/math", False)
+    assert math.commit == local.pull("alice/math").commit
+    assert math.sha256 == local.pull("alice/math").weights_sha256
+    assert (code.name, code.bundled, code.commit) == ("code", True, None)
+    manifest = json.loads((library.folder / "library.json").read_text())
+    assert manifest["format"] == "quiver-library/1"
+    assert [e["name"] for e in manifest["experts"]] == ["math", "code"]
+    assert manifest["rank"] == 4
+    snapshot, _ = local.download("alice/lib")
+    bundled = Expert.from_folder(snapshot / "experts" / "code")
+    assert bundled.card.library == "alice/lib"
+    assert bundled.weights_sha256 == code.sha256
+
+
+def test_every_change_is_a_new_version(library, local, make_expert, tmp_path):
+    assert len(library.versions()) == 3  # create, add math, add code
+    first = library.versions()[-1].commit
+    library.remove("math")
+    prototypes = tmp_path / "prototypes.safetensors"
+    save_file({"code": torch.ones(2, 3)}, prototypes)
+    library.add_artifact("arrow_prototypes", prototypes)
+    assert [v.message for v in library.versions()[:2]] == [
+        "Add artifact arrow_prototypes",
+        "Remove expert math",
+    ]
+    assert Library.open(local, "alice/lib", revision=first).names == []
+    before_removal = library.versions()[2].commit
+    assert Library.open(local, "alice/lib", revision=before_removal).names == ["math", "code"]
+    reopened = Library.pull(local, "alice/lib")
+    assert reopened.names == ["code"]
+    assert reopened.artifact_path("arrow_prototypes").read_bytes() == prototypes.read_bytes()
+    assert reopened.artifact_path("nothing") is None
+    assert reopened.commit == library.commit
+
+
+def test_pull_gives_expert_paths_in_manifest_order(library, local):
+    pulled = Library.pull(local, "alice/lib")
+    paths = pulled.expert_paths()
+    assert list(paths) == ["math", "code"]
+    model = PeftModel.from_pretrained(tiny_model("llama"), str(paths["math"])).eval()
+    reference = PeftModel.from_pretrained(
+        tiny_model("llama"), str(local.download("alice/math")[0])
+    ).eval()
+    assert logits(model).equal(logits(reference))
+
+
+def test_arrow_loads_bundled_and_referenced_experts(library, local):
+    paths = Library.pull(local, "alice/lib").expert_paths()
+    model = create_arrow_model(
+        tiny_model("llama"),
+        task_specific_adapter_paths=[str(p) for p in paths.values()],
+        arrow_config=ArrowConfig(top_k=1, router_temperature=1.0),
+    )
+    assert logits(model).isfinite().all()
+
+
+def test_tampered_or_truncated_expert_is_caught_on_pull(library, local):
+    math = library.experts[0]
+    weights = local.download("alice/math", revision=math.commit)[0] / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.chmod(0o644)
+    weights.write_bytes(original[:-64])
+    with pytest.raises(IntegrityError, match="sha256"):
+        Library.pull(local, "alice/lib")
+    # A card that agrees with tampered weights does not help: the manifest pins them too.
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    snapshot = local.download("alice/math", revision=math.commit)[0]
+    (snapshot / "README.md").chmod(0o644)
+    (snapshot / "README.md").write_text("---\nbase_model: quiver-testing/tiny-llama\n---\n")
+    with pytest.raises(IntegrityError, match="expert 'math'"):
+        Library.pull(local, "alice/lib")
+
+
+def test_tampered_artifact_is_caught_on_open(library, local, tmp_path):
+    save_file({"p": torch.zeros(2)}, tmp_path / "a.safetensors")
+    library.add_artifact("arrow_prototypes", tmp_path / "a.safetensors")
+    artifact = library.artifact_path("arrow_prototypes")
+    artifact.chmod(0o644)
+    artifact.write_bytes(artifact.read_bytes()[:-2])
+    with pytest.raises(IntegrityError, match="arrow_prototypes"):
+        Library.open(local, "alice/lib")
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        ({"rank": 8}, "rank"),
+        ({"target_modules": ("q_proj", "v_proj")}, "target modules"),
+        ({"base_model_name_or_path": "someone/else"}, "base model"),
+    ],
+)
+def test_incompatible_experts_are_refused(library, local, make_expert, change, what):
+    before = store_state(local)
+    config_changes = {k: v for k, v in change.items() if k == "base_model_name_or_path"}
+    folder = make_expert(
+        rank=change.get("rank", 4), target_modules=change.get("target_modules"), **config_changes
+    )
+    with pytest.raises(IncompatibleExpertError, match=what):
+        library.add(folder)
+    assert store_state(local) == before
+    assert Library.open(local, "alice/lib").names == ["math", "code"]
+
+
+def test_name_clash_unknown_expert_and_malformed_manifest(library, local, make_expert, tmp_path):
+    with pytest.raises(Exception, match="already has an expert named 'code'"):
+        library.add(make_expert("code"))
+    with pytest.raises(NotFoundError, match="no expert 'nope'"):
+        library.remove("nope")
+    with pytest.raises(NotFoundError, match="not a Quiver library"):
+        Library.open(local, "alice/math")
+    with pytest.raises(NotFoundError):
+        Library.pull(local, "alice/nothing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "library.json").write_text('{"format": "quiver-library/1", "name": 3}')
+    local.upload("alice/broken", bad, message="broken")
+    with pytest.raises(CardError, match=r"malformed library\.json"):
+        Library.open(local, "alice/broken")
+
+
+def test_push_library_to_another_registry_copies_referenced_experts(library, tmp_path):
+    other = LocalRegistry(tmp_path / "other")
+    pushed = library.push(other)
+    assert pushed.registry is other
+    assert [pin.sha256 for pin in pushed.experts] == [pin.sha256 for pin in library.experts]
+    assert pushed.experts[0].commit == other.pull("alice/math").commit
+    pulled = Library.pull(other, "alice/lib")
+    assert list(pulled.expert_paths()) == ["math", "code"]
+    assert {hit.repo_id for hit in other.search(kind="library")} == {"alice/lib"}
+    assert {hit.repo_id for hit in other.search(kind="library", base_model=BASE)} == {"alice/lib"}
+    # Pushing again reuses the experts already there.
+    again = library.push(other)
+    assert again.experts[0].commit == pushed.experts[0].commit
+
+
+def test_create_refuses_an_existing_library(library, local):
+    with pytest.raises(Exception, match="already exists"):
+        Library.create(local, "alice/lib", base_model=BASE)
