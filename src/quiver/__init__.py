@@ -23,6 +23,10 @@ _LAZY_EXPORTS: dict[str, str] = {
     "compute_arrow_prototypes": "quiver.routing",
     "save_prototypes": "quiver.routing",
     "load_prototypes": "quiver.routing",
+    "Registry": "quiver.registry",
+    "Expert": "quiver.registry",
+    "Library": "quiver.registry",
+    "open_registry": "quiver.registry",
 }
 
 

@@ -10,6 +10,7 @@ from registry_helpers import logits, store_state
 
 from quiver.errors import (
     CardError,
+    ConflictError,
     IntegrityError,
     InvalidAdapterError,
     NotFoundError,
@@ -265,3 +266,9 @@ def test_missing_folder_and_default_home(tmp_path, monkeypatch, make_expert):
     registry.push(make_expert(), "alice/e")
     assert json.loads((registry.download("alice/e")[0] / "adapter_config.json").read_text())
     shutil.rmtree(tmp_path / "home")
+
+
+def test_tags_are_immutable(local, make_expert):
+    local.push(make_expert(), "alice/e", tag="v1")
+    with pytest.raises(ConflictError, match="'v1'"):
+        local.push(make_expert(), "alice/e", tag="v1")

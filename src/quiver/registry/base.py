@@ -63,17 +63,11 @@ class Version:
     refs: tuple[str, ...] = ()
 
 
-def search_tags(
-    *, base_model: str | None, task: str | None, tag: str | None, kind: str | None
-) -> list[str]:
-    """The tags a search must match: every filter is a Hub tag, so both stores filter alike."""
-    if kind is not None and kind not in KINDS:
-        raise QuiverError(f"unknown kind {kind!r}", hint=f"use one of {sorted(KINDS)}")
-    tags = [base_model_tag(base_model)] if base_model else []
-    tags += [task_tag(task)] if task else []
-    tags += [tag] if tag else []
-    tags += [KINDS[kind]] if kind else []
-    return tags
+def kind_of(tags: Sequence[str]) -> str:
+    """What a repo is, from its Hub tags: a library, an expert (a LoRA), or another model."""
+    if LIBRARY_TAG in tags:
+        return "library"
+    return "expert" if {EXPERT_TAG, "peft"} & set(tags) else "model"
 
 
 class Registry(ABC):
@@ -101,6 +95,16 @@ class Registry(ABC):
         """The commits of ``branch``, newest first."""
 
     @abstractmethod
+    def _search(
+        self, *, tags: list[str], author: str | None, query: str | None, limit: int | None
+    ) -> list[RepoSummary]:
+        """Repos whose Hub tags include all of ``tags``, by ``author``, matching ``query``."""
+
+    @abstractmethod
+    def delete(self, repo_id: str) -> None:
+        """Delete a repo and all its versions."""
+
+    # -- experts ----------------------------------------------------------------------------
     def search(
         self,
         *,
@@ -112,13 +116,16 @@ class Registry(ABC):
         kind: str | None = None,
         limit: int | None = None,
     ) -> list[RepoSummary]:
-        """Repos matching every given filter (``query`` is free text on ids and descriptions)."""
+        """Repos matching every given filter. Base model, task, tag and kind are Hub tags, so both
+        stores filter alike; ``query`` is free text (the Hub matches it against repo ids only)."""
+        if kind is not None and kind not in KINDS:
+            raise QuiverError(f"unknown kind {kind!r}", hint=f"use one of {sorted(KINDS)}")
+        tags = [base_model_tag(base_model)] if base_model else []
+        tags += [task_tag(task)] if task else []
+        tags += [tag] if tag else []
+        tags += [KINDS[kind]] if kind else []
+        return self._search(tags=tags, author=author, query=query, limit=limit)
 
-    @abstractmethod
-    def delete(self, repo_id: str) -> None:
-        """Delete a repo and all its versions."""
-
-    # -- experts ----------------------------------------------------------------------------
     def list(self, *, kind: str | None = None) -> list[RepoSummary]:
         return self.search(kind=kind)
 

@@ -20,9 +20,15 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quiver.errors import NotFoundError, QuiverError
-from quiver.registry.base import Registry, RepoSummary, Version, check_repo_id, search_tags
-from quiver.registry.card import LIBRARY_TAG, QUIVER_TAG, hub_tags, parse_card
+from quiver.errors import ConflictError, NotFoundError, QuiverError
+from quiver.registry.base import (
+    Registry,
+    RepoSummary,
+    Version,
+    check_repo_id,
+    kind_of,
+)
+from quiver.registry.card import QUIVER_TAG, hub_tags, parse_card
 from quiver.registry.expert import CARD, sha256_file
 
 _SCHEMA = """
@@ -131,7 +137,7 @@ class LocalRegistry(Registry):
         metadata = card.data.to_dict() if card else {}
         tags = hub_tags(metadata)
         base_model = metadata.get("base_model")
-        kind = "library" if LIBRARY_TAG in tags else "expert"
+        kind = kind_of(tags)
         section = metadata.get(QUIVER_TAG)
         described = section.get("description") if isinstance(section, dict) else card and card.text
         text = f"{repo_id}\n{described or ''}"
@@ -140,9 +146,13 @@ class LocalRegistry(Registry):
     def tag(self, repo_id: str, tag: str, *, revision: str) -> None:
         with self._db(write=True) as db:
             commit = self._resolve(db, repo_id, revision)
-            db.execute(
-                "INSERT OR REPLACE INTO refs VALUES (?, ?, 'tag', ?)", (repo_id, tag, commit)
-            )
+            taken = "SELECT 1 FROM refs WHERE repo_id = ? AND name = ?"
+            if db.execute(taken, (repo_id, tag)).fetchone():
+                raise ConflictError(
+                    f"{repo_id} already has a branch or tag named {tag!r}",
+                    hint="tags are immutable: pick a new tag name",
+                )
+            db.execute("INSERT INTO refs VALUES (?, ?, 'tag', ?)", (repo_id, tag, commit))
 
     def delete(self, repo_id: str) -> None:
         with self._db(write=True) as db:
@@ -221,20 +231,12 @@ class LocalRegistry(Registry):
             commit = parent
         return history
 
-    def search(
-        self,
-        *,
-        base_model: str | None = None,
-        task: str | None = None,
-        tag: str | None = None,
-        author: str | None = None,
-        query: str | None = None,
-        kind: str | None = None,
-        limit: int | None = None,
+    def _search(
+        self, *, tags: list[str], author: str | None, query: str | None, limit: int | None
     ) -> list[RepoSummary]:
         sql = "SELECT repo_id, kind, base_model, tags, last_modified FROM cards WHERE 1"
         params: list[object] = []
-        for required in search_tags(base_model=base_model, task=task, tag=tag, kind=kind):
+        for required in tags:
             sql += " AND EXISTS (SELECT 1 FROM json_each(cards.tags) WHERE value = ?)"
             params.append(required)
         if author:

@@ -1,0 +1,185 @@
+"""The Hub registry: every call through huggingface_hub, against huggingface.co or any endpoint.
+
+Downloads go through the normal Hugging Face cache (``snapshot_download``), so a second pull of a
+pinned commit makes no request and ``HF_HUB_OFFLINE=1`` works after a pull. huggingface_hub's
+errors become Quiver's typed errors, each with a hint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from quiver.errors import (
+    AuthenticationError,
+    ConflictError,
+    ConnectionFailedError,
+    NotFoundError,
+    QuiverError,
+)
+from quiver.registry.base import (
+    Registry,
+    RepoSummary,
+    Version,
+    check_repo_id,
+    kind_of,
+)
+from quiver.registry.local import LocalRegistry
+
+HF_HUB_URL = "https://huggingface.co"
+
+
+class HubRegistry(Registry):
+    """A registry on a Hugging Face Hub endpoint (huggingface.co, or a self-hosted one)."""
+
+    def __init__(
+        self,
+        endpoint: str = HF_HUB_URL,
+        *,
+        token: str | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.location = self.endpoint
+        self.token = token  # None: huggingface_hub's own (HF_TOKEN, or `hf auth login`)
+        self.cache_dir = cache_dir  # None: the normal Hugging Face cache
+        self.api = HfApi(endpoint=self.endpoint, token=token)
+
+    @contextmanager
+    def _translate_errors(self, what: str) -> Iterator[None]:
+        """Turn huggingface_hub's and httpx2's exceptions into Quiver's typed errors."""
+        where = f"on {self.endpoint}"
+        try:
+            yield
+        except RepositoryNotFoundError as error:
+            raise NotFoundError(
+                f"{what}: no such repo {where}",
+                hint="check the name with `quiver search`; private repos need a --token",
+            ) from error
+        except RevisionNotFoundError as error:
+            raise NotFoundError(
+                f"{what}: no such revision {where}",
+                hint="use a branch, a tag or a commit id listed by `versions`",
+            ) from error
+        except RemoteEntryNotFoundError as error:
+            raise NotFoundError(f"{what}: a file is missing {where}") from error
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError) as error:
+            raise ConnectionFailedError(
+                f"{what}: cannot reach {self.endpoint} and the files are not in the local cache",
+                hint="check the endpoint URL and your network, or unset HF_HUB_OFFLINE",
+            ) from error
+        except LocalTokenNotFoundError as error:
+            raise AuthenticationError(
+                f"{what}: no access token", hint="pass --token or run `hf auth login`"
+            ) from error
+        except HfHubHTTPError as error:
+            status = error.response.status_code
+            message = error.server_message or str(error).splitlines()[0]
+            if status in (401, 403):
+                raise AuthenticationError(
+                    f"{what}: {self.endpoint} refused the token ({status}: {message})",
+                    hint="pass a valid --token with write access to this namespace",
+                ) from error
+            if status in (409, 412):
+                raise ConflictError(f"{what}: {message}", hint="pull again and retry") from error
+            raise QuiverError(f"{what}: {self.endpoint} answered {status}: {message}") from error
+
+    def upload(self, repo_id: str, folder: Path, *, message: str, branch: str = "main") -> str:
+        check_repo_id(repo_id)
+        with self._translate_errors(f"push {repo_id}"):
+            self.api.create_repo(repo_id, exist_ok=True)
+            if branch != "main":
+                self.api.create_branch(repo_id, branch=branch, exist_ok=True)
+            commit = self.api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                revision=branch,
+                commit_message=message,
+                delete_patterns="*",  # the folder is the whole new snapshot
+            )
+        return commit.oid
+
+    def download(
+        self, repo_id: str, *, revision: str | None = None, patterns: Sequence[str] | None = None
+    ) -> tuple[Path, str]:
+        check_repo_id(repo_id)
+        with self._translate_errors(f"pull {repo_id}@{revision or 'main'}"):
+            folder = snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(patterns) if patterns else None,
+                endpoint=self.endpoint,
+                token=self.token,
+                cache_dir=self.cache_dir,
+            )
+        return Path(folder), Path(folder).name  # the cache keeps snapshots under their commit
+
+    def tag(self, repo_id: str, tag: str, *, revision: str) -> None:
+        with self._translate_errors(f"tag {repo_id}@{revision} as {tag!r}"):
+            self.api.create_tag(repo_id, tag=tag, revision=revision)
+
+    def versions(self, repo_id: str, *, branch: str = "main") -> list[Version]:
+        with self._translate_errors(f"versions of {repo_id}@{branch}"):
+            refs = self.api.list_repo_refs(repo_id)
+            commits = self.api.list_repo_commits(repo_id, revision=branch)
+        names: dict[str, list[str]] = {}
+        for ref in sorted([*refs.branches, *refs.tags], key=lambda ref: ref.name):
+            names.setdefault(ref.target_commit, []).append(ref.name)
+        return [
+            Version(c.commit_id, c.created_at, c.title, tuple(names.get(c.commit_id, ())))
+            for c in commits
+        ]
+
+    def _search(
+        self, *, tags: list[str], author: str | None, query: str | None, limit: int | None
+    ) -> list[RepoSummary]:
+        """The Hub's own search: tags as ``filter=``, and ``query`` matches repo ids."""
+        with self._translate_errors("search"):
+            models = list(
+                self.api.list_models(
+                    filter=tags or None, author=author, search=query, limit=limit, cardData=True
+                )
+            )
+        hits = []
+        for model in models:
+            card_base = model.card_data.base_model if model.card_data else None
+            hits.append(
+                RepoSummary(
+                    repo_id=model.id,
+                    kind=kind_of(model.tags or ()),
+                    base_model=card_base if isinstance(card_base, str) else None,
+                    tags=tuple(model.tags or ()),
+                    last_modified=model.last_modified,
+                )
+            )
+        return hits
+
+    def delete(self, repo_id: str) -> None:
+        with self._translate_errors(f"delete {repo_id}"):
+            self.api.delete_repo(repo_id)
+
+
+def open_registry(spec: str | Path | None = None, *, token: str | None = None) -> Registry:
+    """A registry from a spec: a folder path, an http(s) endpoint URL, "hf" for huggingface.co,
+    or None for the local store under ``$QUIVER_HOME``."""
+    if spec is None or str(spec) == "":
+        return LocalRegistry()
+    spec = str(spec)
+    if spec == "hf":
+        return HubRegistry(HF_HUB_URL, token=token)
+    if spec.startswith(("http://", "https://")):
+        return HubRegistry(spec, token=token)
+    return LocalRegistry(Path(spec).expanduser())

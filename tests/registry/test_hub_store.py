@@ -1,0 +1,254 @@
+"""The Hub store against our self-hosted server: the same operations, through huggingface_hub."""
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from huggingface_hub import HfApi
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import ArrowConfig, create_arrow_model
+from registry_helpers import logits, store_state
+
+from quiver.errors import (
+    AuthenticationError,
+    ConflictError,
+    ConnectionFailedError,
+    IntegrityError,
+    InvalidAdapterError,
+    NotFoundError,
+)
+from quiver.registry import Expert, HubRegistry, Library, open_registry
+from quiver.testing import tiny_model
+
+BASE = "quiver-testing/tiny-llama"
+_users = (f"user{i}" for i in itertools.count())
+
+
+@pytest.fixture
+def user(hub_server):
+    """A fresh namespace per test (the server lives for the whole session)."""
+    return next(_users)
+
+
+@pytest.fixture
+def hub(hub_server, user, tmp_path):
+    """A Hub registry for ``user`` with its own, empty Hugging Face cache."""
+    token = hub_server.create_token(user)
+    return HubRegistry(hub_server.endpoint, token=token, cache_dir=tmp_path / "hf-cache")
+
+
+def _dead_endpoint() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_open_registry_specs(hub_server, tmp_path):
+    assert isinstance(open_registry(hub_server.endpoint), HubRegistry)
+    assert open_registry("hf").endpoint == "https://huggingface.co"
+    assert open_registry(tmp_path / "store").root == tmp_path / "store"
+    assert open_registry().root.parent == open_registry(os.environ["QUIVER_HOME"]).root
+
+
+def test_quiver_push_loads_with_plain_peft_with_same_logits(hub, user, make_expert):
+    folder = make_expert()
+    pushed = hub.push(Expert.from_folder(folder, tasks=["math"]), f"{user}/math")
+    # Plain PEFT, through the global HF_ENDPOINT (our server), no quiver code involved.
+    plain = PeftModel.from_pretrained(tiny_model("llama"), f"{user}/math").eval()
+    reference = PeftModel.from_pretrained(tiny_model("llama"), str(folder)).eval()
+    assert logits(plain).equal(logits(reference))
+    info = HfApi().model_info(f"{user}/math")
+    assert info.sha == pushed.commit
+    assert f"base_model:adapter:{BASE}" in info.tags
+    assert info.card_data["quiver"]["tasks"] == ["math"]
+
+
+def test_plain_peft_push_to_hub_is_pulled_with_completed_card(hub_server, hub, user):
+    model = get_peft_model(
+        tiny_model("llama"), LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    model.push_to_hub(f"{user}/plain", token=hub_server.create_token(user))
+    pulled = hub.pull(f"{user}/plain")
+    assert (pulled.card.rank, pulled.card.alpha) == (2, 8.0)
+    assert pulled.card.target_modules == ["q_proj", "v_proj"]
+    assert pulled.card.base_model == BASE
+    assert pulled.card.hashes == {}  # the plain card pins nothing; quiver's does
+    assert [hit.repo_id for hit in hub.search(author=user)] == [f"{user}/plain"]
+    # Quiver uses it: in a library (the completed card gives the geometry) and re-published.
+    library = Library.create(hub, f"{user}/lib", base_model=BASE)
+    library.add(f"{user}/plain")
+    assert library.experts[0].sha256 == pulled.weights_sha256
+    republished = hub.push(pulled, f"{user}/plain-quiver")
+    assert hub.pull(f"{user}/plain-quiver").card.hashes == republished.file_hashes()
+    kinds = {hit.repo_id: hit.kind for hit in hub.search(author=user, base_model=BASE)}
+    assert kinds == {f"{user}/lib": "library", f"{user}/plain-quiver": "expert"}
+
+
+def test_pull_by_branch_tag_and_commit(hub, user, make_expert):
+    repo = f"{user}/e"
+    first = hub.push(make_expert(seed=1), repo, tag="v1")
+    second = hub.push(make_expert(seed=2), repo)
+    dev = hub.push(make_expert(seed=3), repo, branch="dev")
+    assert hub.pull(repo).weights_sha256 == second.weights_sha256
+    assert hub.pull(repo, revision="v1").weights_sha256 == first.weights_sha256
+    assert hub.pull(repo, revision="dev").weights_sha256 == dev.weights_sha256
+    assert hub.pull(repo, revision=first.commit).commit == first.commit
+    history = hub.versions(repo)
+    assert [v.commit for v in history[:2]] == [second.commit, first.commit]
+    assert "v1" in history[1].refs
+    with pytest.raises(ConflictError):
+        hub.tag(repo, "v1", revision=second.commit)
+
+
+def test_search_filters(hub, user, make_expert):
+    hub.push(Expert.from_folder(make_expert(), tasks=["math"], tags=["fast"]), f"{user}/math")
+    hub.push(Expert.from_folder(make_expert(), tasks=["code"]), f"{user}/code")
+    Library.create(hub, f"{user}/lib", base_model=BASE)
+
+    def ids(**filters):
+        return sorted(hit.repo_id for hit in hub.search(author=user, **filters))
+
+    assert ids(task="math") == [f"{user}/math"]
+    assert ids(tag="fast") == [f"{user}/math"]
+    assert ids(base_model=BASE) == [f"{user}/code", f"{user}/lib", f"{user}/math"]
+    assert ids(kind="library") == [f"{user}/lib"]
+    assert ids(kind="expert") == [f"{user}/code", f"{user}/math"]
+    assert ids(query="cod") == [f"{user}/code"]
+    assert ids(base_model="other/model") == []
+    assert hub.search(author=user, task="code")[0].tasks == ("code",)
+
+
+def test_delete(hub, user, make_expert):
+    hub.push(make_expert(), f"{user}/gone")
+    hub.delete(f"{user}/gone")
+    with pytest.raises(NotFoundError):
+        hub.pull(f"{user}/gone")
+
+
+def _library(hub, user, make_expert):
+    hub.push(Expert.from_folder(make_expert("math"), tasks=["math"]), f"{user}/math")
+    library = Library.create(hub, f"{user}/lib", base_model=BASE)
+    library.add(f"{user}/math")
+    library.add(make_expert("code"))
+    return library
+
+
+def test_library_push_and_pull_on_the_hub(hub, user, make_expert):
+    library = _library(hub, user, make_expert)
+    pulled = Library.pull(hub, f"{user}/lib")
+    assert pulled.commit == library.commit
+    assert list(pulled.expert_paths()) == ["math", "code"]
+    # Bundled experts load by `user/repo/experts/<name>`, as PEFT's Arrow expects.
+    model = create_arrow_model(
+        tiny_model("llama"),
+        task_specific_adapter_paths=[f"{user}/math", f"{user}/lib/experts/code"],
+        arrow_config=ArrowConfig(top_k=1),
+    )
+    assert logits(model).isfinite().all()
+
+
+def test_library_moves_from_local_store_to_hub_and_back(hub, user, local, make_expert, tmp_path):
+    local.push(make_expert("math"), f"{user}/math")
+    library = Library.create(local, f"{user}/lib", base_model=BASE)
+    library.add(f"{user}/math")
+    library.add(make_expert("code"))
+    on_hub = library.push(hub)
+    assert on_hub.experts[0].commit == hub.pull(f"{user}/math").commit
+    back = Library.pull(hub, f"{user}/lib").push(open_registry(tmp_path / "copy"))
+    assert [p.sha256 for p in back.experts] == [p.sha256 for p in library.experts]
+
+
+def test_truncated_file_in_the_hf_cache_is_caught(hub, user, make_expert, local):
+    _library(hub, user, make_expert)
+    weights = Library.pull(hub, f"{user}/lib").expert_paths()["math"] / "adapter_model.safetensors"
+    blob = weights.resolve()  # the cache's snapshot entries are symlinks to blobs
+    assert blob.parent.name == "blobs"
+    blob.write_bytes(blob.read_bytes()[:-10])
+    before = store_state(local)
+    with pytest.raises(IntegrityError, match="sha256"):
+        Library.pull(hub, f"{user}/lib").push(local)
+    assert store_state(local) == before  # nothing half-written lands in the local store
+
+
+def test_tampered_blob_on_the_server_is_caught(hub_server, hub, user, make_expert, tmp_path):
+    library = _library(hub, user, make_expert)
+    code = library.experts[1]
+    blob = hub_server.root / "blobs" / code.sha256[:2] / code.sha256
+    original = blob.read_bytes()
+    try:
+        blob.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        fresh = HubRegistry(hub.endpoint, token=hub.token, cache_dir=tmp_path / "fresh")
+        with pytest.raises(IntegrityError, match="code"):
+            Library.pull(fresh, f"{user}/lib")
+    finally:
+        blob.write_bytes(original)
+
+
+def test_second_pull_of_a_pinned_library_makes_no_request(hub, user, make_expert, tmp_path):
+    library = _library(hub, user, make_expert)
+    Library.pull(hub, f"{user}/lib", revision=library.commit)
+    # Same cache, an endpoint where nothing listens: any request would fail.
+    offline = HubRegistry(_dead_endpoint(), cache_dir=hub.cache_dir)
+    again = Library.pull(offline, f"{user}/lib", revision=library.commit)
+    assert list(again.expert_paths()) == ["math", "code"]
+    with pytest.raises(ConnectionFailedError, match="cannot reach"):
+        Library.pull(HubRegistry(_dead_endpoint(), cache_dir=tmp_path / "empty"), f"{user}/lib")
+
+
+def test_hf_hub_offline_works_after_a_pull(hub_server, hub, user, make_expert):
+    _library(hub, user, make_expert)
+    Library.pull(hub, f"{user}/lib")
+    hub.pull(f"{user}/math")
+    script = textwrap.dedent(
+        f"""
+        from quiver.registry import HubRegistry, Library
+        hub = HubRegistry({hub_server.endpoint!r}, cache_dir={str(hub.cache_dir)!r})
+        library = Library.pull(hub, "{user}/lib")
+        print(list(library.expert_paths()), hub.pull("{user}/math").card.rank)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['math', 'code'] 4"
+
+
+def test_unknown_repo_revision_and_missing_files(hub, user, make_expert, tmp_path):
+    hub.push(make_expert(), f"{user}/e")
+    with pytest.raises(NotFoundError, match="no such repo"):
+        hub.pull(f"{user}/nope")
+    with pytest.raises(NotFoundError, match="no such revision"):
+        hub.pull(f"{user}/e", revision="v42")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}'
+    )
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    hub.upload(f"{user}/pickled", pickled, message="a .bin adapter")
+    with pytest.raises(InvalidAdapterError, match="never unpickles"):
+        hub.pull(f"{user}/pickled")
+
+
+def test_tokens_and_endpoints(hub_server, user, make_expert):
+    folder = make_expert()
+    endpoint = hub_server.endpoint
+    with pytest.raises(AuthenticationError):
+        HubRegistry(endpoint, token="hf_not_a_token").push(folder, f"{user}/e")
+    with pytest.raises(AuthenticationError):
+        HubRegistry(endpoint).push(folder, f"{user}/e")  # no token at all
+    read_only = hub_server.create_token(user, write=False)
+    with pytest.raises(AuthenticationError):
+        HubRegistry(endpoint, token=read_only).push(folder, f"{user}/e")
+    someone_else = hub_server.create_token(f"{user}-other")
+    with pytest.raises(AuthenticationError):
+        HubRegistry(endpoint, token=someone_else).push(folder, f"{user}/e")
+    with pytest.raises(ConnectionFailedError):
+        HubRegistry(_dead_endpoint(), token=read_only).push(folder, f"{user}/e")
