@@ -271,7 +271,7 @@ class HubStore:
 
     # -- tokens ------------------------------------------------------------------------------
 
-    def create_token(self, user: str, *, write: bool = False, orgs: Iterable[str] = ()) -> str:
+    def create_token(self, user: str, *, write: bool, orgs: Iterable[str] = ()) -> str:
         """A new access token for ``user`` (made a member of ``orgs``); only its hash is kept."""
         check_name(user, "user name")
         orgs = [check_name(org, "organization name") for org in orgs]
