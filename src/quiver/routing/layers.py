@@ -1,10 +1,10 @@
 """Routed layers: a base Linear/Conv1D plus what the experts chosen for each token add to it.
 
 A ``RoutedLinear`` asks its mixer two things for the flattened tokens ``x [N, in]``: which experts
-each token uses (``index, weights [N, k]``) and the resulting update. Routed mixers compute only the
-k chosen experts: token/expert pairs are sorted by expert, so each expert used does one small
-matmul on its own tokens. Time and memory grow with ``N * k * (in + r + out)`` plus the routing
-product ``N * E * in``, never with ``N * E * out`` as when every expert runs on every token.
+each token uses (``index, weights [N, k]``) and the resulting update. Routed mixers touch only the
+k chosen experts' rows of A and B, through two fused kernels (``embedding_bag`` and its
+transpose), so time grows with ``N * k * r * (in + out)`` plus the routing product ``N * E * in``,
+and memory with ``N * k * r``: never ``N * E * out`` as when every expert runs on every token.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quiver.errors import RoutingError
@@ -19,57 +20,61 @@ from quiver.errors import RoutingError
 Recorder = Callable[[str, torch.Size, torch.Tensor, torch.Tensor], None]
 
 
-def _per_expert(rows: torch.Tensor, matrices: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """``rows`` grouped by expert (sizes ``counts``), each group times its expert's matrix^T."""
-    groups = rows.split(counts)
-    return torch.cat([groups[e] @ matrices[e].mT for e, count in enumerate(counts) if count])
+def _row_dots(x: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out[t, j] = table[rows[t, j]] . x[t]``, without gathering the rows into memory.
+
+    This is the transpose of ``embedding_bag`` (its gradient with respect to per-sample weights),
+    which ATen exposes as one fused kernel.
+    """
+    tokens, per_token = rows.shape
+    offsets = torch.arange(0, tokens * per_token, per_token, device=x.device)
+    bags = torch.arange(tokens, device=x.device).repeat_interleave(per_token)
+    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        x.contiguous(), table, rows.reshape(-1), offsets, bags, 0, -1
+    )
+    return dots.view(tokens, per_token)
 
 
 def mix_lowrank(
     x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
     index: torch.Tensor,
     weights: torch.Tensor,
     *,
+    rank: int,
     mix_parameters: bool = False,
 ) -> torch.Tensor:
-    """Weighted LoRA update of each token by its chosen experts.
+    """Weighted LoRA update of each token ``x [N, in]`` by its chosen experts ``index [N, k]``.
 
-    ``x [N, in]``, ``lora_a [E, r, in]``, ``lora_b [E, out, r]`` (already scaled), ``index`` and
-    ``weights`` ``[N, k]``. Output mixing: ``sum_j w_j B_j A_j x``. Parameter mixing (mttl):
-    ``(sum_j w_j B_j) (sum_j w_j A_j) x``, cross terms included.
+    The experts' rank-``r`` factors come as rows: ``a_rows [E * r, in]`` (the A_e stacked) and
+    ``b_rows [E * r, out]`` (the scaled B_e transposed and stacked). Output mixing:
+    ``sum_j w_j B_j A_j x``. Parameter mixing (mttl): ``(sum_j w_j B_j) (sum_j w_j A_j) x``.
     """
     tokens, k = index.shape
-    if tokens == 0:
-        return x.new_zeros(0, lora_b.shape[1])
-    pairs = index.reshape(-1)
-    order = pairs.argsort(stable=True)
-    counts = torch.bincount(pairs, minlength=lora_a.shape[0]).tolist()
-    rows = order // k
-    pair_weights = weights.reshape(-1, 1)[order]
-    codes = _per_expert(x.index_select(0, rows), lora_a, counts)  # [N * k, r]
+    rows = (index[..., None] * rank + torch.arange(rank, device=index.device)).view(tokens, -1)
+    codes = _row_dots(x, a_rows, rows).view(tokens, k, rank)  # A_j x for each chosen j
     if mix_parameters:  # every chosen B reads the same mixed code (sum_j w_j A_j) x
-        mixed = codes.new_zeros(tokens, codes.shape[1]).index_add_(0, rows, codes * pair_weights)
-        codes = mixed.index_select(0, rows)
-    updates = _per_expert(codes * pair_weights, lora_b, counts)  # [N * k, out]
-    return updates.new_zeros(tokens, updates.shape[1]).index_add_(0, rows, updates)
+        codes = (weights[..., None] * codes).sum(1, keepdim=True)
+    scaled = (weights[..., None] * codes).view(tokens, -1)
+    return F.embedding_bag(rows, b_rows, per_sample_weights=scaled, mode="sum")
 
 
 class Mixer(nn.Module):
-    """Holds LoRA factors as buffers (they follow ``.to()``, carry no gradient)."""
+    """Holds the experts' factors as rows ``A [E * r, in]`` and ``s B^T [E * r, out]`` (buffers)."""
 
-    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+    def __init__(self, lora_a: torch.Tensor, scaled_b: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("lora_a", lora_a, persistent=False)
-        self.register_buffer("lora_b", lora_b, persistent=False)
+        self.rank = lora_a.shape[1]
+        self.register_buffer("a_rows", lora_a.flatten(0, 1).contiguous(), persistent=False)
+        self.register_buffer("b_rows", scaled_b.mT.flatten(0, 1).contiguous(), persistent=False)
 
 
 class ArrowMixer(Mixer):
     """Arrow: per token, ``|x . p_e| / T`` over the prototypes, top-k, softmax over those k."""
 
-    def __init__(self, lora_a, lora_b, prototypes, *, top_k, temperature, mix_parameters):
-        super().__init__(lora_a, lora_b)
+    def __init__(self, lora_a, scaled_b, prototypes, *, top_k, temperature, mix_parameters):
+        super().__init__(lora_a, scaled_b)
         self.register_buffer("prototypes", prototypes, persistent=False)
         self.top_k, self.temperature, self.mix_parameters = top_k, temperature, mix_parameters
 
@@ -79,15 +84,21 @@ class ArrowMixer(Mixer):
 
     def forward(self, x, index, weights):
         return mix_lowrank(
-            x, self.lora_a, self.lora_b, index, weights, mix_parameters=self.mix_parameters
+            x,
+            self.a_rows,
+            self.b_rows,
+            index,
+            weights,
+            rank=self.rank,
+            mix_parameters=self.mix_parameters,
         )
 
 
 class OracleMixer(Mixer):
     """The caller names the expert (one for all rows, or one per batch row) via ``rows``."""
 
-    def __init__(self, lora_a, lora_b):
-        super().__init__(lora_a, lora_b)
+    def __init__(self, lora_a, scaled_b):
+        super().__init__(lora_a, scaled_b)
         self.rows: torch.Tensor | None = None
 
     def select(self, x: torch.Tensor, batch_shape: torch.Size):
@@ -108,14 +119,16 @@ class OracleMixer(Mixer):
         return index, x.new_ones(index.shape)
 
     def forward(self, x, index, weights):
-        return mix_lowrank(x, self.lora_a, self.lora_b, index, weights)
+        return mix_lowrank(x, self.a_rows, self.b_rows, index, weights, rank=self.rank)
 
 
-class MergedMixer(Mixer):
+class MergedMixer(nn.Module):
     """A fixed combination of the experts folded into one LoRA ``(A [r', in], B [out, r'])``."""
 
     def __init__(self, lora_a, lora_b, expert_weights):
-        super().__init__(lora_a, lora_b)
+        super().__init__()
+        self.register_buffer("lora_a", lora_a, persistent=False)
+        self.register_buffer("lora_b", lora_b, persistent=False)
         self.register_buffer("expert_weights", expert_weights, persistent=False)
 
     def select(self, x: torch.Tensor, batch_shape: torch.Size):

@@ -1,0 +1,167 @@
+"""Routing speed: our Arrow against PEFT's create_arrow_model, side by side in one process.
+
+Setup of docs anchors.md: Llama from config (hidden 512, intermediate 1376, 6 layers, 8 heads,
+vocab 512), random LoRA experts r=8 alpha 16 on all 7 projections, top-k 4, T=1, batch 4 x 128,
+no grad. Times are medians after one warm-up; peak memory is the largest sum of live tensors the
+torch profiler saw during one forward, minus the base model's.
+
+    python benchmarks/routing.py --experts 8,32,64,128 --peft-max 64 --readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import ArrowConfig, create_arrow_model
+from rich.console import Console
+from rich.progress import track
+from torch.profiler import ProfilerActivity, profile
+
+from quiver.routing import Arrow, route
+from quiver.testing import make_random_expert, tiny_model
+
+MODEL = dict(hidden=512, layers=6, heads=8, num_key_value_heads=8)
+MODEL.update(intermediate_size=1376, vocab_size=512)
+SECTION = "## Routing speed"
+
+
+def base_model():
+    return tiny_model("llama", **MODEL)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (PEFT builds its prototypes on the first forward)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_mib(fn) -> float:
+    """Largest total of live CPU tensors while ``fn`` runs, by the profiler's alloc/free events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def measure(model, ids, repeats):
+    def forward():
+        with torch.no_grad():
+            model(ids)
+
+    return median_seconds(forward, repeats), peak_mib(forward)
+
+
+def timed_build(build):
+    start = time.perf_counter()
+    model = build()
+    return model, time.perf_counter() - start
+
+
+def measure_row(experts, paths, ids, base, peft_max, repeats, console):
+    base_time, base_peak = base
+    console.print(f"E={experts}: ours")
+    ours, ours_build = timed_build(lambda: route(base_model(), paths, Arrow(top_k=4)))
+    ours_time, ours_peak = measure(ours, ids, repeats)
+    row = dict(E=experts, base=base_time, ours=ours_time, ours_build=ours_build)
+    row.update(ours_peak=ours_peak - base_peak)
+    if experts <= peft_max:
+        console.print(f"E={experts}: PEFT")
+        config = ArrowConfig(top_k=4, router_temperature=1.0, rng_seed=0)
+        folders = [str(p) for p in paths]
+        peft, peft_build = timed_build(lambda: create_arrow_model(base_model(), folders, config))
+        peft_time, peft_peak = measure(peft, ids, repeats)
+        row.update(peft=peft_time, peft_build=peft_build, peft_peak=peft_peak - base_peak)
+    return row
+
+
+def run(expert_counts, peft_max, repeats, console):
+    ids = torch.randint(3, 512, (4, 128), generator=torch.Generator().manual_seed(0))
+    base = measure(base_model(), ids, repeats)
+    with tempfile.TemporaryDirectory() as folder:
+        reference = base_model()
+        writing = track(range(max(expert_counts)), description="writing experts", console=console)
+        paths = [make_random_expert(reference, Path(folder) / f"e{i:03d}", seed=i) for i in writing]
+        return [
+            measure_row(e, paths[:e], ids, base, peft_max, repeats, console) for e in expert_counts
+        ]
+
+
+def markdown(rows, repeats) -> str:
+    lines = [
+        "| E | forward base | forward ours | ours / base | forward PEFT | PEFT / ours "
+        "| build ours | build PEFT | PEFT / ours | extra peak ours | extra peak PEFT |",
+        "|---" * 11 + "|",
+    ]
+    for r in rows:
+        peft = "peft" in r
+        cells = [
+            str(r["E"]),
+            f"{r['base'] * 1e3:.0f} ms",
+            f"{r['ours'] * 1e3:.0f} ms",
+            f"{r['ours'] / r['base']:.2f}x",
+            f"{r['peft'] * 1e3:.0f} ms" if peft else "skipped",
+            f"{r['peft'] / r['ours']:.1f}x" if peft else "-",
+            f"{r['ours_build']:.2f} s",
+            f"{r['peft_build']:.2f} s" if peft else "skipped",
+            f"{r['peft_build'] / r['ours_build']:.0f}x" if peft else "-",
+            f"{r['ours_peak']:.0f} MiB",
+            f"{r['peft_peak']:.0f} MiB" if peft else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        f"\nMedians of {repeats} after a warm-up; `python benchmarks/routing.py` "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads). Extra peak = largest "
+        "live tensor memory during one forward minus the base model's."
+    )
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, table: str) -> None:
+    """Replace (or append) the README's routing-speed section with the latest table."""
+    text = readme.read_text()
+    body = (
+        f"{SECTION}\n\nArrow over E experts on the setup of `docs` anchors (Llama, hidden 512, "
+        "6 layers, 7 LoRA'd projections, r=8, top-k 4, batch 4 x 128, CPU), against PEFT's "
+        f"`create_arrow_model`:\n\n{table}\n"
+    )
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + body
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + body + (text[end + 1 :] if end >= 0 else "")
+    readme.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", default="8,32,64,128", help="comma-separated E values")
+    parser.add_argument("--peft-max", type=int, default=64, help="skip PEFT above this E")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--readme", type=Path, help="write the table into this README")
+    args = parser.parse_args()
+    console = Console()
+    counts = sorted(int(e) for e in args.experts.split(","))
+    skipped = [e for e in counts if e > args.peft_max]
+    if skipped:
+        console.print(f"note: PEFT skipped for E={skipped} (above --peft-max {args.peft_max})")
+    table = markdown(run(counts, args.peft_max, args.repeats, console), args.repeats)
+    print(table)
+    if args.readme:
+        write_readme(args.readme, table)
+
+
+if __name__ == "__main__":
+    main()
