@@ -1,0 +1,65 @@
+"""The registry commands of the ``quiver`` CLI, over a local store and the self-hosted Hub."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from quiver.cli import app
+from quiver.registry import HubRegistry, Library, LocalRegistry
+
+BASE = "quiver-testing/tiny-llama"
+
+
+def quiver(*args: str) -> str:
+    result = CliRunner().invoke(app, [str(arg) for arg in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_push_search_pull_with_a_folder_registry(tmp_path, make_expert):
+    store = tmp_path / "store"
+    folder = make_expert()
+    out = quiver("push", folder, "alice/math", "--task", "math", "--steps", "10", "-r", store)
+    assert "Pushed alice/math@" in out
+    assert "alice/math" in quiver("search", "--task", "math", "-r", store)
+    assert "No match." in quiver("search", "--task", "code", "-r", store)
+    path = Path(quiver("pull", "alice/math", "-r", store).strip().splitlines()[-1])
+    assert (path / "adapter_model.safetensors").read_bytes() == (
+        folder / "adapter_model.safetensors"
+    ).read_bytes()
+    assert LocalRegistry(store).pull("alice/math").card.steps == 10
+
+
+def test_library_commands_from_local_store_to_hub(hub_server, tmp_path, make_expert):
+    store = tmp_path / "store"
+    quiver("push", make_expert("math"), "carol/math", "-r", store)
+    quiver("library", "create", "carol/lib", "--base-model", BASE, "-r", store)
+    quiver("library", "add", "carol/lib", "carol/math", "-r", store)
+    quiver("library", "add", "carol/lib", make_expert("code"), "-r", store)
+    quiver("library", "add", "carol/lib", make_expert("extra"), "-r", store)
+    shown = quiver("library", "remove", "carol/lib", "extra", "-r", store)
+    assert "code" in shown and "extra" not in shown
+    assert "bundled" in quiver("library", "show", "carol/lib", "-r", store)
+
+    token = hub_server.create_token("carol")
+    endpoint = hub_server.endpoint
+    quiver("library", "push", "carol/lib", "--from", store, "-r", endpoint, "--token", token)
+    lines = quiver("library", "pull", "carol/lib", "-r", endpoint).strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["math", "code"]
+    hub = HubRegistry(endpoint, token=token)
+    assert Library.open(hub, "carol/lib").names == ["math", "code"]
+
+
+def test_errors_are_one_line_and_exit_1(tmp_path):
+    code = "from quiver.cli import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "pull", "nobody/nothing", "-r", str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "error: no repo 'nobody/nothing'" in result.stderr
+    assert "Traceback" not in result.stderr
