@@ -99,6 +99,7 @@ def test_invalid_token_is_refused_not_mistaken_for_a_missing_repo(hub_server, ow
     )
     assert response.status_code == 401
     assert "X-Error-Code" not in response.headers
+    assert response.headers["X-Error-Message"] == "Invalid credentials in Authorization header"
     with pytest.raises(HfHubHTTPError) as refused:
         HfApi(token="hf_not_a_real_token").model_info("olga/checked")
     assert not isinstance(refused.value, RepositoryNotFoundError)

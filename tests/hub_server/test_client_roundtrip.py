@@ -240,6 +240,18 @@ def test_legacy_lfs_transfer_without_xet(tmp_path, monkeypatch):
         assert Path(path).read_bytes() == weights
 
 
+def test_dataset_repos_use_their_own_prefix(api, tmp_path):
+    repo = "carol/table"
+    api.create_repo(repo, repo_type="dataset")
+    api.upload_file(
+        path_or_fileobj=b"a,b\n1,2\n", path_in_repo="t.csv", repo_id=repo, repo_type="dataset"
+    )
+    assert [d.id for d in api.list_datasets(author="carol")] == [repo]
+    assert not api.repo_exists(repo)  # as a model it does not exist
+    path = hf_hub_download(repo, "t.csv", repo_type="dataset", cache_dir=tmp_path)
+    assert Path(path).read_bytes() == b"a,b\n1,2\n"
+
+
 def test_cli_token_works_against_running_server(hub_server):
     from typer.testing import CliRunner
 

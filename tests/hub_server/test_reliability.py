@@ -243,6 +243,7 @@ def victim(hub_server):
         "/api/models/vic/target/revision/main%2F..%2F..",
         "/api/models/vic/target/revision/a%2Fb",
         "/api/models/vic/target/tree/main/%2E%2E",
+        "/api/models/vic/target/tree/main/%2Fetc",
         "/api/models/vic/target/tree/main/sub%2F..%2F..%2Fhub.sqlite",
         "/vic/target/resolve/main/..%2Fhub.sqlite",
         "/vic/target/resolve/main/%2E%2E/%2E%2E/hub.sqlite",

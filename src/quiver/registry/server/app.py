@@ -76,11 +76,10 @@ class HubOptions:
 
 def error_response(error: HubError, headers: dict[str, str] | None = None) -> JSONResponse:
     """The Hub's error shape: status, ``X-Error-Code``, ``X-Error-Message``, ``{"error": ...}``."""
-    message = str(error)
-    out = {"X-Error-Message": message.encode("ascii", "replace").decode(), **(headers or {})}
+    out = {"X-Error-Message": error.message.encode("ascii", "replace").decode(), **(headers or {})}
     if error.code:
         out["X-Error-Code"] = error.code
-    return JSONResponse({"error": message}, status_code=error.status, headers=out)
+    return JSONResponse({"error": str(error)}, status_code=error.status, headers=out)
 
 
 class _BodyTooLarge(Exception):
@@ -222,7 +221,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
     def whoami(request: Request) -> dict[str, Any]:
         who = principal(request)
         if who is None:
-            raise Unauthorized(_INVALID_TOKEN, hint="pass a token")
+            raise Unauthorized("whoami needs a token", hint="pass a token")
         role = "write" if who.write else "read"
         return {
             "type": "user",
@@ -245,15 +244,17 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
             return JSONResponse({"errors": [{"message": str(error)}], "warnings": []}, 400)
         return JSONResponse({"errors": [], "warnings": []})
 
+    def body_key(body: dict[str, Any], who: Principal | None) -> tuple[RepoKey, Principal]:
+        """The repo a create/delete body names (``organization`` defaults to the caller)."""
+        if who is None:
+            raise Unauthorized("You must be authenticated to create or delete repos")
+        namespace = body.get("organization") or who.user
+        return RepoKey(body.get("type") or "model", namespace, body.get("name") or ""), who
+
     @app.post("/api/repos/create")
     async def create_repo(request: Request) -> JSONResponse:
         body = await request.json()
-        who = principal(request)
-        if who is None:
-            raise Unauthorized("You must be authenticated to create a repo", hint="pass a token")
-        key = RepoKey(
-            body.get("type") or "model", body.get("organization") or who.user, body.get("name", "")
-        )
+        key, who = body_key(body, principal(request))
         require_writer(who, key.namespace)
         private = body.get("visibility") == "private" or bool(body.get("private"))
         url = repo_url(request, key)
@@ -268,13 +269,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
 
     @app.delete("/api/repos/delete")
     async def delete_repo(request: Request) -> dict[str, Any]:
-        body = await request.json()
-        who = principal(request)
-        key = RepoKey(
-            body.get("type") or "model",
-            body.get("organization") or (who.user if who else ""),
-            body.get("name", ""),
-        )
+        key, who = body_key(await request.json(), principal(request))
         writable(key, who)
         store.delete_repo(key)
         return {}
@@ -324,7 +319,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
 
     def paginate(request: Request, items: list, *, page_size: int) -> JSONResponse:
         """One page of ``items`` and, if more remain, a ``Link: <...>; rel="next"`` header."""
-        start = int(request.query_params.get("cursor", "0") or 0)
+        start = _int_query(request, "cursor", 0)
         end = start + page_size
         headers = {}
         if end < len(items):
@@ -363,7 +358,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
             items.sort(
                 key=lambda item: item.get(sort) or "", reverse=query.get("direction") == "-1"
             )
-        limit = int(query.get("limit") or options.page_size)
+        limit = _int_query(request, "limit", options.page_size)
         return paginate(request, items, page_size=min(limit, options.page_size))
 
     @app.get("/api/{kind}/{namespace}/{name}")
@@ -402,7 +397,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
     ) -> JSONResponse:
         repo = readable(repo_key(kind, namespace, name), principal(request))
         files = store.files(repo, store.resolve(repo, revision))
-        prefix = check_path(path.strip("/")) if path.strip("/") else ""
+        prefix = check_path(path.rstrip("/")) if path else ""
         recursive = request.query_params.get("recursive") in ("1", "true", "True")
         return paginate(request, tree_entries(files, prefix, recursive=recursive), page_size=1000)
 
@@ -414,7 +409,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         form = await request.form()
         files = store.files(repo, store.resolve(repo, revision))
         out = []
-        for path in dict.fromkeys(str(p).strip("/") for p in form.getlist("paths")):
+        for path in dict.fromkeys(str(p).rstrip("/") for p in form.getlist("paths")):
             check_path(path)
             if path in files:
                 out.append(_tree_file(files[path]))
@@ -638,6 +633,13 @@ def _apply_commit(store: HubStore, repo: Repo, branch: str, author: str, lines: 
         author=author,
         parent_commit=header.get("parentCommit"),
     )
+
+
+def _int_query(request: Request, name: str, default: int) -> int:
+    value = request.query_params.get(name) or str(default)
+    if not value.isdigit():
+        raise HubError(f"query parameter {name}={value!r} is not a non-negative integer")
+    return int(value)
 
 
 def _ndjson(lines: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:

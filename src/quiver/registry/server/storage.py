@@ -520,11 +520,11 @@ class HubStore:
         )
         sha = hashlib.sha1(f"commit {len(body)}\0{body}".encode()).hexdigest()
         db.execute(
-            "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (repo.rowid, sha, parent, author, date, title, message, _json_or_none(card)),
         )
         db.executemany(
-            "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(repo.rowid, sha, e.path, e.size, e.sha256, e.oid, int(e.lfs)) for e in tree.values()],
         )
         db.execute(
