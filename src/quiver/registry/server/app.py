@@ -38,6 +38,7 @@ from quiver.registry.server.errors import (
     Unauthorized,
 )
 from quiver.registry.server.storage import (
+    Commit,
     Deletion,
     FileEntry,
     HubStore,
@@ -288,44 +289,6 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def info(
-        request: Request, repo: Repo, sha: str, *, card: bool = True, files: bool = True
-    ) -> dict[str, Any]:
-        commit = store.commit_info(repo, sha)
-        data = commit.card or {}
-        out: dict[str, Any] = {
-            "_id": f"{repo.rowid:024x}",
-            "id": repo.key.id,
-            "author": repo.key.namespace,
-            "sha": sha,
-            "lastModified": commit.date,
-            "createdAt": repo.created_at,
-            "private": repo.private,
-            "gated": False,
-            "disabled": False,
-            "downloads": 0,
-            "likes": 0,
-            "tags": card_tags(commit.card),
-            "library_name": data.get("library_name"),
-            "pipeline_tag": data.get("pipeline_tag"),
-        }
-        if repo.key.type == "model":
-            out["modelId"] = repo.key.id
-        if card:
-            out["cardData"] = commit.card
-        if files:
-            out["siblings"] = [_sibling(entry) for entry in store.files(repo, sha).values()]
-        return out
-
-    def paginate(request: Request, items: list, *, page_size: int) -> JSONResponse:
-        """One page of ``items`` and, if more remain, a ``Link: <...>; rel="next"`` header."""
-        start = _int_query(request, "cursor", 0)
-        end = start + page_size
-        headers = {}
-        if end < len(items):
-            headers["Link"] = f'<{request.url.include_query_params(cursor=end)}>; rel="next"'
-        return JSONResponse(items[start:end], headers=headers)
-
     @app.get("/api/{kind}")
     def list_repos(request: Request, kind: str) -> JSONResponse:
         if kind not in _PLURALS:
@@ -347,8 +310,8 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
             if search not in repo.key.id.lower() or not wanted <= set(card_tags(head.card)):
                 continue
             with_card = full or query.get("cardData") in ("1", "true", "True")
-            item = info(
-                request, repo, head.sha, card=with_card or bool(expand), files=full or bool(expand)
+            item = _repo_info(
+                store, repo, head, card=with_card or bool(expand), files=full or bool(expand)
             )
             if expand:
                 item = {k: v for k, v in item.items() if k in {"id", "_id", *expand}}
@@ -359,7 +322,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
                 key=lambda item: item.get(sort) or "", reverse=query.get("direction") == "-1"
             )
         limit = _int_query(request, "limit", options.page_size)
-        return paginate(request, items, page_size=min(limit, options.page_size))
+        return _paginate(request, items, page_size=min(limit, options.page_size))
 
     @app.get("/api/{kind}/{namespace}/{name}")
     def repo_info(request: Request, kind: str, namespace: str, name: str) -> dict:
@@ -368,27 +331,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
     @app.get("/api/{kind}/{namespace}/{name}/revision/{revision}")
     def repo_info_at(request: Request, kind: str, namespace: str, name: str, revision: str) -> dict:
         repo = readable(repo_key(kind, namespace, name), principal(request))
-        return info(request, repo, store.resolve(repo, revision))
-
-    def tree_entries(
-        files: dict[str, FileEntry], prefix: str, *, recursive: bool
-    ) -> list[dict[str, Any]]:
-        """Files and folders under ``prefix`` (only its direct children unless ``recursive``)."""
-        base = f"{prefix}/" if prefix else ""
-        below = {path: entry for path, entry in files.items() if path.startswith(base)}
-        if prefix and not below:
-            raise EntryNotFound(f"{prefix} does not exist in this revision")
-        folders: dict[str, list[FileEntry]] = {}
-        out_files = []
-        for path, entry in below.items():
-            rest = PurePosixPath(path[len(base) :])
-            parents = [str(p) for p in reversed(rest.parents) if str(p) != "."]
-            for parent in parents if recursive else parents[:1]:
-                folders.setdefault(base + parent, []).append(entry)
-            if recursive or not parents:
-                out_files.append(_tree_file(entry))
-        out_folders = [_tree_folder(path, entries) for path, entries in sorted(folders.items())]
-        return out_folders + out_files
+        return _repo_info(store, repo, store.commit_info(repo, store.resolve(repo, revision)))
 
     @app.get("/api/{kind}/{namespace}/{name}/tree/{revision}")
     @app.get("/api/{kind}/{namespace}/{name}/tree/{revision}/{path:path}")
@@ -399,7 +342,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         files = store.files(repo, store.resolve(repo, revision))
         prefix = check_path(path.rstrip("/")) if path else ""
         recursive = request.query_params.get("recursive") in ("1", "true", "True")
-        return paginate(request, tree_entries(files, prefix, recursive=recursive), page_size=1000)
+        return _paginate(request, _tree_entries(files, prefix, recursive=recursive), page_size=1000)
 
     @app.post("/api/{kind}/{namespace}/{name}/paths-info/{revision}")
     async def paths_info(
@@ -450,7 +393,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
             }
             for commit in store.history(repo, store.resolve(repo, revision))
         ]
-        return paginate(request, items, page_size=options.page_size)
+        return _paginate(request, items, page_size=options.page_size)
 
     @app.api_route("/{namespace}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
     @app.api_route(
@@ -635,6 +578,46 @@ def _apply_commit(store: HubStore, repo: Repo, branch: str, author: str, lines: 
     )
 
 
+def _repo_info(
+    store: HubStore, repo: Repo, commit: Commit, *, card: bool = True, files: bool = True
+) -> dict[str, Any]:
+    """A repo at one commit, as ``model_info``/``list_models`` return it."""
+    data = commit.card or {}
+    out: dict[str, Any] = {
+        "_id": f"{repo.rowid:024x}",
+        "id": repo.key.id,
+        "author": repo.key.namespace,
+        "sha": commit.sha,
+        "lastModified": commit.date,
+        "createdAt": repo.created_at,
+        "private": repo.private,
+        "gated": False,
+        "disabled": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": card_tags(commit.card),
+        "library_name": data.get("library_name"),
+        "pipeline_tag": data.get("pipeline_tag"),
+    }
+    if repo.key.type == "model":
+        out["modelId"] = repo.key.id
+    if card:
+        out["cardData"] = commit.card
+    if files:
+        out["siblings"] = [_sibling(entry) for entry in store.files(repo, commit.sha).values()]
+    return out
+
+
+def _paginate(request: Request, items: list, *, page_size: int) -> JSONResponse:
+    """One page of ``items`` and, if more remain, a ``Link: <...>; rel="next"`` header."""
+    start = _int_query(request, "cursor", 0)
+    end = start + page_size
+    headers = {}
+    if end < len(items):
+        headers["Link"] = f'<{request.url.include_query_params(cursor=end)}>; rel="next"'
+    return JSONResponse(items[start:end], headers=headers)
+
+
 def _int_query(request: Request, name: str, default: int) -> int:
     value = request.query_params.get(name) or str(default)
     if not value.isdigit():
@@ -658,6 +641,27 @@ def _sibling(entry: FileEntry) -> dict[str, Any]:
     if entry.lfs:
         out["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": entry.pointer_size}
     return out
+
+
+def _tree_entries(
+    files: dict[str, FileEntry], prefix: str, *, recursive: bool
+) -> list[dict[str, Any]]:
+    """Files and folders under ``prefix`` (only its direct children unless ``recursive``)."""
+    base = f"{prefix}/" if prefix else ""
+    below = {path: entry for path, entry in files.items() if path.startswith(base)}
+    if prefix and not below:
+        raise EntryNotFound(f"{prefix} does not exist in this revision")
+    folders: dict[str, list[FileEntry]] = {}
+    out_files = []
+    for path, entry in below.items():
+        rest = PurePosixPath(path[len(base) :])
+        parents = [str(p) for p in reversed(rest.parents) if str(p) != "."]
+        for parent in parents if recursive else parents[:1]:
+            folders.setdefault(base + parent, []).append(entry)
+        if recursive or not parents:
+            out_files.append(_tree_file(entry))
+    out_folders = [_tree_folder(path, entries) for path, entries in sorted(folders.items())]
+    return out_folders + out_files
 
 
 def _tree_file(entry: FileEntry) -> dict[str, Any]:
