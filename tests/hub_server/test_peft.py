@@ -1,10 +1,11 @@
-"""PEFT pushes a LoRA to the self-hosted Hub and loads it back, through HF_ENDPOINT only."""
+"""PEFT and transformers push to the self-hosted Hub and load back, through HF_ENDPOINT only."""
 
 import torch
 from huggingface_hub import HfApi
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quiver.testing import tiny_model
+from quiver.testing import tiny_model, tiny_tokenizer
 
 
 def test_peft_push_to_hub_and_from_pretrained(hub_server, tmp_path):
@@ -35,3 +36,18 @@ def test_peft_push_to_hub_and_from_pretrained(hub_server, tmp_path):
     with torch.no_grad():
         plain = tiny_model("llama", seed=0)(input_ids=inputs).logits
     assert not torch.allclose(plain, expected)
+
+
+def test_transformers_push_to_hub_and_from_pretrained(hub_server, tmp_path):
+    token = hub_server.create_token("tf-user")
+    model = tiny_model("qwen2", seed=3)
+    tokenizer = tiny_tokenizer()
+    model.push_to_hub("tf-user/tiny-qwen2", token=token)
+    tokenizer.push_to_hub("tf-user/tiny-qwen2", token=token)
+
+    loaded = AutoModelForCausalLM.from_pretrained("tf-user/tiny-qwen2", cache_dir=tmp_path)
+    reloaded_tokenizer = AutoTokenizer.from_pretrained("tf-user/tiny-qwen2", cache_dir=tmp_path)
+    inputs = reloaded_tokenizer("hub", return_tensors="pt").input_ids
+    assert inputs.tolist() == tokenizer("hub", return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=inputs).logits, model(input_ids=inputs).logits)
