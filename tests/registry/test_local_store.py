@@ -4,9 +4,11 @@ import json
 import shutil
 
 import pytest
+import torch
 from huggingface_hub import EvalResult, ModelCard
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from registry_helpers import logits, store_state
+from safetensors.torch import load_file, save_file
 
 from quiver.errors import (
     CardError,
@@ -272,3 +274,19 @@ def test_tags_are_immutable(local, make_expert):
     local.push(make_expert(), "alice/e", tag="v1")
     with pytest.raises(ConflictError, match="'v1'"):
         local.push(make_expert(), "alice/e", tag="v1")
+
+
+def test_bf16_expert_round_trips_with_same_logits(local, make_expert):
+    folder = make_expert()
+    weights = folder / "adapter_model.safetensors"
+    tensors = {name: tensor.to(torch.bfloat16) for name, tensor in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    local.push(folder, "alice/bf16")
+    pulled = local.pull("alice/bf16")
+    pulled_tensors = load_file(pulled.path / "adapter_model.safetensors")
+    assert {tensor.dtype for tensor in pulled_tensors.values()} == {torch.bfloat16}
+
+    def load(path):
+        return PeftModel.from_pretrained(tiny_model("llama", dtype=torch.bfloat16), str(path))
+
+    assert logits(load(pulled.path).eval()).equal(logits(load(folder).eval()))
