@@ -34,22 +34,22 @@ def test_push_search_pull_with_a_folder_registry(tmp_path, make_expert):
 
 def test_library_commands_from_local_store_to_hub(hub_server, tmp_path, make_expert):
     store = tmp_path / "store"
-    quiver("push", make_expert("math"), "carol/math", "-r", store)
-    quiver("library", "create", "carol/lib", "--base-model", BASE, "-r", store)
-    quiver("library", "add", "carol/lib", "carol/math", "-r", store)
-    quiver("library", "add", "carol/lib", make_expert("code"), "-r", store)
-    quiver("library", "add", "carol/lib", make_expert("extra"), "-r", store)
-    shown = quiver("library", "remove", "carol/lib", "extra", "-r", store)
+    quiver("push", make_expert("math"), "clitester/math", "-r", store)
+    quiver("library", "create", "clitester/lib", "--base-model", BASE, "-r", store)
+    quiver("library", "add", "clitester/lib", "clitester/math", "-r", store)
+    quiver("library", "add", "clitester/lib", make_expert("code"), "-r", store)
+    quiver("library", "add", "clitester/lib", make_expert("extra"), "-r", store)
+    shown = quiver("library", "remove", "clitester/lib", "extra", "-r", store)
     assert "code" in shown and "extra" not in shown
-    assert "bundled" in quiver("library", "show", "carol/lib", "-r", store)
+    assert "bundled" in quiver("library", "show", "clitester/lib", "-r", store)
 
-    token = hub_server.create_token("carol")
+    token = hub_server.create_token("clitester")
     endpoint = hub_server.endpoint
-    quiver("library", "push", "carol/lib", "--from", store, "-r", endpoint, "--token", token)
-    lines = quiver("library", "pull", "carol/lib", "-r", endpoint).strip().splitlines()
+    quiver("library", "push", "clitester/lib", "--from", store, "-r", endpoint, "--token", token)
+    lines = quiver("library", "pull", "clitester/lib", "-r", endpoint).strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["math", "code"]
     hub = HubRegistry(endpoint, token=token)
-    assert Library.open(hub, "carol/lib").names == ["math", "code"]
+    assert Library.open(hub, "clitester/lib").names == ["math", "code"]
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path):
