@@ -90,6 +90,16 @@ def test_history_of_folder_uploads_deletes_tags_and_branches(api, tmp_path):
     with pytest.raises(HfHubHTTPError) as conflict:
         api.create_tag(repo, tag="v1", revision="main")
     assert conflict.value.response.status_code == 409
+    # A tag never moves with a commit; refs go only through explicit calls.
+    with pytest.raises(RevisionNotFoundError):
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo, revision="v1")
+    api.upload_file(path_or_fileobj=b"on dev", path_in_repo="dev.txt", repo_id=repo, revision="dev")
+    assert api.model_info(repo).sha == third.oid
+    api.delete_tag(repo, tag="v1")
+    api.delete_branch(repo, branch="dev")
+    refs = api.list_repo_refs(repo)
+    assert ([b.name for b in refs.branches], refs.tags) == (["main"], [])
+    assert api.model_info(repo, revision=first.oid).sha == first.oid  # commits outlive their refs
 
 
 def test_tree_and_paths_info_report_sizes_and_git_oids(api):
