@@ -173,6 +173,8 @@ def test_truncated_file_in_the_hf_cache_is_caught(hub, user, make_expert, local)
     with pytest.raises(IntegrityError, match="sha256"):
         Library.pull(hub, f"{user}/lib").push(local)
     assert store_state(local) == before  # nothing half-written lands in the local store
+    # The bad file left the cache, so pulling again downloads a good copy.
+    assert list(Library.pull(hub, f"{user}/lib").push(local).expert_paths()) == ["math", "code"]
 
 
 def test_tampered_blob_on_the_server_is_caught(hub_server, hub, user, make_expert, tmp_path):

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from quiver.errors import QuiverError
+from quiver.errors import IntegrityError, QuiverError
 from quiver.registry.card import EXPERT_TAG, LIBRARY_TAG, base_model_tag, task_tag
-from quiver.registry.expert import EXPERT_FILES, Expert
+from quiver.registry.expert import EXPERT_FILES, Expert, check_hash
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 KINDS = {"expert": EXPERT_TAG, "library": LIBRARY_TAG}
@@ -156,7 +156,30 @@ class Registry(ABC):
         """Fetch an expert at ``revision`` (branch, tag or commit; default main) and validate it."""
         check_repo_id(repo_id)
         folder, commit = self.download(repo_id, revision=revision, patterns=EXPERT_FILES)
-        return Expert.from_folder(folder, repo_id=repo_id, commit=commit)
+        return self.open_expert(folder, repo_id=repo_id, commit=commit)
+
+    def open_expert(
+        self,
+        folder: Path,
+        *,
+        repo_id: str | None = None,
+        commit: str | None = None,
+        sha256: str | None = None,
+    ) -> Expert:
+        """Validate a downloaded expert (and its pinned weight ``sha256``, if given). On a hash
+        mismatch, the files are dropped from any cache first, so that a new pull fetches them."""
+        try:
+            expert = Expert.from_folder(folder, repo_id=repo_id, commit=commit)
+            if sha256 is not None:
+                check_hash(f"expert {expert.name!r}", expected=sha256, actual=expert.weights_sha256)
+        except IntegrityError:
+            self.discard(folder)
+            raise
+        return expert
+
+    @abstractmethod
+    def discard(self, folder: Path) -> None:
+        """Forget downloaded files that failed verification."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.location!r})"

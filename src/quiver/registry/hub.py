@@ -127,6 +127,12 @@ class HubRegistry(Registry):
             )
         return Path(folder), Path(folder).name  # the cache keeps snapshots under their commit
 
+    def discard(self, folder: Path) -> None:
+        for entry in folder.rglob("*"):
+            if entry.is_symlink():  # a cache snapshot entry, pointing at a blob
+                entry.resolve().unlink(missing_ok=True)
+                entry.unlink()
+
     def tag(self, repo_id: str, tag: str, *, revision: str) -> None:
         with self._translate_errors(f"tag {repo_id}@{revision} as {tag!r}"):
             self.api.create_tag(repo_id, tag=tag, revision=revision)

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from quiver.errors import CardError, NotFoundError, QuiverError
-from quiver.registry.base import Registry, check_repo_id
+from quiver.registry.base import Registry, Version, check_repo_id
 from quiver.registry.card import LIBRARY_TAG, QUIVER_TAG, base_model_tag
 from quiver.registry.expert import CARD, EXPERT_FILES, Expert, check_hash, sha256_file
 
@@ -208,14 +208,13 @@ class Library:
             root, _ = self.registry.download(
                 self.repo_id, revision=self.commit, patterns=[f"{pin.subfolder}/*"]
             )
-            expert = Expert.from_folder(root / pin.subfolder, commit=self.commit)
-        else:
-            root, _ = self.registry.download(
-                pin.repo_id, revision=pin.commit, patterns=EXPERT_FILES
+            return self.registry.open_expert(
+                root / pin.subfolder, commit=self.commit, sha256=pin.sha256
             )
-            expert = Expert.from_folder(root, repo_id=pin.repo_id, commit=pin.commit)
-        check_hash(f"expert {pin.name!r}", expected=pin.sha256, actual=expert.weights_sha256)
-        return expert
+        root, _ = self.registry.download(pin.repo_id, revision=pin.commit, patterns=EXPERT_FILES)
+        return self.registry.open_expert(
+            root, repo_id=pin.repo_id, commit=pin.commit, sha256=pin.sha256
+        )
 
     # -- reading ------------------------------------------------------------------------------
     @property
@@ -237,7 +236,7 @@ class Library:
         """The local .safetensors file of artifact ``name``, or None if the library has none."""
         return self._artifact_file(name) if name in self.manifest.artifacts else None
 
-    def versions(self) -> list:
+    def versions(self) -> list[Version]:
         return self.registry.versions(self.repo_id)
 
     # -- changing (each call commits a new version) ---------------------------------------------

@@ -154,6 +154,9 @@ class LocalRegistry(Registry):
                 )
             db.execute("INSERT INTO refs VALUES (?, ?, 'tag', ?)", (repo_id, tag, commit))
 
+    def discard(self, folder: Path) -> None:
+        """Nothing to forget: snapshots are the store itself, repaired by pushing again."""
+
     def delete(self, repo_id: str) -> None:
         with self._db(write=True) as db:
             self._require_repo(db, repo_id)
