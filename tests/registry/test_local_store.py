@@ -1,6 +1,7 @@
 """Experts in the local folder store: cards, round trips, versions, search, and refused input."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -290,3 +291,23 @@ def test_bf16_expert_round_trips_with_same_logits(local, make_expert):
         return PeftModel.from_pretrained(tiny_model("llama", dtype=torch.bfloat16), str(path))
 
     assert logits(load(pulled.path).eval()).equal(logits(load(folder).eval()))
+
+
+def test_a_push_that_fails_midway_leaves_nothing(local, make_expert, monkeypatch):
+    local.push(make_expert(), "alice/good")
+    before = store_state(local)
+    real_link = os.link
+    calls = []
+
+    def link_then_fail(source, destination):
+        calls.append(destination)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_link(source, destination)
+
+    monkeypatch.setattr(os, "link", link_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        local.push(make_expert(), "alice/half")
+    assert len(calls) == 2
+    assert store_state(local) == before
+    assert not any((local.root / "tmp").iterdir())
