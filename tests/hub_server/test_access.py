@@ -74,6 +74,8 @@ def test_private_repos_are_invisible_to_others(owner, stranger, anonymous, tmp_p
     owner.create_repo("olga/secret", private=True)
     owner.upload_file(path_or_fileobj=b"hidden", path_in_repo="s.txt", repo_id="olga/secret")
     assert owner.model_info("olga/secret").private is True
+    mine = hf_hub_download("olga/secret", "s.txt", cache_dir=tmp_path / "own", token=owner.token)
+    assert Path(mine).read_bytes() == b"hidden"
     assert "olga/secret" in [m.id for m in owner.list_models(author="olga")]
 
     for api, token in ((stranger, stranger.token), (anonymous, False)):

@@ -59,6 +59,8 @@ def test_history_of_folder_uploads_deletes_tags_and_branches(api, tmp_path):
         commit_message="second",
     )
     third = api.delete_file("sub/b.bin", repo_id=repo, commit_message="drop b")
+    with pytest.raises(EntryNotFoundError):
+        api.delete_file("sub/b.bin", repo_id=repo)  # already gone: refused, no empty commit
     api.create_tag(repo, tag="v1", revision=first.oid)
     api.create_branch(repo, branch="dev", revision=second.oid)
 

@@ -402,7 +402,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
     def resolve(request: Request, namespace: str, name: str, revision: str, path: str):
         repo = readable(prefixed_key(request, namespace, name), principal(request))
         sha = store.resolve(repo, revision)
-        entry = store.files(repo, sha).get(check_path(path))
+        entry = store.file(repo, sha, check_path(path))
         if entry is None:
             missing = EntryNotFound(f"{path} does not exist at {revision}")
             return error_response(missing, headers={"X-Repo-Commit": sha})

@@ -47,6 +47,7 @@ _GITATTRIBUTES = (
 # Test-only hook: seconds a commit holds its transaction open before COMMIT (kill-mid-commit tests).
 _PAUSE_IN_COMMIT = float(os.environ.get("QUIVER_HUB_TEST_PAUSE_IN_COMMIT", "0"))
 
+_FILE_COLUMNS = "path, size, sha256, oid, lfs"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, user TEXT NOT NULL,
     write INTEGER NOT NULL, created_at TEXT NOT NULL);
@@ -401,14 +402,22 @@ class HubStore:
         with self._connect() as db:
             return self._files(db, repo, sha)
 
+    def file(self, repo: Repo, sha: str, path: str) -> FileEntry | None:
+        """One file of a commit: a primary-key lookup, whatever the size of the repo."""
+        with self._connect() as db:
+            row = db.execute(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE repo = ? AND commit_sha = ? AND path = ?",
+                (repo.rowid, sha, path),
+            ).fetchone()
+        return None if row is None else _file_entry(row)
+
     @staticmethod
     def _files(db: sqlite3.Connection, repo: Repo, sha: str) -> dict[str, FileEntry]:
         rows = db.execute(
-            "SELECT path, size, sha256, oid, lfs FROM files WHERE repo = ? AND commit_sha = ? "
-            "ORDER BY path",
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE repo = ? AND commit_sha = ? ORDER BY path",
             (repo.rowid, sha),
         ).fetchall()
-        return {row["path"]: FileEntry(*row[:4], lfs=bool(row["lfs"])) for row in rows}
+        return {row["path"]: _file_entry(row) for row in rows}
 
     def history(self, repo: Repo, sha: str) -> list[Commit]:
         """Commits reachable from ``sha``, newest first."""
@@ -587,6 +596,10 @@ def _by_path(entry: FileEntry) -> str:
 
 def _json_or_none(value: dict | None) -> str | None:
     return None if value is None else json.dumps(value, default=str)
+
+
+def _file_entry(row: sqlite3.Row) -> FileEntry:
+    return FileEntry(row["path"], row["size"], row["sha256"], row["oid"], lfs=bool(row["lfs"]))
 
 
 def _repo(row: sqlite3.Row) -> Repo:
