@@ -237,6 +237,13 @@ def test_unknown_repo_revision_and_missing_files(hub, user, make_expert, tmp_pat
     hub.upload(f"{user}/pickled", pickled, message="a .bin adapter")
     with pytest.raises(InvalidAdapterError, match="never unpickles"):
         hub.pull(f"{user}/pickled")
+    Library.create(hub, f"{user}/lib", base_model=BASE)
+    with pytest.raises(
+        InvalidAdapterError, match=f"^{user}/lib@[0-9a-f]{{10}} has no adapter_config"
+    ):
+        hub.pull(f"{user}/lib")
+    with pytest.raises(NotFoundError, match="not a Quiver library"):
+        Library.open(hub, f"{user}/e")
 
 
 def test_tokens_and_endpoints(hub_server, user, make_expert):

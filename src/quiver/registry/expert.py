@@ -50,38 +50,41 @@ def check_hash(what: str, *, expected: str, actual: str) -> None:
         )
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path, label: str) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise InvalidAdapterError(
-            f"{folder} has no {ADAPTER_CONFIG}",
-            hint="point at a folder written by PEFT's save_pretrained",
+            f"{label} has no {ADAPTER_CONFIG}",
+            hint="point at a folder written by PEFT's save_pretrained "
+            "(libraries are pulled with `quiver library pull`)",
         )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidAdapterError(f"{path} is not valid JSON: {error}") from error
+        raise InvalidAdapterError(
+            f"{label}: {ADAPTER_CONFIG} is not valid JSON: {error}"
+        ) from error
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise InvalidAdapterError(
-            f"{folder} holds a {peft_type or 'non-PEFT'} adapter, not a LoRA",
+            f"{label} holds a {peft_type or 'non-PEFT'} adapter, not a LoRA",
             hint="Quiver experts are plain LoRA adapters (peft_type LORA)",
         )
     if config.get("use_dora"):
         raise InvalidAdapterError(
-            f"{folder} holds a DoRA adapter", hint="train the expert with use_dora=False"
+            f"{label} holds a DoRA adapter", hint="train the expert with use_dora=False"
         )
     missing = [key for key in ("r", "lora_alpha", "target_modules") if not config.get(key)]
     if missing:
-        raise InvalidAdapterError(f"{path} misses {', '.join(missing)}")
+        raise InvalidAdapterError(f"{label}: {ADAPTER_CONFIG} misses {', '.join(missing)}")
     return config
 
 
-def _check_weights(path: Path) -> None:
+def _check_weights(path: Path, label: str) -> None:
     """Parse the safetensors header (cheap) so truncated or foreign files fail here, not later."""
     if not path.is_file():
         raise InvalidAdapterError(
-            f"{path.parent} has no {WEIGHTS}",
+            f"{label} has no {WEIGHTS}",
             hint="Quiver loads safetensors only and never unpickles .bin files; "
             "re-save the adapter with safe_serialization=True",
         )
@@ -90,11 +93,11 @@ def _check_weights(path: Path) -> None:
             keys = list(weights.keys())
     except (SafetensorError, OSError) as error:
         raise IntegrityError(
-            f"{path} is not a readable safetensors file ({error})",
+            f"{label}: {WEIGHTS} is not a readable safetensors file ({error})",
             hint="the weights are truncated or corrupt: pull or re-save them",
         ) from error
     if not any(".lora_A." in key for key in keys):
-        raise InvalidAdapterError(f"{path} holds no lora_A/lora_B tensors")
+        raise InvalidAdapterError(f"{label}: {WEIGHTS} holds no lora_A/lora_B tensors")
 
 
 @dataclass
@@ -118,15 +121,16 @@ class Expert:
     ) -> Expert:
         """Validate a PEFT LoRA folder; ``card_fields`` (tasks=, examples=, ...) update its card."""
         path = Path(path)
-        if not path.is_dir():
+        label = f"{repo_id}@{commit[:10]}" if repo_id and commit else str(path)
+        if repo_id is None and not path.is_dir():
             raise NotFoundError(f"no expert folder at {path}")
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise InvalidAdapterError(
-                f"{path} contains pickle files ({', '.join(pickles)})",
+                f"{label} contains pickle files ({', '.join(pickles)})",
                 hint="Quiver never unpickles: keep only adapter_model.safetensors",
             )
-        config = _read_config(path)
+        config = _read_config(path, label)
         card_path = path / CARD
         text = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
         card = ExpertCard.from_text(text, config)
@@ -136,7 +140,7 @@ class Expert:
         card = dataclasses.replace(card, **card_fields)
         expert = cls(path=path, config=config, card=card, repo_id=repo_id, commit=commit)
         expert.verify()
-        _check_weights(path / WEIGHTS)
+        _check_weights(path / WEIGHTS, label)
         return expert
 
     @property
