@@ -296,6 +296,23 @@ def test_traversal_in_repo_names_and_lfs_oids_is_refused(hub_server, victim):
     assert committed.status_code == 400
 
 
+def test_malformed_bodies_get_a_typed_400(hub_server, victim):
+    response = httpx.post(
+        f"{hub_server.endpoint}/api/models/vic/target/preupload/main",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {victim}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert "malformed request" in response.headers["X-Error-Message"]
+    commit = httpx.post(
+        f"{hub_server.endpoint}/api/models/vic/target/commit/main",
+        content=b'{"key": "header"}\nnot json\n',
+        headers={"Authorization": f"Bearer {victim}"},
+    )
+    assert commit.status_code == 400
+    assert "line 1" in commit.headers["X-Error-Message"]
+
+
 def test_oversized_bodies_are_refused_with_413(tmp_path):
     with HubServer(tmp_path / "hub", max_body_bytes=50_000) as hub:
         token = hub.create_token("big")

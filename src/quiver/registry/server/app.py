@@ -19,10 +19,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,6 +54,10 @@ _PLURALS = {"models": "model", "datasets": "dataset"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _LFS_URL_LIFETIME_S = 3600
 _INVALID_TOKEN = "Invalid credentials in Authorization header"
+# Routes that touch SQLite are plain functions, run in the thread pool, so a writer waiting for the
+# database lock never stalls the event loop; FastAPI parses their JSON bodies beforehand.
+JsonBody = Annotated[dict[str, Any], Body()]
+OptionalBody = Annotated[dict[str, Any] | None, Body()]
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,11 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
     async def _on_hub_error(request: Request, error: HubError) -> JSONResponse:
         return error_response(error)
 
+    @app.exception_handler(RequestValidationError)
+    async def _on_bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        return error_response(HubError(f"malformed request: {problems}"))
+
     # -- access ------------------------------------------------------------------------------
 
     def principal(request: Request) -> Principal | None:
@@ -237,10 +247,9 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         }
 
     @app.post("/api/validate-yaml")
-    async def validate_yaml(request: Request) -> JSONResponse:
-        content = (await request.json()).get("content", "")
+    def validate_yaml(body: JsonBody) -> JSONResponse:
         try:
-            parse_front_matter(content)
+            parse_front_matter(str(body.get("content", "")))
         except Exception as error:  # any YAML error is the user's, reported back as the Hub does
             return JSONResponse({"errors": [{"message": str(error)}], "warnings": []}, 400)
         return JSONResponse({"errors": [], "warnings": []})
@@ -253,14 +262,13 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         return RepoKey(body.get("type") or "model", namespace, body.get("name") or ""), who
 
     @app.post("/api/repos/create")
-    async def create_repo(request: Request) -> JSONResponse:
-        body = await request.json()
+    def create_repo(request: Request, body: JsonBody) -> JSONResponse:
         key, who = body_key(body, principal(request))
         require_writer(who, key.namespace)
         private = body.get("visibility") == "private" or bool(body.get("private"))
         url = repo_url(request, key)
         try:
-            await run_in_threadpool(store.create_repo, key, private=private, author=who.user)
+            store.create_repo(key, private=private, author=who.user)
         except AlreadyExists as error:
             # exist_ok=True in the client relies on the url of the existing repo in the 409 answer.
             return JSONResponse(
@@ -269,17 +277,18 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         return JSONResponse({"url": url, "name": key.id, "id": key.id})
 
     @app.delete("/api/repos/delete")
-    async def delete_repo(request: Request) -> dict[str, Any]:
-        key, who = body_key(await request.json(), principal(request))
+    def delete_repo(request: Request, body: JsonBody) -> dict[str, Any]:
+        key, who = body_key(body, principal(request))
         writable(key, who)
         store.delete_repo(key)
         return {}
 
     @app.put("/api/{kind}/{namespace}/{name}/settings")
-    async def update_settings(request: Request, kind: str, namespace: str, name: str) -> dict:
+    def update_settings(
+        request: Request, kind: str, namespace: str, name: str, body: JsonBody
+    ) -> dict:
         key = repo_key(kind, namespace, name)
         writable(key, principal(request))
-        body = await request.json()
         private = body.get("private")
         if body.get("visibility") is not None:
             private = body["visibility"] == "private"
@@ -419,11 +428,10 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
     # -- writing -------------------------------------------------------------------------------
 
     @app.post("/api/{kind}/{namespace}/{name}/preupload/{revision}")
-    async def preupload(
-        request: Request, kind: str, namespace: str, name: str, revision: str
+    def preupload(
+        request: Request, kind: str, namespace: str, name: str, revision: str, body: JsonBody
     ) -> dict[str, Any]:
         repo, _ = writable(repo_key(kind, namespace, name), principal(request))
-        body = await request.json()
         sha = store.resolve(repo, revision)
         existing = store.files(repo, sha)
         answers = []
@@ -463,11 +471,16 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         }
 
     @app.post("/api/{kind}/{namespace}/{name}/branch/{branch}")
-    async def create_branch(
-        request: Request, kind: str, namespace: str, name: str, branch: str
+    def create_branch(
+        request: Request,
+        kind: str,
+        namespace: str,
+        name: str,
+        branch: str,
+        body: OptionalBody = None,
     ) -> dict:
         repo, _ = writable(repo_key(kind, namespace, name), principal(request))
-        body = await request.json() if await request.body() else {}
+        body = body or {}
         store.create_ref(repo, "branch", branch, body.get("startingPoint") or "main")
         return {}
 
@@ -478,11 +491,10 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         return {}
 
     @app.post("/api/{kind}/{namespace}/{name}/tag/{revision}")
-    async def create_tag(
-        request: Request, kind: str, namespace: str, name: str, revision: str
+    def create_tag(
+        request: Request, kind: str, namespace: str, name: str, revision: str, body: JsonBody
     ) -> dict:
         repo, _ = writable(repo_key(kind, namespace, name), principal(request))
-        body = await request.json()
         store.create_ref(repo, "tag", str(body.get("tag", "")), revision)
         return {}
 
@@ -499,9 +511,8 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
 
     @app.post("/{namespace}/{name}.git/info/lfs/objects/batch")
     @app.post("/datasets/{namespace}/{name}.git/info/lfs/objects/batch")
-    async def lfs_batch(request: Request, namespace: str, name: str) -> JSONResponse:
+    def lfs_batch(request: Request, namespace: str, name: str, body: JsonBody) -> JSONResponse:
         writable(prefixed_key(request, namespace, name), principal(request))
-        body = await request.json()
         if body.get("operation") != "upload":
             raise HubError("only the upload operation is served", hint="download through /resolve")
         expires = int(time.time()) + _LFS_URL_LIFETIME_S
