@@ -1,8 +1,9 @@
 """Routing speed: our Arrow against PEFT's create_arrow_model, side by side in one process.
 
-Setup of docs anchors.md: Llama from config (hidden 512, intermediate 1376, 6 layers, 8 heads,
+Setup of anchors.md (shared reference): Llama from config (hidden 512, intermediate 1376, 6 layers, 8 heads,
 vocab 512), random LoRA experts r=8 alpha 16 on all 7 projections, top-k 4, T=1, batch 4 x 128,
-no grad. Times are medians after one warm-up; peak memory is the largest sum of live tensors the
+no grad. Forward times are medians, the models called in turn after one warm-up round; build
+times exclude creating the base model; peak memory is the largest sum of live tensors the
 torch profiler saw during one forward, minus the base model's.
 
     python benchmarks/routing.py --experts 8,32,64,128 --peft-max 64 --readme README.md
@@ -34,14 +35,16 @@ def base_model():
     return tiny_model("llama", **MODEL)
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (PEFT builds its prototypes on the first forward)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(forwards: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per forward, calling the models in turn so load noise hits all alike."""
+    times = {name: [] for name in forwards}
+    for round_ in range(repeats + 1):  # round 0 warms up (PEFT builds prototypes on first use)
+        for name, forward in forwards.items():
+            start = time.perf_counter()
+            forward()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def peak_mib(fn) -> float:
@@ -55,47 +58,44 @@ def peak_mib(fn) -> float:
     return peak / 2**20
 
 
-def measure(model, ids, repeats):
+def forward_of(model, ids):
     def forward():
         with torch.no_grad():
             model(ids)
 
-    return median_seconds(forward, repeats), peak_mib(forward)
+    return forward
 
 
-def timed_build(build):
+def timed_build(build, *args):
     start = time.perf_counter()
-    model = build()
+    model = build(*args)
     return model, time.perf_counter() - start
 
 
-def measure_row(experts, paths, ids, base, peft_max, repeats, console):
-    base_time, base_peak = base
-    console.print(f"E={experts}: ours")
-    ours, ours_build = timed_build(lambda: route(base_model(), paths, Arrow(top_k=4)))
-    ours_time, ours_peak = measure(ours, ids, repeats)
-    row = dict(E=experts, base=base_time, ours=ours_time, ours_build=ours_build)
-    row.update(ours_peak=ours_peak - base_peak)
+def measure_row(experts, paths, ids, peft_max, repeats, console):
+    console.print(f"E={experts}")
+    base = base_model()
+    ours, ours_build = timed_build(route, base_model(), paths, Arrow(top_k=4))
+    forwards = {"base": forward_of(base, ids), "ours": forward_of(ours, ids)}
+    row = dict(E=experts, ours_build=ours_build)
     if experts <= peft_max:
-        console.print(f"E={experts}: PEFT")
         config = ArrowConfig(top_k=4, router_temperature=1.0, rng_seed=0)
         folders = [str(p) for p in paths]
-        peft, peft_build = timed_build(lambda: create_arrow_model(base_model(), folders, config))
-        peft_time, peft_peak = measure(peft, ids, repeats)
-        row.update(peft=peft_time, peft_build=peft_build, peft_peak=peft_peak - base_peak)
+        peft, row["peft_build"] = timed_build(create_arrow_model, base_model(), folders, config)
+        forwards["peft"] = forward_of(peft, ids)
+    row.update(interleaved_medians(forwards, repeats))
+    peaks = {name: peak_mib(forward) for name, forward in forwards.items()}
+    row.update({f"{name}_peak": peak - peaks["base"] for name, peak in peaks.items()})
     return row
 
 
 def run(expert_counts, peft_max, repeats, console):
     ids = torch.randint(3, 512, (4, 128), generator=torch.Generator().manual_seed(0))
-    base = measure(base_model(), ids, repeats)
     with tempfile.TemporaryDirectory() as folder:
         reference = base_model()
         writing = track(range(max(expert_counts)), description="writing experts", console=console)
         paths = [make_random_expert(reference, Path(folder) / f"e{i:03d}", seed=i) for i in writing]
-        return [
-            measure_row(e, paths[:e], ids, base, peft_max, repeats, console) for e in expert_counts
-        ]
+        return [measure_row(e, paths[:e], ids, peft_max, repeats, console) for e in expert_counts]
 
 
 def markdown(rows, repeats) -> str:

@@ -154,4 +154,4 @@ class RoutedLinear(nn.Module):
         index, weights = self.mixer.select(flat, x.shape[:-1])
         if self.recorder is not None:
             self.recorder(self.name, x.shape[:-1], index, weights)
-        return out + self.mixer(flat, index, weights).view_as(out).to(out.dtype)
+        return out.add_(self.mixer(flat, index, weights).view_as(out))
