@@ -82,6 +82,18 @@ def hub_token_create(
     print(HubStore(root).create_token(user, write=write, orgs=org))
 
 
+@hub_token_app.command("revoke")
+def hub_token_revoke(
+    token: str = typer.Argument(..., help="The token to revoke."),
+    root: Path = typer.Option(..., "--root", help="Folder holding the registry's data."),
+) -> None:
+    """Revoke an access token; the server refuses it from the next request on."""
+    from quiver.registry.server import HubStore
+
+    HubStore(root).revoke_token(token)
+    console.print("Token revoked.")
+
+
 REGISTRY_HELP = (
     "A folder path, an endpoint URL, or 'hf' for huggingface.co "
     "(default: the local store under $QUIVER_HOME)."

@@ -24,6 +24,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from quiver.errors import NotFoundError
 from quiver.registry.server import HubServer
 from quiver.registry.server.storage import git_blob_sha1
 
@@ -276,3 +277,11 @@ def test_cli_token_works_against_running_server(hub_server):
     token = result.output.strip()
     assert HfApi(token=token).whoami()["name"] == "erin"
     HfApi(token=token).create_repo("erin/from-cli")
+
+    revoke = ["hub", "token", "revoke", token, "--root", str(hub_server.root)]
+    assert CliRunner().invoke(app, revoke).exit_code == 0
+    with pytest.raises(HfHubHTTPError) as refused:
+        HfApi(token=token).create_repo("erin/after-revoke")
+    assert refused.value.response.status_code == 401
+    again = CliRunner().invoke(app, revoke)
+    assert again.exit_code != 0 and isinstance(again.exception, NotFoundError)

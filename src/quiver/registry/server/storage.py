@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from quiver.errors import NotFoundError
 from quiver.registry.server.cards import parse_front_matter
 from quiver.registry.server.errors import (
     AlreadyExists,
@@ -284,6 +285,12 @@ class HubStore:
             )
             db.executemany("INSERT OR IGNORE INTO members VALUES (?, ?)", [(user, o) for o in orgs])
         return token
+
+    def revoke_token(self, token: str) -> None:
+        """Forget a token; requests carrying it are refused from now on."""
+        with self._transaction() as db:
+            if not db.execute("DELETE FROM tokens WHERE digest = ?", (_digest(token),)).rowcount:
+                raise NotFoundError("no such token", hint="it may have been revoked already")
 
     def authenticate(self, token: str) -> Principal | None:
         with self._connect() as db:
