@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx2
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
+    GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     LocalTokenNotFoundError,
@@ -64,6 +65,11 @@ class HubRegistry(Registry):
         where = f"on {self.endpoint}"
         try:
             yield
+        except GatedRepoError as error:
+            raise AuthenticationError(
+                f"{what}: the repo is gated {where}",
+                hint="accept its conditions on the Hub, then pass a --token of that account",
+            ) from error
         except RepositoryNotFoundError as error:
             raise NotFoundError(
                 f"{what}: no such repo {where}",

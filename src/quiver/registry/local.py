@@ -83,9 +83,12 @@ class LocalRegistry(Registry):
         blob = self.root / "blobs" / digest
         if not blob.exists():
             temporary = self.root / "tmp" / uuid.uuid4().hex
-            shutil.copyfile(path, temporary)
-            os.chmod(temporary, 0o444)
-            os.replace(temporary, blob)
+            try:
+                shutil.copyfile(path, temporary)
+                os.chmod(temporary, 0o444)
+                os.replace(temporary, blob)
+            finally:
+                temporary.unlink(missing_ok=True)
         return digest
 
     def _build_snapshot(self, commit: str, files: dict[str, str]) -> None:
