@@ -37,3 +37,12 @@ def test_missing_repo_and_file_are_typed(api, tmp_path):
     api.create_repo("alice/sparse")
     with pytest.raises(EntryNotFoundError):
         hf_hub_download("alice/sparse", "missing.txt", cache_dir=tmp_path)
+
+
+def test_empty_and_unicode_named_files_round_trip(api, tmp_path):
+    api.create_repo("alice/edge")
+    api.upload_file(path_or_fileobj=b"", path_in_repo="empty.txt", repo_id="alice/edge")
+    api.upload_file(path_or_fileobj=b"hi", path_in_repo="dir w/ü ñ.txt", repo_id="alice/edge")
+    empty = hf_hub_download("alice/edge", "empty.txt", cache_dir=tmp_path)
+    named = hf_hub_download("alice/edge", "dir w/ü ñ.txt", cache_dir=tmp_path)
+    assert (Path(empty).read_bytes(), Path(named).read_bytes()) == (b"", b"hi")
