@@ -22,7 +22,7 @@ from quiver.errors import (
     NotFoundError,
 )
 from quiver.registry import Expert, HubRegistry, Library, open_registry
-from quiver.testing import tiny_model
+from quiver.testing import make_random_expert, tiny_model
 
 BASE = "quiver-testing/tiny-llama"
 _users = (f"user{i}" for i in itertools.count())
@@ -261,3 +261,16 @@ def test_tokens_and_endpoints(hub_server, user, make_expert):
         HubRegistry(endpoint, token=someone_else).push(folder, f"{user}/e")
     with pytest.raises(ConnectionFailedError):
         HubRegistry(_dead_endpoint(), token=read_only).push(folder, f"{user}/e")
+
+
+def test_concurrent_pull_of_many_bundled_experts(hub, user, base_model, tmp_path):
+    library = Library.create(hub, f"{user}/bundle", base_model=BASE)
+    for index in range(10):
+        library.add(make_random_expert(base_model, tmp_path / f"b{index}", rank=4, seed=index))
+    fresh = HubRegistry(hub.endpoint, cache_dir=tmp_path / "fresh")
+    pulled = Library.pull(fresh, f"{user}/bundle", max_workers=8)
+    paths = pulled.expert_paths()
+    assert list(paths) == [f"b{index}" for index in range(10)]
+    assert {Expert.from_folder(path).weights_sha256 for path in paths.values()} == {
+        pin.sha256 for pin in library.experts
+    }

@@ -189,7 +189,10 @@ class Library:
 
     def fetch(self, *, max_workers: int = 16) -> dict[str, Expert]:
         """Download (or find in cache) every expert not fetched yet; verify each weight hash."""
-        missing = [pin for pin in self.manifest.experts if pin.name not in self._experts]
+        return self._fetch(self.manifest.experts, max_workers=max_workers)
+
+    def _fetch(self, pins: list[ExpertPin], *, max_workers: int = 16) -> dict[str, Expert]:
+        missing = [pin for pin in pins if pin.name not in self._experts]
         if missing:
             with (
                 ThreadPoolExecutor(max_workers=max_workers) as pool,
@@ -201,7 +204,7 @@ class Library:
                 for future in as_completed(futures):
                     self._experts[futures[future]] = future.result()
                     progress.update()
-        return {pin.name: self._experts[pin.name] for pin in self.manifest.experts}
+        return {pin.name: self._experts[pin.name] for pin in pins}
 
     def _fetch_expert(self, pin: ExpertPin) -> Expert:
         if pin.bundled:
@@ -320,8 +323,8 @@ class Library:
         experts: dict[str, Expert] | None = None,
         artifacts: dict[str, Path] | None = None,
     ) -> Library:
-        kept = {pin.name for pin in manifest.experts if pin.bundled}
-        kept_experts = {n: e for n, e in self._bundled_experts().items() if n in kept}
+        kept = [pin for pin in self.manifest.experts if pin.bundled and pin in manifest.experts]
+        kept_experts = self._fetch(kept)
         kept_artifacts = {n: self._artifact_file(n) for n in manifest.artifacts}
         published = _publish(
             self.registry,
@@ -331,15 +334,11 @@ class Library:
             {**kept_artifacts, **(artifacts or {})},
             message=message,
         )
-        referenced = {pin.name for pin in manifest.experts if not pin.bundled}
-        fetched = {n: e for n, e in self._experts.items() if n in referenced}
+        # Experts fetched before keep their (identical, pinned) files; new ones are fetched anew.
+        fetched = {n: e for n, e in self._experts.items() if n in published.names}
         self.__dict__.update(published.__dict__)
         self._experts = fetched
         return self
-
-    def _bundled_experts(self) -> dict[str, Expert]:
-        bundled = [pin for pin in self.manifest.experts if pin.bundled]
-        return {pin.name: self._experts.get(pin.name) or self._fetch_expert(pin) for pin in bundled}
 
     def push(
         self, registry: Registry, repo_id: str | None = None, *, message: str | None = None
