@@ -5,6 +5,7 @@ plain PEFT. Ours: ``Library.pull`` (concurrent downloads, every sha256 verified)
 empty Hugging Face cache on every run; the script prints each side's median and the ratio.
 
     .venv/bin/python benchmarks/pull_library.py [--experts 64] [--latency-ms 100] [--repeats 3]
+        [--bundled]    # experts stored in the library repo (experts/<name>), not in their own repos
 """
 
 from __future__ import annotations
@@ -41,35 +42,43 @@ from quiver.registry.server import HubServer  # noqa: E402
 from quiver.testing import make_random_expert, tiny_model  # noqa: E402
 
 USER = "bench"
+LIBRARY = f"{USER}/library"
 
 
-def publish(endpoint: str, token: str, experts: int) -> str:
-    """Push ``experts`` expert repos and a library referencing them; return the library id."""
+def publish(endpoint: str, token: str, experts: int, *, bundled: bool) -> list[dict[str, str]]:
+    """Publish a library of ``experts`` experts (bundled, or each in its own repo); return what
+    ``PeftModel.from_pretrained`` needs to load each one."""
     hub = HubRegistry(endpoint, token=token, cache_dir=SCRATCH / "setup-cache")
     model = tiny_model("llama")
-    library = Library.create(hub, f"{USER}/library", base_model=model.name_or_path)
+    library = Library.create(hub, LIBRARY, base_model=model.name_or_path)
+    sources = []
     for index in tqdm(range(experts), desc="Publishing experts"):
         folder = make_random_expert(model, SCRATCH / "experts" / f"e{index}", rank=8, seed=index)
-        hub.push(folder, f"{USER}/expert-{index}")
-        library.add(f"{USER}/expert-{index}")
-    return library.repo_id
+        if bundled:
+            library.add(folder)
+            sources.append({"model_id": LIBRARY, "subfolder": f"experts/e{index}"})
+        else:
+            hub.push(folder, f"{USER}/expert-{index}")
+            library.add(f"{USER}/expert-{index}")
+            sources.append({"model_id": f"{USER}/expert-{index}"})
+    return sources
 
 
-def pull_with_quiver(endpoint: str, library_id: str, run: int) -> float:
+def pull_with_quiver(endpoint: str, run: int) -> float:
     hub = HubRegistry(endpoint, cache_dir=SCRATCH / f"quiver-cache-{run}")
     start = time.perf_counter()
-    library = Library.pull(hub, library_id, max_workers=16)
+    library = Library.pull(hub, LIBRARY, max_workers=16)
     elapsed = time.perf_counter() - start
     assert len(library.expert_paths()) == len(library.experts)
     return elapsed
 
 
-def pull_with_peft(repo_ids: list[str], run: int) -> float:
-    bases = [tiny_model("llama") for _ in repo_ids]  # built outside the timed loop
+def pull_with_peft(sources: list[dict[str, str]], run: int) -> float:
+    bases = [tiny_model("llama") for _ in sources]  # built outside the timed loop
     cache_dir = SCRATCH / f"peft-cache-{run}"
     start = time.perf_counter()
-    for base, repo_id in zip(bases, repo_ids, strict=True):
-        PeftModel.from_pretrained(base, repo_id, cache_dir=cache_dir)
+    for base, source in zip(bases, sources, strict=True):
+        PeftModel.from_pretrained(base, **source, cache_dir=cache_dir)
     return time.perf_counter() - start
 
 
@@ -78,23 +87,26 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bundled", action="store_true")
     args = parser.parse_args()
 
     root = SCRATCH / "hub"
     with HubServer(root) as setup:  # no latency while publishing
-        library_id = publish(setup.endpoint, setup.create_token(USER), args.experts)
-    repo_ids = [f"{USER}/expert-{index}" for index in range(args.experts)]
+        token = setup.create_token(USER)
+        sources = publish(setup.endpoint, token, args.experts, bundled=args.bundled)
 
     ours, peers = [], []
     with HubServer(root, port=PORT, latency_ms=args.latency_ms) as hub:
         for run in range(args.repeats):
-            ours.append(pull_with_quiver(hub.endpoint, library_id, run))
-            peers.append(pull_with_peft(repo_ids, run))
+            ours.append(pull_with_quiver(hub.endpoint, run))
+            peers.append(pull_with_peft(sources, run))
             print(f"run {run}: quiver {ours[-1]:.2f} s, sequential PEFT {peers[-1]:.2f} s")
 
     ours_median, peer_median = statistics.median(ours), statistics.median(peers)
+    layout = "bundled" if args.bundled else "referenced"
     print(
-        f"{args.experts} experts, {args.latency_ms:.0f} ms per request, {args.repeats} runs: "
+        f"{args.experts} {layout} experts, {args.latency_ms:.0f} ms per request, "
+        f"{args.repeats} runs: "
         f"Library.pull median {ours_median:.2f} s, sequential PeftModel.from_pretrained median "
         f"{peer_median:.2f} s, ratio {peer_median / ours_median:.1f}x"
     )
