@@ -296,6 +296,21 @@ def test_traversal_in_repo_names_and_lfs_oids_is_refused(hub_server, victim):
     assert committed.status_code == 400
 
 
+def test_commit_streamed_in_tiny_chunks_lands_intact(hub_server, victim):
+    files = {"one.txt": b"first file", "two/deep.bin": os.urandom(5000)}
+    body = _ndjson_commit("tiny chunks", files)
+    response = httpx.post(
+        f"{hub_server.endpoint}/api/models/vic/target/commit/main",
+        content=(body[i : i + 7] for i in range(0, len(body), 7)),
+        headers={"Authorization": f"Bearer {victim}"},
+    )
+    assert response.status_code == 200, response.text
+    sha = response.json()["commitOid"]
+    for name, data in files.items():
+        url = f"{hub_server.endpoint}/vic/target/resolve/{sha}/{name}"
+        assert httpx.get(url).content == data
+
+
 def test_malformed_bodies_get_a_typed_400(hub_server, victim):
     response = httpx.post(
         f"{hub_server.endpoint}/api/models/vic/target/preupload/main",

@@ -16,8 +16,8 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 from urllib.parse import unquote
@@ -461,8 +461,10 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         if request.query_params.get("create_pr") in ("1", "true", "True"):
             raise HubError("pull requests are not supported", hint="commit to a branch instead")
         check_ref_name(revision)
-        lines = (await request.body()).decode("utf-8").splitlines()
-        sha = await run_in_threadpool(_apply_commit, store, repo, revision, who.user, lines)
+        body = _CommitBody()
+        async for line in _lines(request.stream()):
+            await run_in_threadpool(body.take, store, line)
+        sha = await run_in_threadpool(body.commit, store, repo, revision, who.user)
         return {
             "commitUrl": f"{repo_url(request, key)}/commit/{sha}",
             "commitOid": sha,
@@ -552,14 +554,43 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
     return app
 
 
-def _apply_commit(store: HubStore, repo: Repo, branch: str, author: str, lines: list[str]) -> str:
-    """Parse an NDJSON commit body, stage its blobs, then commit it in one transaction."""
-    header: dict[str, Any] = {}
-    additions: list[FileEntry] = []
-    deletions: list[Deletion] = []
-    for key, value in _ndjson(lines):
+async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The lines of a streamed body, each as soon as it is complete."""
+    buffer = bytearray()
+    async for chunk in chunks:
+        searched = len(buffer)
+        buffer.extend(chunk)
+        while (newline := buffer.find(b"\n", searched)) >= 0:
+            yield bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            searched = 0
+    if buffer:
+        yield bytes(buffer)
+
+
+@dataclass
+class _CommitBody:
+    """An NDJSON commit read line by line: each file's blob is staged as its line arrives, so
+    memory holds one file at a time; the commit itself is one transaction at the end."""
+
+    header: dict[str, Any] = field(default_factory=dict)
+    additions: list[FileEntry] = field(default_factory=list)
+    deletions: list[Deletion] = field(default_factory=list)
+    lines_read: int = 0
+
+    def take(self, store: HubStore, line: bytes) -> None:
+        self.lines_read += 1
+        if not line.strip():
+            return
+        try:
+            item = json.loads(line)
+            key, value = str(item["key"]), dict(item["value"])
+        except (ValueError, KeyError, TypeError):
+            raise HubError(
+                f"line {self.lines_read} of the commit is not a {{key, value}} object"
+            ) from None
         if key == "header":
-            header = value
+            self.header = value
         elif key == "file":
             if value.get("encoding", "base64") != "base64":
                 raise HubError(f"unsupported encoding {value.get('encoding')!r}")
@@ -567,26 +598,29 @@ def _apply_commit(store: HubStore, repo: Repo, branch: str, author: str, lines: 
                 content = base64.b64decode(value["content"], validate=True)
             except (binascii.Error, ValueError):
                 raise HubError(f"content of {value.get('path')!r} is not base64") from None
-            additions.append(store.stage_bytes(value["path"], content))
+            self.additions.append(store.stage_bytes(value["path"], content))
         elif key == "lfsFile":
-            additions.append(store.stage_lfs(value["path"], str(value["oid"]), value.get("size")))
+            entry = store.stage_lfs(value["path"], str(value["oid"]), value.get("size"))
+            self.additions.append(entry)
         elif key in ("deletedFile", "deletedFolder"):
             path = check_path(str(value["path"]).rstrip("/"))
-            deletions.append(Deletion(path, folder=key == "deletedFolder"))
+            self.deletions.append(Deletion(path, folder=key == "deletedFolder"))
         else:
             raise HubError(f"unknown commit operation {key!r}")
-    if not header.get("summary"):
-        raise HubError("the commit has no summary", hint="send a header line with a summary")
-    return store.commit(
-        repo,
-        branch,
-        additions=additions,
-        deletions=deletions,
-        title=header["summary"],
-        message=header.get("description") or "",
-        author=author,
-        parent_commit=header.get("parentCommit"),
-    )
+
+    def commit(self, store: HubStore, repo: Repo, branch: str, author: str) -> str:
+        if not self.header.get("summary"):
+            raise HubError("the commit has no summary", hint="send a header line with a summary")
+        return store.commit(
+            repo,
+            branch,
+            additions=self.additions,
+            deletions=self.deletions,
+            title=self.header["summary"],
+            message=self.header.get("description") or "",
+            author=author,
+            parent_commit=self.header.get("parentCommit"),
+        )
 
 
 def _repo_info(
@@ -634,17 +668,6 @@ def _int_query(request: Request, name: str, default: int) -> int:
     if not value.isdigit():
         raise HubError(f"query parameter {name}={value!r} is not a non-negative integer")
     return int(value)
-
-
-def _ndjson(lines: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            yield str(item["key"]), dict(item["value"])
-        except (ValueError, KeyError, TypeError):
-            raise HubError(f"line {number} of the commit is not a {{key, value}} object") from None
 
 
 def _sibling(entry: FileEntry) -> dict[str, Any]:
