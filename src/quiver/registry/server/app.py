@@ -7,40 +7,34 @@ EntryNotFound) and ``X-Error-Message``, so the client raises its own typed excep
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import hashlib
 import hmac
-import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Annotated, Any
-from urllib.parse import unquote
 
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quiver.registry.server.cards import card_tags, parse_front_matter
+from quiver.registry.server.commits import CommitBody, ndjson_lines
 from quiver.registry.server.errors import (
     AlreadyExists,
     EntryNotFound,
     Forbidden,
     HubError,
-    PayloadTooLarge,
     RepoNotFound,
     Unauthorized,
+    error_response,
 )
+from quiver.registry.server.gate import Gate
 from quiver.registry.server.storage import (
     Commit,
-    Deletion,
     FileEntry,
     HubStore,
     Principal,
@@ -80,92 +74,11 @@ class HubOptions:
             raise HubError(f"lfs_threshold must be positive, got {self.lfs_threshold}")
 
 
-def error_response(error: HubError, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The Hub's error shape: status, ``X-Error-Code``, ``X-Error-Message``, ``{"error": ...}``."""
-    out = {"X-Error-Message": error.message.encode("ascii", "replace").decode(), **(headers or {})}
-    if error.code:
-        out["X-Error-Code"] = error.code
-    return JSONResponse({"error": str(error)}, status_code=error.status, headers=out)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _Gate:
-    """ASGI middleware in front of every route: injected latency, refusal of oversized bodies
-    (413) and of '..' segments or encoded slashes in repo ids and revisions (400)."""
-
-    def __init__(self, app: ASGIApp, options: HubOptions) -> None:
-        self.app = app
-        self.options = options
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self.options.latency_ms:
-            await asyncio.sleep(self.options.latency_ms / 1000)
-        problem = _path_problem(scope.get("raw_path") or scope["path"].encode())
-        if problem:
-            await error_response(HubError(problem, hint="use plain names"))(scope, receive, send)
-            return
-        limit = self.options.max_body_bytes
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            await _too_large(limit)(scope, receive, send)
-            return
-        received, started = 0, False
-
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise _BodyTooLarge
-            return message
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge:
-            if not started:
-                await _too_large(limit)(scope, receive, send)
-
-
-def _too_large(limit: int) -> JSONResponse:
-    return error_response(
-        PayloadTooLarge(
-            f"request body exceeds {limit} bytes", hint="split the upload into smaller commits"
-        )
-    )
-
-
-def _path_problem(raw_path: bytes) -> str | None:
-    """Why a raw request path is refused: any '.'/'..' segment (even percent-encoded), or an
-    encoded slash before the file-path part (repo ids and revisions never contain one)."""
-    segments = raw_path.decode("latin-1").split("/")
-    decoded = [unquote(segment) for segment in segments]
-    if any(part in (".", "..") for segment in decoded for part in re.split(r"[/\\]", segment)):
-        return "'.' and '..' are not allowed in repo ids, revisions or file paths"
-    head = len(segments)
-    for operation in ("tree", "resolve"):
-        if operation in segments:
-            head = min(head, segments.index(operation) + 2)
-    if any("/" in segment or "\\" in segment for segment in decoded[:head]):
-        return "encoded slashes are not allowed in repo ids or revisions"
-    return None
-
-
 def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
     """The ASGI app serving ``store``."""
     options = options or HubOptions()
     app = FastAPI(title="Quiver Hub", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Gate, options=options)
+    app.add_middleware(Gate, latency_ms=options.latency_ms, max_body_bytes=options.max_body_bytes)
     lfs_secret = secrets.token_bytes(32)
 
     @app.exception_handler(HubError)
@@ -461,8 +374,8 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         if request.query_params.get("create_pr") in ("1", "true", "True"):
             raise HubError("pull requests are not supported", hint="commit to a branch instead")
         check_ref_name(revision)
-        body = _CommitBody()
-        async for line in _lines(request.stream()):
+        body = CommitBody()
+        async for line in ndjson_lines(request.stream()):
             await run_in_threadpool(body.take, store, line)
         sha = await run_in_threadpool(body.commit, store, repo, revision, who.user)
         return {
@@ -552,75 +465,6 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         return {}
 
     return app
-
-
-async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The lines of a streamed body, each as soon as it is complete."""
-    buffer = bytearray()
-    async for chunk in chunks:
-        searched = len(buffer)
-        buffer.extend(chunk)
-        while (newline := buffer.find(b"\n", searched)) >= 0:
-            yield bytes(buffer[:newline])
-            del buffer[: newline + 1]
-            searched = 0
-    if buffer:
-        yield bytes(buffer)
-
-
-@dataclass
-class _CommitBody:
-    """An NDJSON commit read line by line: each file's blob is staged as its line arrives, so
-    memory holds one file at a time; the commit itself is one transaction at the end."""
-
-    header: dict[str, Any] = field(default_factory=dict)
-    additions: list[FileEntry] = field(default_factory=list)
-    deletions: list[Deletion] = field(default_factory=list)
-    lines_read: int = 0
-
-    def take(self, store: HubStore, line: bytes) -> None:
-        self.lines_read += 1
-        if not line.strip():
-            return
-        try:
-            item = json.loads(line)
-            key, value = str(item["key"]), dict(item["value"])
-        except (ValueError, KeyError, TypeError):
-            raise HubError(
-                f"line {self.lines_read} of the commit is not a {{key, value}} object"
-            ) from None
-        if key == "header":
-            self.header = value
-        elif key == "file":
-            if value.get("encoding", "base64") != "base64":
-                raise HubError(f"unsupported encoding {value.get('encoding')!r}")
-            try:
-                content = base64.b64decode(value["content"], validate=True)
-            except (binascii.Error, ValueError):
-                raise HubError(f"content of {value.get('path')!r} is not base64") from None
-            self.additions.append(store.stage_bytes(value["path"], content))
-        elif key == "lfsFile":
-            entry = store.stage_lfs(value["path"], str(value["oid"]), value.get("size"))
-            self.additions.append(entry)
-        elif key in ("deletedFile", "deletedFolder"):
-            path = check_path(str(value["path"]).rstrip("/"))
-            self.deletions.append(Deletion(path, folder=key == "deletedFolder"))
-        else:
-            raise HubError(f"unknown commit operation {key!r}")
-
-    def commit(self, store: HubStore, repo: Repo, branch: str, author: str) -> str:
-        if not self.header.get("summary"):
-            raise HubError("the commit has no summary", hint="send a header line with a summary")
-        return store.commit(
-            repo,
-            branch,
-            additions=self.additions,
-            deletions=self.deletions,
-            title=self.header["summary"],
-            message=self.header.get("description") or "",
-            author=author,
-            parent_commit=self.header.get("parentCommit"),
-        )
 
 
 def _repo_info(

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from fastapi.responses import JSONResponse
+
 from quiver.errors import AuthenticationError, ConflictError, NotFoundError, QuiverError
 
 
@@ -45,3 +47,11 @@ class StaleParent(HubError, ConflictError):
 
 class PayloadTooLarge(HubError):
     status = 413
+
+
+def error_response(error: HubError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The Hub's error shape: status, ``X-Error-Code``, ``X-Error-Message``, ``{"error": ...}``."""
+    out = {"X-Error-Message": error.message.encode("ascii", "replace").decode(), **(headers or {})}
+    if error.code:
+        out["X-Error-Code"] = error.code
+    return JSONResponse({"error": str(error)}, status_code=error.status, headers=out)
