@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -42,10 +41,10 @@ from quiver.registry.server.storage import (
     RepoKey,
     check_path,
     check_ref_name,
+    is_sha256,
 )
 
 _PLURALS = {"models": "model", "datasets": "dataset"}
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _LFS_URL_LIFETIME_S = 3600
 _INVALID_TOKEN = "Invalid credentials in Authorization header"
 # Routes that touch SQLite are plain functions, run in the thread pool, so a writer waiting for the
@@ -434,7 +433,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         objects = []
         for item in body.get("objects", []):
             oid, size = str(item.get("oid", "")), int(item.get("size", -1))
-            if not _SHA256.match(oid) or size < 0:
+            if not is_sha256(oid) or size < 0:
                 raise HubError(f"invalid LFS object {oid!r} of size {size}")
             answer: dict[str, Any] = {"oid": oid, "size": size}
             if not store.blobs.has(oid):
@@ -451,7 +450,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
     async def lfs_upload(request: Request, oid: str, size: int, expires: int, sig: str) -> dict:
         """The target of a signed upload URL handed out by the batch endpoint."""
         if not (
-            _SHA256.match(oid)
+            is_sha256(oid)
             and expires > time.time()
             and hmac.compare_digest(sig, lfs_signature(oid, size, expires))
         ):

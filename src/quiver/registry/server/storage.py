@@ -73,6 +73,10 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def is_sha256(value: str) -> bool:
+    return bool(_SHA256.match(value))
+
+
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a blob: what the Hub reports as a regular file's ``blobId``/``oid``."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -450,7 +454,7 @@ class HubStore:
     def stage_lfs(self, path: str, sha256: str, size: int | None) -> FileEntry:
         """Describe an LFS file whose content was uploaded before the commit."""
         sha256 = sha256.lower()
-        if not _SHA256.match(sha256):
+        if not is_sha256(sha256):
             raise HubError(
                 f"invalid LFS oid {sha256!r} for {path!r}", hint="send the file's sha256"
             )
