@@ -1,10 +1,10 @@
 """Routing speed: our Arrow against PEFT's create_arrow_model, side by side in one process.
 
-Setup of anchors.md (shared reference): Llama from config (hidden 512, intermediate 1376, 6 layers, 8 heads,
-vocab 512), random LoRA experts r=8 alpha 16 on all 7 projections, top-k 4, T=1, batch 4 x 128,
-no grad. Forward times are medians, the models called in turn after one warm-up round; build
-times exclude creating the base model; peak memory is the largest sum of live tensors the
-torch profiler saw during one forward, minus the base model's.
+The setup of our PEFT anchors: Llama from config (hidden 512, intermediate 1376, 6 layers,
+8 heads, vocab 512), random LoRA experts r=8 alpha 16 on all 7 projections, top-k 4, T=1,
+batch 4 x 128, no grad. Forward times are medians, the models called in turn after one warm-up
+round; build times exclude creating the base model; peak memory is the largest sum of live
+tensors the torch profiler saw during one forward, minus the base model's.
 
     python benchmarks/routing.py --experts 8,32,64,128 --peft-max 64 --readme README.md
 """
@@ -116,8 +116,8 @@ def markdown(rows, repeats) -> str:
             f"{r['ours_build']:.2f} s",
             f"{r['peft_build']:.2f} s" if peft else "skipped",
             f"{r['peft_build'] / r['ours_build']:.0f}x" if peft else "-",
-            f"{r['ours_peak']:.0f} MiB",
-            f"{r['peft_peak']:.0f} MiB" if peft else "-",
+            f"{r['ours_peak']:.1f} MiB",
+            f"{r['peft_peak']:.1f} MiB" if peft else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
@@ -132,16 +132,16 @@ def write_readme(readme: Path, table: str) -> None:
     """Replace (or append) the README's routing-speed section with the latest table."""
     text = readme.read_text()
     body = (
-        f"{SECTION}\n\nArrow over E experts on the setup of `docs` anchors (Llama, hidden 512, "
-        "6 layers, 7 LoRA'd projections, r=8, top-k 4, batch 4 x 128, CPU), against PEFT's "
-        f"`create_arrow_model`:\n\n{table}\n"
+        f"{SECTION}\n\nOur Arrow over E experts against PEFT's `create_arrow_model`, side by side "
+        "(Llama from config: hidden 512, 6 layers, LoRA r=8 on all 7 projections, top-k 4, "
+        f"batch 4 x 128, CPU):\n\n{table}\n"
     )
     start = text.find(SECTION)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + body
     else:
         end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1 :] if end >= 0 else "")
+        text = text[:start] + body + ("\n" + text[end + 1 :] if end >= 0 else "")
     readme.write_text(text)
 
 

@@ -92,3 +92,14 @@ def test_exact_prototypes_beat_power_iteration_on_small_gap(tmp_path, expert_pat
     assert min(ours_cos) > 1 - 1e-5
     assert min(theirs_cos) < 0.99  # power iteration misses on some modules
     assert all(o >= t - 1e-5 for o, t in zip(ours_cos, theirs_cos, strict=True))
+
+
+def test_exact_prototypes_of_rank_padded_stacks_match_dense_svd():
+    gen = torch.Generator().manual_seed(0)
+    lora_a, lora_b = torch.zeros(2, 5, 12), torch.zeros(2, 9, 5)
+    lora_a[0], lora_b[0] = torch.randn(5, 12, generator=gen), torch.randn(9, 5, generator=gen)
+    lora_a[1, :3] = torch.randn(3, 12, generator=gen)
+    lora_b[1, :, :3] = torch.randn(9, 3, generator=gen)
+    ours = top_right_singular_vectors(lora_a, lora_b).double()
+    for e in range(2):
+        assert abs(dense_top_vector(lora_a[e], lora_b[e]) @ ours[e]) > 1 - 1e-6

@@ -19,6 +19,7 @@ import torch
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from quiver.errors import IncompatibleExpertError, InvalidAdapterError, RoutingError
@@ -217,7 +218,7 @@ def load_experts(
         reference = next(model.parameters())
         dtype, device = dtype or reference.dtype, device or reference.device
     per_expert = {}
-    for name, folder in paths.items():
+    for name, folder in tqdm(paths.items(), desc="loading experts", unit="expert", disable=None):
         factors = _expert_factors(name, *read_expert(name, folder))
         if model is not None:
             _check_against_model(name, factors, model)

@@ -10,7 +10,8 @@ Structure (all tensors float32 on CPU, ``E`` = number of experts, in ``expert_na
   or a heatmap (layers x tokens x experts).
 
 ``tokens`` counts every position the model saw while recording, in order: for ``generate`` the
-prompt (including padding) and then one position per generated token.
+prompt (including padding), then one position per decoding step (every generated token but the
+last, which no forward pass reads).
 """
 
 from __future__ import annotations
