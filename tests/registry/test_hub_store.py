@@ -15,6 +15,7 @@ from registry_helpers import logits, store_state
 
 from quiver.errors import (
     AuthenticationError,
+    CardError,
     ConflictError,
     ConnectionFailedError,
     IntegrityError,
@@ -274,3 +275,18 @@ def test_concurrent_pull_of_many_bundled_experts(hub, user, base_model, tmp_path
     assert {Expert.from_folder(path).weights_sha256 for path in paths.values()} == {
         pin.sha256 for pin in library.experts
     }
+
+
+def test_malformed_card_is_refused_before_and_by_the_hub(hub, user, make_expert):
+    folder = make_expert()
+    (folder / "README.md").write_text("---\nquiver: [tasks, 1\n---\n")
+    with pytest.raises(CardError, match="malformed model card YAML"):
+        hub.push(folder, f"{user}/badcard")  # quiver reads the card before any request
+    with pytest.raises(CardError, match="refused the model card"):
+        hub.upload(f"{user}/badcard", folder, message="raw upload, past quiver's checks")
+    with pytest.raises(NotFoundError):  # the repo made for the failed first push is gone
+        hub.versions(f"{user}/badcard")
+    good = hub.push(make_expert(), f"{user}/goodcard")
+    with pytest.raises(CardError):
+        hub.upload(f"{user}/goodcard", folder, message="a broken second version")
+    assert hub.versions(f"{user}/goodcard")[0].commit == good.commit

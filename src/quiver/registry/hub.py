@@ -8,7 +8,7 @@ errors become Quiver's typed errors, each with a hint.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx2
@@ -26,6 +26,7 @@ from huggingface_hub.errors import (
 
 from quiver.errors import (
     AuthenticationError,
+    CardError,
     ConflictError,
     ConnectionFailedError,
     NotFoundError,
@@ -91,6 +92,13 @@ class HubRegistry(Registry):
             raise AuthenticationError(
                 f"{what}: no access token", hint="pass --token or run `hf auth login`"
             ) from error
+        except ValueError as error:
+            if not str(error).startswith("Invalid metadata in README.md"):
+                raise
+            raise CardError(
+                f"{what}: {self.endpoint} refused the model card: {error}",
+                hint="fix the front matter between the '---' lines of README.md",
+            ) from error
         except HfHubHTTPError as error:
             status = error.response.status_code
             message = error.server_message or str(error).splitlines()[0]
@@ -106,17 +114,33 @@ class HubRegistry(Registry):
     def upload(self, repo_id: str, folder: Path, *, message: str, branch: str = "main") -> str:
         check_repo_id(repo_id)
         with self._translate_errors(f"push {repo_id}"):
-            self.api.create_repo(repo_id, exist_ok=True)
-            if branch != "main":
-                self.api.create_branch(repo_id, branch=branch, exist_ok=True)
-            commit = self.api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                revision=branch,
-                commit_message=message,
-                delete_patterns="*",  # the folder is the whole new snapshot
-            )
+            created = self._create_repo(repo_id)
+            try:
+                if branch != "main":
+                    self.api.create_branch(repo_id, branch=branch, exist_ok=True)
+                commit = self.api.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=folder,
+                    revision=branch,
+                    commit_message=message,
+                    delete_patterns="*",  # the folder is the whole new snapshot
+                )
+            except BaseException:
+                if created:  # leave no empty repo behind a failed first push
+                    with suppress(HfHubHTTPError, httpx2.TransportError):
+                        self.api.delete_repo(repo_id)
+                raise
         return commit.oid
+
+    def _create_repo(self, repo_id: str) -> bool:
+        """Create ``repo_id`` unless it exists; return whether it was created."""
+        try:
+            self.api.create_repo(repo_id)
+        except HfHubHTTPError as error:
+            if error.response.status_code != 409:
+                raise
+            return False
+        return True
 
     def download(
         self, repo_id: str, *, revision: str | None = None, patterns: Sequence[str] | None = None
