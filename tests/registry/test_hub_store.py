@@ -104,6 +104,10 @@ def test_pull_by_branch_tag_and_commit(hub, user, make_expert):
     assert "v1" in history[1].refs
     with pytest.raises(ConflictError):
         hub.tag(repo, "v1", revision=second.commit)
+    with pytest.raises(ConflictError, match="'v1'"):
+        hub.push(make_expert(seed=4), repo, tag="v1")
+    assert hub.versions(repo)[0].commit == second.commit  # refused before anything was written
+    assert hub.refs(repo) == {"main": second.commit, "dev": dev.commit, "v1": first.commit}
 
 
 def test_search_filters(hub, user, make_expert):

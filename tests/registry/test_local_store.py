@@ -271,10 +271,25 @@ def test_missing_folder_and_default_home(tmp_path, monkeypatch, make_expert):
     shutil.rmtree(tmp_path / "home")
 
 
-def test_tags_are_immutable(local, make_expert):
+def test_pushing_unchanged_files_makes_no_new_version(local, make_expert):
+    folder = make_expert()
+    first = local.push(folder, "alice/e")
+    again = local.push(folder, "alice/e", tag="same")
+    assert again.commit == first.commit
+    assert [(v.commit, v.refs) for v in local.versions("alice/e")] == [
+        (first.commit, ("main", "same"))
+    ]
+
+
+def test_tags_are_immutable_and_checked_before_pushing(local, make_expert):
     local.push(make_expert(), "alice/e", tag="v1")
+    before = store_state(local)
     with pytest.raises(ConflictError, match="'v1'"):
         local.push(make_expert(), "alice/e", tag="v1")
+    with pytest.raises(ConflictError, match="'main'"):
+        local.tag("alice/e", "main", revision="v1")
+    assert store_state(local) == before
+    assert local.refs("alice/e") == {"main": before[0]["alice/e"][0], "v1": before[0]["alice/e"][0]}
 
 
 def test_bf16_expert_round_trips_with_same_logits(local, make_expert):

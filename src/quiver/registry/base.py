@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from quiver.errors import IntegrityError, QuiverError
+from quiver.errors import ConflictError, IntegrityError, NotFoundError, QuiverError
 from quiver.registry.card import EXPERT_TAG, LIBRARY_TAG, base_model_tag, task_tag
 from quiver.registry.expert import EXPERT_FILES, Expert, check_hash
 
@@ -63,6 +63,21 @@ class Version:
     refs: tuple[str, ...] = ()
 
 
+def tag_taken(repo_id: str, tag: str) -> ConflictError:
+    return ConflictError(
+        f"{repo_id} already has a branch or tag named {tag!r}",
+        hint="tags are immutable: pick a new tag name",
+    )
+
+
+def commits_to_refs(refs: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """Invert ``{ref name: commit}`` into ``{commit: (ref names, sorted)}``."""
+    names: dict[str, tuple[str, ...]] = {}
+    for name, commit in sorted(refs.items()):
+        names[commit] = (*names.get(commit, ()), name)
+    return names
+
+
 def kind_of(tags: Sequence[str]) -> str:
     """What a repo is, from its Hub tags: a library, an expert (a LoRA), or another model."""
     if LIBRARY_TAG in tags:
@@ -89,6 +104,10 @@ class Registry(ABC):
     @abstractmethod
     def tag(self, repo_id: str, tag: str, *, revision: str) -> None:
         """Point the tag ``tag`` at ``revision``."""
+
+    @abstractmethod
+    def refs(self, repo_id: str) -> dict[str, str]:
+        """Every branch and tag of ``repo_id``, by name, with the commit it points at."""
 
     @abstractmethod
     def versions(self, repo_id: str, *, branch: str = "main") -> list[Version]:
@@ -142,6 +161,8 @@ class Registry(ABC):
         check_repo_id(repo_id)
         if not isinstance(expert, Expert):
             expert = Expert.from_folder(expert)
+        if tag and tag in self._refs_if_any(repo_id):  # refuse before anything is written
+            raise tag_taken(repo_id, tag)
         with tempfile.TemporaryDirectory(prefix="quiver-push-") as staging:
             expert.save(staging, title=repo_id)
             commit = self.upload(
@@ -151,6 +172,12 @@ class Registry(ABC):
             self.tag(repo_id, tag, revision=commit)
         card = dataclasses.replace(expert.card, hashes=expert.file_hashes())
         return dataclasses.replace(expert, card=card, repo_id=repo_id, commit=commit)
+
+    def _refs_if_any(self, repo_id: str) -> dict[str, str]:
+        try:
+            return self.refs(repo_id)
+        except NotFoundError:
+            return {}
 
     def pull(self, repo_id: str, *, revision: str | None = None) -> Expert:
         """Fetch an expert at ``revision`` (branch, tag or commit; default main) and validate it."""

@@ -37,6 +37,7 @@ from quiver.registry.base import (
     RepoSummary,
     Version,
     check_repo_id,
+    commits_to_refs,
     kind_of,
 )
 from quiver.registry.local import LocalRegistry
@@ -167,16 +168,17 @@ class HubRegistry(Registry):
         with self._translate_errors(f"tag {repo_id}@{revision} as {tag!r}"):
             self.api.create_tag(repo_id, tag=tag, revision=revision)
 
-    def versions(self, repo_id: str, *, branch: str = "main") -> list[Version]:
-        with self._translate_errors(f"versions of {repo_id}@{branch}"):
+    def refs(self, repo_id: str) -> dict[str, str]:
+        with self._translate_errors(f"refs of {repo_id}"):
             refs = self.api.list_repo_refs(repo_id)
+        return {ref.name: ref.target_commit for ref in [*refs.branches, *refs.tags]}
+
+    def versions(self, repo_id: str, *, branch: str = "main") -> list[Version]:
+        refs = commits_to_refs(self.refs(repo_id))
+        with self._translate_errors(f"versions of {repo_id}@{branch}"):
             commits = self.api.list_repo_commits(repo_id, revision=branch)
-        names: dict[str, list[str]] = {}
-        for ref in sorted([*refs.branches, *refs.tags], key=lambda ref: ref.name):
-            names.setdefault(ref.target_commit, []).append(ref.name)
         return [
-            Version(c.commit_id, c.created_at, c.title, tuple(names.get(c.commit_id, ())))
-            for c in commits
+            Version(c.commit_id, c.created_at, c.title, refs.get(c.commit_id, ())) for c in commits
         ]
 
     def _search(

@@ -20,13 +20,15 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quiver.errors import ConflictError, NotFoundError, QuiverError
+from quiver.errors import NotFoundError, QuiverError
 from quiver.registry.base import (
     Registry,
     RepoSummary,
     Version,
     check_repo_id,
+    commits_to_refs,
     kind_of,
+    tag_taken,
 )
 from quiver.registry.card import QUIVER_TAG, hub_tags, parse_card
 from quiver.registry.expert import CARD, sha256_file
@@ -34,7 +36,7 @@ from quiver.registry.expert import CARD, sha256_file
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS commits (
     repo_id TEXT NOT NULL, commit_id TEXT NOT NULL, parent TEXT, message TEXT NOT NULL,
-    date TEXT NOT NULL, PRIMARY KEY (repo_id, commit_id));
+    date TEXT NOT NULL, files TEXT NOT NULL, PRIMARY KEY (repo_id, commit_id));
 CREATE TABLE IF NOT EXISTS refs (
     repo_id TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL, commit_id TEXT NOT NULL,
     PRIMARY KEY (repo_id, name));
@@ -112,14 +114,17 @@ class LocalRegistry(Registry):
             if path.is_file()
         }
         with self._db(write=True) as db:
-            parent = self._head(db, repo_id, branch) or self._head(db, repo_id, "main")
+            head = self._head(db, repo_id, branch)
+            if head is not None and self._files(db, repo_id, head) == files:
+                return head  # nothing changed: no empty commit (the Hub skips those too)
+            parent = head or self._head(db, repo_id, "main")
             date = datetime.now(timezone.utc).isoformat()
             fingerprint = json.dumps([repo_id, parent, message, date, files], sort_keys=True)
             commit = hashlib.sha1(fingerprint.encode()).hexdigest()
             self._build_snapshot(commit, files)
             db.execute(
-                "INSERT INTO commits VALUES (?, ?, ?, ?, ?)",
-                (repo_id, commit, parent, message, date),
+                "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?)",
+                (repo_id, commit, parent, message, date, json.dumps(files)),
             )
             db.execute(
                 "INSERT OR REPLACE INTO refs VALUES (?, ?, 'branch', ?)", (repo_id, branch, commit)
@@ -151,10 +156,7 @@ class LocalRegistry(Registry):
             commit = self._resolve(db, repo_id, revision)
             taken = "SELECT 1 FROM refs WHERE repo_id = ? AND name = ?"
             if db.execute(taken, (repo_id, tag)).fetchone():
-                raise ConflictError(
-                    f"{repo_id} already has a branch or tag named {tag!r}",
-                    hint="tags are immutable: pick a new tag name",
-                )
+                raise tag_taken(repo_id, tag)
             db.execute("INSERT INTO refs VALUES (?, ?, 'tag', ?)", (repo_id, tag, commit))
 
     def discard(self, folder: Path) -> None:
@@ -177,6 +179,11 @@ class LocalRegistry(Registry):
             (repo_id, branch),
         ).fetchone()
         return row[0] if row else None
+
+    @staticmethod
+    def _files(db: sqlite3.Connection, repo_id: str, commit: str) -> dict[str, str]:
+        query = "SELECT files FROM commits WHERE repo_id = ? AND commit_id = ?"
+        return json.loads(db.execute(query, (repo_id, commit)).fetchone()[0])
 
     def _require_repo(self, db: sqlite3.Connection, repo_id: str) -> None:
         if not db.execute("SELECT 1 FROM refs WHERE repo_id = ?", (repo_id,)).fetchone():
@@ -219,20 +226,22 @@ class LocalRegistry(Registry):
             )
         return snapshot, commit
 
+    def refs(self, repo_id: str) -> dict[str, str]:
+        with self._db() as db:
+            self._require_repo(db, repo_id)
+            query = "SELECT name, commit_id FROM refs WHERE repo_id = ?"
+            return dict(db.execute(query, (repo_id,)).fetchall())
+
     def versions(self, repo_id: str, *, branch: str = "main") -> list[Version]:
+        refs = commits_to_refs(self.refs(repo_id))
         with self._db() as db:
             commit = self._resolve(db, repo_id, branch)
-            refs: dict[str, list[str]] = {}
-            for name, target in db.execute(
-                "SELECT name, commit_id FROM refs WHERE repo_id = ? ORDER BY name", (repo_id,)
-            ):
-                refs.setdefault(target, []).append(name)
             rows = {row[0]: row[1:] for row in db.execute(_COMMITS, (repo_id,))}
         history = []
         while commit is not None:
             parent, message, date = rows[commit]
             history.append(
-                Version(commit, datetime.fromisoformat(date), message, tuple(refs.get(commit, ())))
+                Version(commit, datetime.fromisoformat(date), message, refs.get(commit, ()))
             )
             commit = parent
         return history
