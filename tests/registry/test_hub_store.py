@@ -102,7 +102,7 @@ def test_pull_by_branch_tag_and_commit(hub, user, make_expert):
     history = hub.versions(repo)
     assert [v.commit for v in history[:2]] == [second.commit, first.commit]
     assert "v1" in history[1].refs
-    with pytest.raises(ConflictError):
+    with pytest.raises(ConflictError, match="tags are immutable"):
         hub.tag(repo, "v1", revision=second.commit)
     with pytest.raises(ConflictError, match="'v1'"):
         hub.push(make_expert(seed=4), repo, tag="v1")

@@ -39,6 +39,7 @@ from quiver.registry.base import (
     check_repo_id,
     commits_to_refs,
     kind_of,
+    tag_taken,
 )
 from quiver.registry.local import LocalRegistry
 
@@ -165,8 +166,11 @@ class HubRegistry(Registry):
                 entry.unlink()
 
     def tag(self, repo_id: str, tag: str, *, revision: str) -> None:
-        with self._translate_errors(f"tag {repo_id}@{revision} as {tag!r}"):
-            self.api.create_tag(repo_id, tag=tag, revision=revision)
+        try:
+            with self._translate_errors(f"tag {repo_id}@{revision} as {tag!r}"):
+                self.api.create_tag(repo_id, tag=tag, revision=revision)
+        except ConflictError as error:
+            raise tag_taken(repo_id, tag) from error
 
     def refs(self, repo_id: str) -> dict[str, str]:
         with self._translate_errors(f"refs of {repo_id}"):
