@@ -26,13 +26,20 @@ from torch.profiler import ProfilerActivity, profile
 from quiver.routing import Arrow, route
 from quiver.testing import make_random_expert, tiny_model
 
-MODEL = dict(hidden=512, layers=6, heads=8, num_key_value_heads=8)
-MODEL.update(intermediate_size=1376, vocab_size=512)
 SECTION = "## Routing speed"
 
 
-def base_model():
-    return tiny_model("llama", **MODEL)
+def base_model(hidden: int):
+    """The anchors' Llama (hidden 512, intermediate 1376), optionally scaled to another width."""
+    return tiny_model(
+        "llama",
+        hidden=hidden,
+        intermediate_size=hidden * 43 // 16,
+        layers=6,
+        heads=8,
+        num_key_value_heads=8,
+        vocab_size=512,
+    )
 
 
 def interleaved_medians(forwards: dict, repeats: int) -> dict[str, float]:
@@ -72,16 +79,16 @@ def timed_build(build, *args):
     return model, time.perf_counter() - start
 
 
-def measure_row(experts, paths, ids, peft_max, repeats, console):
+def measure_row(experts, paths, ids, hidden, peft_max, repeats, console):
     console.print(f"E={experts}")
-    base = base_model()
-    ours, ours_build = timed_build(route, base_model(), paths, Arrow(top_k=4))
+    base = base_model(hidden)
+    ours, ours_build = timed_build(route, base_model(hidden), paths, Arrow(top_k=4))
     forwards = {"base": forward_of(base, ids), "ours": forward_of(ours, ids)}
     row = dict(E=experts, ours_build=ours_build)
     if experts <= peft_max:
         config = ArrowConfig(top_k=4, router_temperature=1.0, rng_seed=0)
-        folders = [str(p) for p in paths]
-        peft, row["peft_build"] = timed_build(create_arrow_model, base_model(), folders, config)
+        folders, fresh = [str(p) for p in paths], base_model(hidden)
+        peft, row["peft_build"] = timed_build(create_arrow_model, fresh, folders, config)
         forwards["peft"] = forward_of(peft, ids)
     row.update(interleaved_medians(forwards, repeats))
     peaks = {name: peak_mib(forward) for name, forward in forwards.items()}
@@ -89,16 +96,19 @@ def measure_row(experts, paths, ids, peft_max, repeats, console):
     return row
 
 
-def run(expert_counts, peft_max, repeats, console):
+def run(expert_counts, hidden, peft_max, repeats, console):
     ids = torch.randint(3, 512, (4, 128), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:
-        reference = base_model()
+        reference = base_model(hidden)
         writing = track(range(max(expert_counts)), description="writing experts", console=console)
         paths = [make_random_expert(reference, Path(folder) / f"e{i:03d}", seed=i) for i in writing]
-        return [measure_row(e, paths[:e], ids, peft_max, repeats, console) for e in expert_counts]
+        return [
+            measure_row(e, paths[:e], ids, hidden, peft_max, repeats, console)
+            for e in expert_counts
+        ]
 
 
-def markdown(rows, repeats) -> str:
+def markdown(rows, hidden, repeats) -> str:
     lines = [
         "| E | forward base | forward ours | ours / base | forward PEFT | PEFT / ours "
         "| build ours | build PEFT | PEFT / ours | extra peak ours | extra peak PEFT |",
@@ -121,7 +131,7 @@ def markdown(rows, repeats) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
-        f"\nMedians of {repeats} after a warm-up; `python benchmarks/routing.py` "
+        f"\nHidden {hidden}. Medians of {repeats} after a warm-up; `python benchmarks/routing.py` "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads). Extra peak = largest "
         "live tensor memory during one forward minus the base model's."
     )
@@ -133,7 +143,7 @@ def write_readme(readme: Path, table: str) -> None:
     text = readme.read_text()
     body = (
         f"{SECTION}\n\nOur Arrow over E experts against PEFT's `create_arrow_model`, side by side "
-        "(Llama from config: hidden 512, 6 layers, LoRA r=8 on all 7 projections, top-k 4, "
+        "(Llama from config, 6 layers, LoRA r=8 on all 7 projections, top-k 4, "
         f"batch 4 x 128, CPU):\n\n{table}\n"
     )
     start = text.find(SECTION)
@@ -150,14 +160,19 @@ def main() -> None:
     parser.add_argument("--experts", default="8,32,64,128", help="comma-separated E values")
     parser.add_argument("--peft-max", type=int, default=64, help="skip PEFT above this E")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=512, help="model width (anchors: 512)")
     parser.add_argument("--readme", type=Path, help="write the table into this README")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     console = Console()
     counts = sorted(int(e) for e in args.experts.split(","))
     skipped = [e for e in counts if e > args.peft_max]
     if skipped:
         console.print(f"note: PEFT skipped for E={skipped} (above --peft-max {args.peft_max})")
-    table = markdown(run(counts, args.peft_max, args.repeats, console), args.repeats)
+    rows = run(counts, args.hidden, args.peft_max, args.repeats, console)
+    table = markdown(rows, args.hidden, args.repeats)
     print(table)
     if args.readme:
         write_readme(args.readme, table)

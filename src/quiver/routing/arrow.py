@@ -1,9 +1,9 @@
 """Arrow prototypes, exact and cheap, and GenKnowSub.
 
-An expert's prototype at a module is the top right singular vector of ``B @ A``. With thin QR
-factorisations ``A^T = Q_A R_A`` and ``B = Q_B R_B``, ``B @ A = Q_B (R_B R_A^T) Q_A^T``, so the
-SVD of the small ``r x r`` core ``R_B R_A^T = U S V^T`` gives the exact answer ``Q_A V[:, 0]``
-without ever forming the ``out x in`` matrix (PEFT approximates it with 15 power iterations).
+An expert's prototype at a module is the top right singular vector of ``B @ A``. With the thin QR
+factorisation ``A^T = Q_A R_A``, ``B @ A = (B R_A^T) Q_A^T``; the top eigenvector ``v`` of the
+small ``r x r`` matrix ``(B R_A^T)^T (B R_A^T)`` gives the exact answer ``Q_A v`` without ever
+forming the ``out x in`` matrix (PEFT approximates it with 15 power iterations).
 Prototypes are stored as one safetensors file so a pulled library routes without recomputing them.
 """
 
@@ -31,10 +31,10 @@ def top_right_singular_vectors(lora_a: torch.Tensor, lora_b: torch.Tensor) -> to
     Computed in float64 from the low-rank factors; the sign is fixed so the largest entry is
     positive (routing takes absolute values, this only makes the artifact reproducible).
     """
-    q_a, r_a = torch.linalg.qr(lora_a.double().mT)  # [E, in, r], [E, r, r]
-    _, r_b = torch.linalg.qr(lora_b.double())  # [E, r, r]
-    _, _, vh = torch.linalg.svd(r_b @ r_a.mT)
-    vectors = (q_a @ vh[:, 0, :, None]).squeeze(-1)  # [E, in]
+    q_a, r_a = torch.linalg.qr(lora_a.double().mT)  # A^T = Q_A R_A: [E, in, r], [E, r, r]
+    core = lora_b.double() @ r_a.mT  # B @ A = core @ Q_A^T, core [E, out, r]
+    _, eigenvectors = torch.linalg.eigh(core.mT @ core)  # right singular vectors of core
+    vectors = (q_a @ eigenvectors[:, :, -1:]).squeeze(-1)  # [E, in]
     largest = vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True))
     return (vectors * largest.sign()).to(lora_a.dtype)
 
