@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -130,22 +131,23 @@ def markdown(rows, hidden, repeats) -> str:
             f"{r['peft_peak']:.1f} MiB" if peft else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(
-        f"\nHidden {hidden}. Medians of {repeats} after a warm-up; `python benchmarks/routing.py` "
+    note = (
+        f"Hidden {hidden}. Medians of {repeats} after a warm-up; `python benchmarks/routing.py` "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads). Extra peak = largest "
         "live tensor memory during one forward minus the base model's."
     )
+    lines.append("\n" + textwrap.fill(note, 100))
     return "\n".join(lines)
 
 
 def write_readme(readme: Path, table: str) -> None:
     """Replace (or append) the README's routing-speed section with the latest table."""
     text = readme.read_text()
-    body = (
-        f"{SECTION}\n\nOur Arrow over E experts against PEFT's `create_arrow_model`, side by side "
-        "(Llama from config, 6 layers, LoRA r=8 on all 7 projections, top-k 4, "
-        f"batch 4 x 128, CPU):\n\n{table}\n"
+    intro = (
+        "Our Arrow over E experts against PEFT's `create_arrow_model`, side by side (Llama from "
+        "config, 6 layers, LoRA r=8 on all 7 projections, top-k 4, batch 4 x 128, CPU):"
     )
+    body = f"{SECTION}\n\n{textwrap.fill(intro, 100)}\n\n{table}\n"
     start = text.find(SECTION)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + body

@@ -141,3 +141,14 @@ def test_bad_requests_are_routing_errors(llama, expert_paths):
         route(llama, paths, "uniform")
     with pytest.raises(RoutingError, match=r"needs a model routed with strategy='oracle'"):
         routed.use_expert("e0").__enter__()
+
+
+def test_routed_model_behaves_like_the_base_and_unroutes(llama, expert_paths):
+    ids = torch.randint(3, 300, (1, 5), generator=torch.Generator().manual_seed(7))
+    base_logits = llama(ids).logits
+    routed = route(llama, expert_paths(llama, n=2), "uniform")
+    assert routed.config is llama.config and routed.device == llama.device
+    assert len(routed.routed_layers) == 14
+    assert (routed(ids).logits - base_logits).abs().max() > 1e-3
+    assert routed.unroute() is llama and not routed.routed_layers
+    torch.testing.assert_close(llama(ids).logits, base_logits)

@@ -141,7 +141,10 @@ class MergedMixer(nn.Module):
 
 
 class RoutedLinear(nn.Module):
-    """Wraps a base ``nn.Linear`` or GPT-2 ``Conv1D``; adds the mixer's update to its output."""
+    """Wraps a base ``nn.Linear`` or GPT-2 ``Conv1D``; adds the mixer's update to its output.
+
+    For inference: the experts are frozen buffers and the fused kernels carry no gradient.
+    """
 
     def __init__(self, base_layer: nn.Module, name: str, mixer: nn.Module) -> None:
         super().__init__()
