@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from quiver.errors import IncompatibleExpertError, InvalidAdapterError, RoutingError
 from quiver.routing import load_experts, route
 from quiver.routing.experts import resolve_expert_paths
-from quiver.testing import make_random_expert, tiny_model
+from quiver.testing import ARCHITECTURES, make_random_expert, tiny_model
 
 
 def test_stacks_experts_per_module_with_padded_ranks(llama, tmp_path):
@@ -29,7 +29,7 @@ def test_stacks_experts_per_module_with_padded_ranks(llama, tmp_path):
     assert torch.equal(stack.A[1, :4], saved[key])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_single_expert_matches_peft_for_every_rank(arch, tmp_path):
     """Padding and scaling are right: each expert alone equals PEFT loading just that expert."""
     model = tiny_model(arch)
