@@ -2,7 +2,7 @@
 
 An expert's prototype at a module is the top right singular vector of ``B @ A``. With the thin QR
 factorisation ``A^T = Q_A R_A``, ``B @ A = (B R_A^T) Q_A^T``; the top eigenvector ``v`` of the
-small ``r x r`` matrix ``(B R_A^T)^T (B R_A^T)`` gives the exact answer ``Q_A v`` without ever
+small ``r x r`` matrix ``R_A (B^T B) R_A^T`` gives the exact answer ``Q_A v`` without ever
 forming the ``out x in`` matrix (PEFT approximates it with 15 power iterations).
 Prototypes are stored as one safetensors file so a pulled library routes without recomputing them.
 """
@@ -28,13 +28,16 @@ ARTIFACT_NAME = "arrow_prototypes"
 def top_right_singular_vectors(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     """Unit top right singular vectors of ``B_e @ A_e`` for ``A [E, r, in]``, ``B [E, out, r]``.
 
-    Computed in float64 from the low-rank factors; the sign is fixed so the largest entry is
-    positive (routing takes absolute values, this only makes the artifact reproducible).
+    The factors are used in (at least) float32 and the ``r x r`` eigenproblem in float64; the sign
+    is fixed so the largest entry is positive (routing takes absolute values, this only makes the
+    artifact reproducible).
     """
-    q_a, r_a = torch.linalg.qr(lora_a.double().mT)  # A^T = Q_A R_A: [E, in, r], [E, r, r]
-    core = lora_b.double() @ r_a.mT  # B @ A = core @ Q_A^T, core [E, out, r]
-    _, eigenvectors = torch.linalg.eigh(core.mT @ core)  # right singular vectors of core
-    vectors = (q_a @ eigenvectors[:, :, -1:]).squeeze(-1)  # [E, in]
+    dtype = torch.promote_types(lora_a.dtype, torch.float32)
+    q_a, r_a = torch.linalg.qr(lora_a.to(dtype).mT)  # A^T = Q_A R_A: [E, in, r], [E, r, r]
+    b_gram = lora_b.to(dtype).mT @ lora_b.to(dtype)  # B^T B: [E, r, r]
+    core_gram = (r_a @ b_gram @ r_a.mT).double()  # (B R_A^T)^T (B R_A^T), as B @ A = B R_A^T Q_A^T
+    _, eigenvectors = torch.linalg.eigh(core_gram)
+    vectors = (q_a @ eigenvectors[:, :, -1:].to(dtype)).squeeze(-1)  # [E, in]
     largest = vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True))
     return (vectors * largest.sign()).to(lora_a.dtype)
 

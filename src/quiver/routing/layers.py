@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quiver.errors import RoutingError
+from quiver.routing.experts import LoraStack
 
 Recorder = Callable[[str, torch.Size, torch.Tensor, torch.Tensor], None]
 
@@ -63,18 +64,20 @@ def mix_lowrank(
 class Mixer(nn.Module):
     """Holds the experts' factors as rows ``A [E * r, in]`` and ``s B^T [E * r, out]`` (buffers)."""
 
-    def __init__(self, lora_a: torch.Tensor, scaled_b: torch.Tensor) -> None:
+    def __init__(self, stack: LoraStack) -> None:
         super().__init__()
-        self.rank = lora_a.shape[1]
-        self.register_buffer("a_rows", lora_a.flatten(0, 1).contiguous(), persistent=False)
-        self.register_buffer("b_rows", scaled_b.mT.flatten(0, 1).contiguous(), persistent=False)
+        experts, out_features, self.rank = stack.B.shape
+        b_rows = stack.B.new_empty(experts, self.rank, out_features)
+        torch.mul(stack.B.mT, stack.scales.to(stack.B)[:, None, None], out=b_rows)
+        self.register_buffer("a_rows", stack.A.flatten(0, 1).contiguous(), persistent=False)
+        self.register_buffer("b_rows", b_rows.flatten(0, 1), persistent=False)
 
 
 class ArrowMixer(Mixer):
     """Arrow: per token, ``|x . p_e| / T`` over the prototypes, top-k, softmax over those k."""
 
-    def __init__(self, lora_a, scaled_b, prototypes, *, top_k, temperature, mix_parameters):
-        super().__init__(lora_a, scaled_b)
+    def __init__(self, stack, prototypes, *, top_k, temperature, mix_parameters):
+        super().__init__(stack)
         self.register_buffer("prototypes", prototypes, persistent=False)
         self.top_k, self.temperature, self.mix_parameters = top_k, temperature, mix_parameters
 
@@ -97,8 +100,8 @@ class ArrowMixer(Mixer):
 class OracleMixer(Mixer):
     """The caller names the expert (one for all rows, or one per batch row) via ``rows``."""
 
-    def __init__(self, lora_a, scaled_b):
-        super().__init__(lora_a, scaled_b)
+    def __init__(self, stack):
+        super().__init__(stack)
         self.rows: torch.Tensor | None = None
 
     def select(self, x: torch.Tensor, batch_shape: torch.Size):

@@ -75,8 +75,7 @@ class Arrow:
             prototypes = stored_prototypes(source, experts) or compute_arrow_prototypes(experts)
         return {
             module: ArrowMixer(
-                stack.A,
-                stack.scaled_B(),
+                stack,
                 prototypes.vectors[module].to(stack.A),
                 top_k=self.top_k,
                 temperature=self.temperature,
@@ -129,7 +128,7 @@ def single(expert: str) -> Merge:
 @dataclass(frozen=True)
 class Oracle:
     def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, nn.Module]:
-        return {m: OracleMixer(s.A, s.scaled_B()) for m, s in experts.modules.items()}
+        return {m: OracleMixer(stack) for m, stack in experts.modules.items()}
 
 
 STRATEGIES = {"arrow": Arrow, "uniform": Merge, "merge": Merge, "single": single, "oracle": Oracle}
