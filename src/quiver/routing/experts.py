@@ -86,18 +86,9 @@ class LoraStack:
     def in_features(self) -> int:
         return self.A.shape[-1]
 
-    @property
-    def out_features(self) -> int:
-        return self.B.shape[1]
-
     def scaled_B(self) -> torch.Tensor:
-        """``s_e * B_e`` for every expert: the factor routed layers multiply by."""
+        """``s_e * B_e`` for every expert: the LoRA scale folded into B."""
         return self.B * self.scales.to(self.B.dtype)[:, None, None]
-
-    def select(self, index: Sequence[int]) -> LoraStack:
-        keep = torch.tensor(list(index), dtype=torch.long)
-        ranks = tuple(self.ranks[i] for i in index)
-        return LoraStack(self.A[keep], self.B[keep], self.scales[keep], ranks)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ def stored_prototypes(source: object, experts: ExpertSet) -> ArrowPrototypes | N
 
 @dataclass(frozen=True)
 class Arrow:
+    """Arrow routing: ``top_k`` experts per token and module, softmax at ``temperature``."""
+
     top_k: int = 4
     temperature: float = 1.0
     mixing: str = "outputs"
@@ -87,6 +89,8 @@ class Arrow:
 
 @dataclass(frozen=True)
 class Merge:
+    """One fixed combination of the experts, applied to every token."""
+
     weights: Mapping[str, float] | None = None  # None: the uniform average (mu)
     mixing: str = "parameters"
 
@@ -127,6 +131,8 @@ def single(expert: str) -> Merge:
 
 @dataclass(frozen=True)
 class Oracle:
+    """The caller names the expert at run time: ``with routed.use_expert(name): ...``."""
+
     def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, nn.Module]:
         return {m: OracleMixer(stack) for m, stack in experts.modules.items()}
 
