@@ -98,6 +98,13 @@ def test_history_of_folder_uploads_deletes_tags_and_branches(api, tmp_path):
         api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo, revision="v1")
     api.upload_file(path_or_fileobj=b"on dev", path_in_repo="dev.txt", repo_id=repo, revision="dev")
     assert api.model_info(repo).sha == third.oid
+    # A ref named like a commit sha would shadow that commit: refused, the commit stays reachable.
+    for kind in ("branch", "tag"):
+        create = getattr(api, f"create_{kind}")
+        with pytest.raises(HfHubHTTPError, match="looks like a commit sha") as shadowing:
+            create(repo, **{kind: first.oid}, revision="main")
+        assert shadowing.value.response.status_code == 400
+    assert api.model_info(repo, revision=first.oid).sha == first.oid
     api.delete_tag(repo, tag="v1")
     api.delete_branch(repo, branch="dev")
     refs = api.list_repo_refs(repo)

@@ -98,9 +98,16 @@ def check_name(value: str, what: str) -> str:
 
 
 def check_ref_name(value: str) -> str:
+    """Refuse names git refuses, and names shaped like a commit sha: such a ref would shadow the
+    commit it looks like, and every commit must stay addressable by its sha."""
     if not _REF_NAME.match(value) or ".." in value or value.endswith((".", ".lock")):
         raise HubError(
             f"invalid branch or tag name {value!r}", hint="use letters, digits, '-', '_', '.'"
+        )
+    if _SHA.match(value.lower()):
+        raise HubError(
+            f"invalid branch or tag name {value!r}: it looks like a commit sha",
+            hint="pick a name that is not 40 hexadecimal digits",
         )
     return value
 
