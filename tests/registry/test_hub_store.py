@@ -251,7 +251,7 @@ def test_unknown_repo_revision_and_missing_files(hub, user, make_expert, tmp_pat
         Library.open(hub, f"{user}/e")
 
 
-def test_tokens_and_endpoints(hub_server, user, make_expert):
+def test_tokens_and_endpoints(hub_server, user, make_expert, tmp_path):
     folder = make_expert()
     endpoint = hub_server.endpoint
     with pytest.raises(AuthenticationError):
@@ -266,6 +266,10 @@ def test_tokens_and_endpoints(hub_server, user, make_expert):
         HubRegistry(endpoint, token=someone_else).push(folder, f"{user}/e")
     with pytest.raises(ConnectionFailedError):
         HubRegistry(_dead_endpoint(), token=read_only).push(folder, f"{user}/e")
+    HubRegistry(endpoint, token=hub_server.create_token(user)).push(folder, f"{user}/e")
+    with pytest.raises(AuthenticationError, match="refused the token") as bad_token:
+        HubRegistry(endpoint, token="hf_not_a_token", cache_dir=tmp_path / "c").pull(f"{user}/e")
+    assert "\n" not in str(bad_token.value)  # one line, as the CLI prints it
 
 
 def test_concurrent_pull_of_many_bundled_experts(hub, user, base_model, tmp_path):

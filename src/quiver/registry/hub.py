@@ -103,11 +103,12 @@ class HubRegistry(Registry):
             ) from error
         except HfHubHTTPError as error:
             status = error.response.status_code
-            message = error.server_message or str(error).splitlines()[0]
+            message = (error.server_message or str(error)).splitlines()[0]
             if status in (401, 403):
                 raise AuthenticationError(
                     f"{what}: {self.endpoint} refused the token ({status}: {message})",
-                    hint="pass a valid --token with write access to this namespace",
+                    hint="pass a valid --token (or none, for public repos); "
+                    "pushing needs one with write access to the namespace",
                 ) from error
             if status in (409, 412):
                 raise ConflictError(f"{what}: {message}", hint="pull again and retry") from error
