@@ -111,6 +111,22 @@ def test_racing_commits_with_parent_commit_one_wins_one_conflicts(hub_server):
     assert len(api.list_repo_commits(repo)) == 1 + 10
 
 
+@pytest.mark.parametrize("parent", ["empty", "head prefix", "other sha"])
+def test_parent_commit_must_be_the_full_head_sha(hub_server, parent):
+    token = hub_server.create_token("picky")
+    api = HfApi(token=token)
+    api.create_repo("picky/repo", exist_ok=True)
+    head = api.model_info("picky/repo").sha
+    sent = {"empty": "", "head prefix": head[:7], "other sha": "0" * 40}[parent]
+    response = httpx.post(
+        f"{hub_server.endpoint}/api/models/picky/repo/commit/main",
+        content=_ndjson_commit("guarded", {"g.txt": b"g"}, parent=sent),
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == (412 if parent == "other sha" else 400), response.text
+    assert api.model_info("picky/repo").sha == head
+
+
 def test_concurrent_commits_without_parent_all_land(hub_server):
     api = HfApi(token=hub_server.create_token("crowd"))
     repo = "crowd/busy"
@@ -131,8 +147,11 @@ def test_concurrent_commits_without_parent_all_land(hub_server):
     }
 
 
-def _ndjson_commit(summary: str, files: dict[str, bytes]) -> bytes:
-    lines = [{"key": "header", "value": {"summary": summary, "description": ""}}]
+def _ndjson_commit(summary: str, files: dict[str, bytes], *, parent: str | None = None) -> bytes:
+    header = {"summary": summary, "description": ""}
+    if parent is not None:
+        header["parentCommit"] = parent
+    lines = [{"key": "header", "value": header}]
     lines += [
         {
             "key": "file",

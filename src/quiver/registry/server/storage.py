@@ -491,6 +491,11 @@ class HubStore:
     ) -> str:
         """Apply one commit to ``branch`` atomically; returns its sha. With ``parent_commit`` the
         commit is refused (``StaleParent``) if the branch has moved since."""
+        if parent_commit is not None and not _SHA.match(parent_commit):
+            raise HubError(
+                f"parentCommit {parent_commit!r} is not a full commit sha",
+                hint="send the 40-character sha the branch was at, or no parentCommit",
+            )
         with self._transaction() as db:
             row = db.execute(
                 "SELECT target FROM refs WHERE repo = ? AND kind = 'branch' AND name = ?",
@@ -502,7 +507,7 @@ class HubStore:
                     hint="commit to an existing branch (create it first)",
                 )
             head = row["target"]
-            if parent_commit is not None and not head.startswith(parent_commit):
+            if parent_commit is not None and head != parent_commit:
                 raise StaleParent(
                     f"A commit has happened since: {branch} is at {head}, not {parent_commit}",
                     hint="refresh, re-apply your change and commit again",
