@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -224,6 +225,23 @@ def test_list_models_follows_link_pagination(tmp_path):
         assert len(first_page.json()) == 2 and 'rel="next"' in first_page.headers["Link"]
         assert sorted(m.id for m in api.list_models(author="pager")) == names
         assert len(list(api.list_models(author="pager", limit=3))) == 3
+
+
+def test_list_models_sorts_newest_first_as_the_hub_does(hub_server):
+    api = HfApi(token=hub_server.create_token("sorter"))
+    for name in ("sorter/first", "sorter/second", "sorter/third"):
+        api.create_repo(name)
+        time.sleep(0.01)  # distinct millisecond timestamps
+    api.upload_file(path_or_fileobj=b"touched", path_in_repo="t.txt", repo_id="sorter/first")
+
+    def ids(sort: str, **kwargs) -> list[str]:
+        return [m.id for m in api.list_models(author="sorter", sort=sort, **kwargs)]
+
+    assert ids("created_at") == ["sorter/third", "sorter/second", "sorter/first"]
+    assert ids("last_modified") == ["sorter/first", "sorter/third", "sorter/second"]
+    expanded = list(api.list_models(author="sorter", sort="created_at", expand=["createdAt"]))
+    assert [m.id for m in expanded] == ids("created_at")
+    assert expanded[0].created_at > expanded[-1].created_at and expanded[0].siblings is None
 
 
 def test_delete_repo_and_exist_ok(api):

@@ -45,6 +45,7 @@ from quiver.registry.server.storage import (
 )
 
 _PLURALS = {"models": "model", "datasets": "dataset"}
+_SORT_KEYS = ("createdAt", "lastModified", "downloads", "likes")
 _LFS_URL_LIFETIME_S = 3600
 _INVALID_TOKEN = "Invalid credentials in Authorization header"
 # Routes that touch SQLite are plain functions, run in the thread pool, so a writer waiting for the
@@ -234,14 +235,13 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
             item = _repo_info(
                 store, repo, head, card=with_card or bool(expand), files=full or bool(expand)
             )
-            if expand:
-                item = {k: v for k, v in item.items() if k in {"id", "_id", *expand}}
             items.append(item)
         sort = query.get("sort")
-        if sort in ("id", "createdAt", "lastModified"):
-            items.sort(
-                key=lambda item: item.get(sort) or "", reverse=query.get("direction") == "-1"
-            )
+        if sort in _SORT_KEYS:
+            # Newest (or most) first, as on the Hub; the 2.x client sends no direction.
+            items.sort(key=lambda item: item[sort], reverse=query.get("direction") != "1")
+        if expand:
+            items = [{k: v for k, v in i.items() if k in {"id", "_id", *expand}} for i in items]
         limit = _int_query(request, "limit", options.page_size)
         return _paginate(request, items, page_size=min(limit, options.page_size))
 
