@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from huggingface_hub import HfApi
+from huggingface_hub import EvalResult, HfApi
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import ArrowConfig, create_arrow_model
 from registry_helpers import logits, store_state
@@ -56,17 +56,34 @@ def test_open_registry_specs(hub_server, tmp_path):
     assert open_registry().root.parent == open_registry(os.environ["QUIVER_HOME"]).root
 
 
-def test_quiver_push_loads_with_plain_peft_with_same_logits(hub, user, make_expert):
+def test_quiver_push_loads_with_plain_peft_with_same_logits(hub, user, make_expert, base_model):
     folder = make_expert()
-    pushed = hub.push(Expert.from_folder(folder, tasks=["math"]), f"{user}/math")
+    result = EvalResult(
+        task_type="text-generation",
+        dataset_type="gsm8k",
+        dataset_name="GSM8K",
+        metric_type="accuracy",
+        metric_value=0.42,
+    )
+    expert = Expert.from_folder(
+        folder, tasks=["math"], datasets=["gsm8k"], license="mit", eval_results=[result]
+    )
+    pushed = hub.push(expert, f"{user}/math")
     # Plain PEFT, through the global HF_ENDPOINT (our server), no quiver code involved.
     plain = PeftModel.from_pretrained(tiny_model("llama"), f"{user}/math").eval()
     reference = PeftModel.from_pretrained(tiny_model("llama"), str(folder)).eval()
+    assert not logits(base_model).allclose(logits(reference))  # the expert does something
     assert logits(plain).equal(logits(reference))
+    # What the Hub itself reads from the card (huggingface_hub's own parsing, no quiver code).
     info = HfApi().model_info(f"{user}/math")
     assert info.sha == pushed.commit
-    assert f"base_model:adapter:{BASE}" in info.tags
+    assert {f"base_model:adapter:{BASE}", "peft", "task:math"} <= set(info.tags)
+    assert info.card_data.base_model == BASE
+    assert info.card_data.library_name == "peft"
+    assert (info.card_data.datasets, info.card_data.license) == (["gsm8k"], "mit")
+    assert info.card_data.eval_results[0].metric_value == 0.42
     assert info.card_data["quiver"]["tasks"] == ["math"]
+    assert info.card_data["quiver"]["hashes"] == pushed.file_hashes()
 
 
 def test_plain_peft_push_to_hub_is_pulled_with_completed_card(hub_server, hub, user):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import ArrowConfig, PeftModel
 from peft.tuners.lora import create_arrow_model
 from registry_helpers import logits, store_state
@@ -36,6 +37,11 @@ def test_manifest_pins_every_expert(library, local):
     assert manifest["format"] == "quiver-library/1"
     assert [e["name"] for e in manifest["experts"]] == ["math", "code"]
     assert manifest["rank"] == 4
+    card = ModelCard.load(library.folder / "README.md")
+    assert card.data.base_model == BASE
+    assert {"quiver-library", f"base_model:adapter:{BASE}"} <= set(card.data.tags)
+    assert card.data.to_dict()["quiver"]["library"]["experts"] == ["math", "code"]
+    assert math.sha256[:16] in card.text and code.sha256[:16] in card.text
     snapshot, _ = local.download("alice/lib")
     bundled = Expert.from_folder(snapshot / "experts" / "code")
     assert bundled.card.library == "alice/lib"

@@ -49,7 +49,10 @@ def test_card_carries_hub_conventions_and_quiver_section(local, make_expert):
     assert data["library_name"] == "peft"
     assert "base_model:adapter:quiver-testing/tiny-llama" in data["tags"]
     assert {"task:math", "task:arithmetic"} <= set(data["tags"])
+    assert data["datasets"] == ["gsm8k"]
+    assert data["license"] == "apache-2.0"
     assert data["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.42
+    assert data["quiver"]["tasks"] == ["math", "arithmetic"]
     training = data["quiver"]["training"]
     assert training == {
         "examples": 1200,
@@ -58,12 +61,17 @@ def test_card_carries_hub_conventions_and_quiver_section(local, make_expert):
         "alpha": 16.0,
         "target_modules": sorted(expert.config["target_modules"]),
     }
-    assert data["quiver"]["hashes"]["adapter_model.safetensors"] == published.weights_sha256
+    assert data["quiver"]["hashes"] == published.file_hashes()
+    assert set(published.file_hashes()) == {"adapter_config.json", "adapter_model.safetensors"}
 
     pulled = local.pull("alice/math")
     assert pulled.card.tasks == ["math", "arithmetic"]
     assert pulled.card.eval_results[0].metric_value == 0.42
     assert pulled.card.tags == []  # derived tags are not duplicated into the user's tags
+    assert (pulled.card.datasets, pulled.card.license) == (["gsm8k"], "apache-2.0")
+    assert (pulled.card.examples, pulled.card.steps) == (1200, 300)
+    assert pulled.card.description == "Adds two numbers."
+    assert pulled.card.library is None and "library" not in data["quiver"]
     assert pulled.commit == published.commit
 
 
