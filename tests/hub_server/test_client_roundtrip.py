@@ -215,7 +215,7 @@ def test_model_card_yaml_becomes_card_data_and_filterable_tags(api, token):
         )
 
 
-def test_list_models_follows_link_pagination(tmp_path):
+def test_listings_follow_link_pagination(tmp_path):
     with HubServer(tmp_path / "hub", page_size=2) as hub:
         api = HfApi(endpoint=hub.endpoint, token=hub.create_token("pager"))
         names = [f"pager/m{i}" for i in range(5)]
@@ -225,6 +225,19 @@ def test_list_models_follows_link_pagination(tmp_path):
         assert len(first_page.json()) == 2 and 'rel="next"' in first_page.headers["Link"]
         assert sorted(m.id for m in api.list_models(author="pager")) == names
         assert len(list(api.list_models(author="pager", limit=3))) == 3
+        assert [m.id for m in api.list_models(search="m3")] == ["pager/m3"]
+
+        for i in range(4):
+            api.upload_file(path_or_fileobj=b"%d" % i, path_in_repo=f"d/f{i}.txt", repo_id=names[0])
+        for listing in ("commits/main", "tree/main?recursive=true"):
+            page = httpx.get(f"{hub.endpoint}/api/models/{names[0]}/{listing}")
+            assert len(page.json()) == 2 and 'rel="next"' in page.headers["Link"]
+        titles = [c.title for c in api.list_repo_commits(names[0])]
+        assert titles == [f"Upload d/f{i}.txt with huggingface_hub" for i in (3, 2, 1, 0)] + [
+            "initial commit"
+        ]
+        files = [e.path for e in api.list_repo_tree(names[0], recursive=True)]
+        assert sorted(files) == [".gitattributes", "d"] + [f"d/f{i}.txt" for i in range(4)]
 
 
 def test_list_models_sorts_newest_first_as_the_hub_does(hub_server):

@@ -263,7 +263,8 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
         files = store.files(repo, store.resolve(repo, revision))
         prefix = check_path(path.rstrip("/")) if path else ""
         recursive = request.query_params.get("recursive") in ("1", "true", "True")
-        return _paginate(request, _tree_entries(files, prefix, recursive=recursive), page_size=1000)
+        entries = _tree_entries(files, prefix, recursive=recursive)
+        return _paginate(request, entries, page_size=options.page_size)
 
     @app.post("/api/{kind}/{namespace}/{name}/paths-info/{revision}")
     async def paths_info(
