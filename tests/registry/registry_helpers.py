@@ -1,6 +1,7 @@
 """Helpers shared by the registry tests."""
 
 import torch
+from huggingface_hub import EvalResult
 
 from quiver.registry import LocalRegistry
 
@@ -18,3 +19,14 @@ def store_state(registry: LocalRegistry):
     }
     snapshots = sorted(p.name for p in (registry.root / "snapshots").iterdir())
     return repos, snapshots
+
+
+def gsm8k_result(accuracy: float = 0.42) -> EvalResult:
+    """An eval result for a card's model-index."""
+    return EvalResult(
+        task_type="text-generation",
+        dataset_type="gsm8k",
+        dataset_name="GSM8K",
+        metric_type="accuracy",
+        metric_value=accuracy,
+    )

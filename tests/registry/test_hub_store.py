@@ -8,10 +8,10 @@ import sys
 import textwrap
 
 import pytest
-from huggingface_hub import EvalResult, HfApi
+from huggingface_hub import HfApi
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import ArrowConfig, create_arrow_model
-from registry_helpers import logits, store_state
+from registry_helpers import gsm8k_result, logits, store_state
 
 from quiver.errors import (
     AuthenticationError,
@@ -58,15 +58,8 @@ def test_open_registry_specs(hub_server, tmp_path):
 
 def test_quiver_push_loads_with_plain_peft_with_same_logits(hub, user, make_expert, base_model):
     folder = make_expert()
-    result = EvalResult(
-        task_type="text-generation",
-        dataset_type="gsm8k",
-        dataset_name="GSM8K",
-        metric_type="accuracy",
-        metric_value=0.42,
-    )
     expert = Expert.from_folder(
-        folder, tasks=["math"], datasets=["gsm8k"], license="mit", eval_results=[result]
+        folder, tasks=["math"], datasets=["gsm8k"], license="mit", eval_results=[gsm8k_result()]
     )
     pushed = hub.push(expert, f"{user}/math")
     # Plain PEFT, through the global HF_ENDPOINT (our server), no quiver code involved.

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
-from huggingface_hub import EvalResult, ModelCard
+from huggingface_hub import ModelCard
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
-from registry_helpers import logits, store_state
+from registry_helpers import gsm8k_result, logits, store_state
 from safetensors.torch import load_file, save_file
 
 from quiver.errors import (
@@ -24,13 +24,6 @@ from quiver.testing import tiny_model
 
 
 def test_card_carries_hub_conventions_and_quiver_section(local, make_expert):
-    result = EvalResult(
-        task_type="text-generation",
-        dataset_type="gsm8k",
-        dataset_name="GSM8K",
-        metric_type="accuracy",
-        metric_value=0.42,
-    )
     expert = Expert.from_folder(
         make_expert(),
         tasks=["math", "arithmetic"],
@@ -38,7 +31,7 @@ def test_card_carries_hub_conventions_and_quiver_section(local, make_expert):
         steps=300,
         datasets=["gsm8k"],
         license="apache-2.0",
-        eval_results=[result],
+        eval_results=[gsm8k_result()],
         description="Adds two numbers.",
     )
     published = local.push(expert, "alice/math")
