@@ -61,6 +61,9 @@ def test_history_of_folder_uploads_deletes_tags_and_branches(api, tmp_path):
         commit_message="second",
     )
     third = api.delete_file("sub/b.bin", repo_id=repo, commit_message="drop b")
+    # preupload reports each remote file's git oid, so an unchanged upload makes no commit.
+    unchanged = api.upload_folder(folder_path=tmp_path / "v2", repo_id=repo, commit_message="same")
+    assert unchanged.oid == third.oid
     with pytest.raises(EntryNotFoundError):
         api.delete_file("sub/b.bin", repo_id=repo)  # already gone: refused, no empty commit
     api.create_tag(repo, tag="v1", revision=first.oid)
