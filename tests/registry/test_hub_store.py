@@ -79,12 +79,16 @@ def test_quiver_push_loads_with_plain_peft_with_same_logits(hub, user, make_expe
     assert info.card_data["quiver"]["hashes"] == pushed.file_hashes()
 
 
-def test_plain_peft_push_to_hub_is_pulled_with_completed_card(hub_server, hub, user):
-    model = get_peft_model(
-        tiny_model("llama"), LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+def test_plain_peft_push_to_hub_is_pulled_with_completed_card(hub_server, hub, user, base_model):
+    config = LoraConfig(
+        r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
+    model = get_peft_model(tiny_model("llama"), config).eval()
     model.push_to_hub(f"{user}/plain", token=hub_server.create_token(user))
     pulled = hub.pull(f"{user}/plain")
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), str(pulled.path)).eval()
+    assert not logits(model).allclose(logits(base_model))  # the adapter does something
+    assert logits(loaded).equal(logits(model))
     assert (pulled.card.rank, pulled.card.alpha) == (2, 8.0)
     assert pulled.card.target_modules == ["q_proj", "v_proj"]
     assert pulled.card.base_model == BASE

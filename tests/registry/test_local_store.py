@@ -79,13 +79,17 @@ def test_quiver_push_loads_with_plain_peft_with_same_logits(local, make_expert, 
     assert logits(ours).equal(logits(reference))
 
 
-def test_plain_peft_adapter_gets_its_card_completed(local, tmp_path):
-    model = get_peft_model(
-        tiny_model("llama"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+def test_plain_peft_adapter_gets_its_card_completed(local, tmp_path, base_model):
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
+    model = get_peft_model(tiny_model("llama"), config).eval()
     model.save_pretrained(tmp_path / "plain")  # PEFT writes its own README without quiver data
     local.push(tmp_path / "plain", "bob/plain")
     pulled = local.pull("bob/plain")
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), str(pulled.path)).eval()
+    assert not logits(model).allclose(logits(base_model))  # the adapter does something
+    assert logits(loaded).equal(logits(model))
     assert (pulled.card.rank, pulled.card.alpha) == (2, 4.0)
     assert pulled.card.target_modules == ["q_proj", "v_proj"]
     assert pulled.card.base_model == "quiver-testing/tiny-llama"
