@@ -11,7 +11,9 @@ import pytest
 from huggingface_hub import HfApi
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import ArrowConfig, create_arrow_model
+from peft.utils import get_peft_model_state_dict
 from registry_helpers import gsm8k_result, logits, store_state
+from safetensors.torch import load_file
 
 from quiver.errors import (
     AuthenticationError,
@@ -169,6 +171,11 @@ def test_library_push_and_pull_on_the_hub(hub, user, make_expert):
         arrow_config=ArrowConfig(top_k=1),
     )
     assert logits(model).isfinite().all()
+    for adapter, name in (("task_0", "math"), ("task_1", "code")):
+        loaded = get_peft_model_state_dict(model, adapter_name=adapter)
+        published = load_file(pulled.expert_paths()[name] / "adapter_model.safetensors")
+        assert loaded.keys() == published.keys()
+        assert all(loaded[key].equal(published[key]) for key in published)
 
 
 def test_library_moves_from_local_store_to_hub_and_back(hub, user, local, make_expert, tmp_path):
