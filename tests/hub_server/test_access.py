@@ -8,6 +8,8 @@ import pytest
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
+from quiver.registry.server.errors import AlreadyExists
+
 
 @pytest.fixture(scope="module")
 def owner(hub_server):
@@ -68,6 +70,23 @@ def test_org_members_write_to_the_org(owner, stranger):
     with pytest.raises(HfHubHTTPError) as outsider:
         stranger.upload_file(path_or_fileobj=b"x", path_in_repo="t.txt", repo_id="lab/shared")
     assert _status(outsider) == 403
+
+
+def test_a_name_is_a_user_or_an_org_never_both(hub_server, owner):
+    owner.create_repo("lab/org-owned", exist_ok=True)
+    owner.create_repo("olga/personal", exist_ok=True)
+    with pytest.raises(AlreadyExists, match="'lab' is an organization"):
+        hub_server.create_token("lab")
+    with pytest.raises(AlreadyExists, match="'olga' is a user"):
+        hub_server.create_token("eve", orgs=("olga",))
+    with pytest.raises(AlreadyExists, match="'self' is a user"):
+        hub_server.create_token("self", orgs=("self",))
+    # Nothing was half-created: eve has no membership, no way into olga's namespace.
+    member = HfApi(token=hub_server.create_token("eve"))
+    assert member.whoami()["orgs"] == []
+    with pytest.raises(HfHubHTTPError) as refused:
+        member.upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id="olga/personal")
+    assert _status(refused) == 403
 
 
 def test_private_repos_are_invisible_to_others(owner, stranger, anonymous, tmp_path):

@@ -285,11 +285,21 @@ class HubStore:
     # -- tokens ------------------------------------------------------------------------------
 
     def create_token(self, user: str, *, write: bool, orgs: Iterable[str] = ()) -> str:
-        """A new access token for ``user`` (made a member of ``orgs``); only its hash is kept."""
+        """A new access token for ``user`` (made a member of ``orgs``); only its hash is kept. A
+        name is a user or an org, never both: either would gain the other's namespace."""
         check_name(user, "user name")
         orgs = [check_name(org, "organization name") for org in orgs]
         token = "hf_" + secrets.token_hex(20)
         with self._transaction() as db:
+            if db.execute("SELECT 1 FROM members WHERE org = ?", (user,)).fetchone():
+                raise AlreadyExists(
+                    f"{user!r} is an organization, not a user", hint="pick another name"
+                )
+            users = {row["user"] for row in db.execute("SELECT DISTINCT user FROM tokens")}
+            if clash := [org for org in orgs if org in users | {user}]:
+                raise AlreadyExists(
+                    f"{clash[0]!r} is a user, not an organization", hint="pick another org name"
+                )
             db.execute(
                 "INSERT INTO tokens VALUES (?, ?, ?, ?)",
                 (_digest(token), user, int(write), now_iso()),
