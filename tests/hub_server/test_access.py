@@ -47,8 +47,9 @@ def test_public_reads_are_anonymous_and_writes_need_the_owner(owner, stranger, a
     with pytest.raises(HfHubHTTPError) as foreign_namespace:
         stranger.create_repo("olga/squatted")
     assert _status(foreign_namespace) == 403
-    with pytest.raises(HfHubHTTPError):
+    with pytest.raises(HfHubHTTPError) as not_owner_delete:
         stranger.delete_repo("olga/public")
+    assert _status(not_owner_delete) == 403
     assert [s.rfilename for s in anonymous.model_info("olga/public").siblings] == [
         ".gitattributes",
         "f.txt",
@@ -107,9 +108,27 @@ def test_private_repos_are_invisible_to_others(owner, stranger, anonymous, tmp_p
         assert not api.repo_exists("olga/secret")
         assert not api.file_exists("olga/secret", "s.txt")
         assert "olga/secret" not in [m.id for m in api.list_models(author="olga")]
+        # Writes say "not found" too: a 401/403 would tell that the repo exists.
+        with pytest.raises(RepositoryNotFoundError):
+            api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="olga/secret")
+    with pytest.raises(RepositoryNotFoundError):
+        stranger.delete_repo("olga/secret")
+    assert owner.model_info("olga/secret").siblings[-1].rfilename == "s.txt"
 
     owner.update_repo_settings("olga/secret", private=False)
     assert anonymous.model_info("olga/secret").private is False
+
+
+def test_private_org_repos_are_visible_to_members_only(hub_server, owner, stranger):
+    owner.create_repo("lab/private", private=True)
+    reader = HfApi(token=hub_server.create_token("reed", write=False, orgs=("lab",)))
+    assert reader.model_info("lab/private").private is True
+    with pytest.raises(HfHubHTTPError) as read_only:
+        reader.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="lab/private")
+    assert _status(read_only) == 403
+    with pytest.raises(RepositoryNotFoundError):
+        stranger.model_info("lab/private")
+    assert "lab/private" not in [m.id for m in stranger.list_models(author="lab")]
 
 
 def test_invalid_token_is_refused_not_mistaken_for_a_missing_repo(hub_server, owner):
