@@ -180,13 +180,13 @@ def test_server_killed_inside_a_commit_transaction_keeps_the_store_consistent(tm
     with _server_process(root, env=pause) as (process, endpoint):
         body = _ndjson_commit("doomed", {"big.bin": doomed, "base.txt": b"new"})
         thread = _commit_in_background(endpoint, token, "kim/crash", body)
-        # Blobs are staged before the transaction: once the big one exists the commit is inside it.
-        blob = HubStore(root).blobs.path(hashlib.sha256(doomed).hexdigest())
+        # The server holds SQLite's write lock only between BEGIN IMMEDIATE and COMMIT: once it
+        # does, the commit is inside its transaction, its blobs already staged.
         deadline = time.monotonic() + 60
-        while not blob.exists():
-            assert time.monotonic() < deadline
+        while not _write_locked(root / "hub.sqlite"):
+            assert time.monotonic() < deadline, "the commit never reached its transaction"
             time.sleep(0.05)
-        time.sleep(0.5)
+        assert HubStore(root).blobs.has(hashlib.sha256(doomed).hexdigest())
         assert thread.is_alive()  # the client still waits for its commit to finish
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
@@ -224,6 +224,21 @@ def test_server_killed_while_receiving_a_commit_keeps_the_store_consistent(tmp_p
     with _server_process(root) as (_, endpoint):
         assert HfApi(endpoint=endpoint).model_info("kurt/crash").sha == before
         assert len(HfApi(endpoint=endpoint).list_repo_commits("kurt/crash")) == 1
+
+
+def _write_locked(database: Path) -> bool:
+    """Whether another connection holds the database's write lock at this moment."""
+    db = sqlite3.connect(database, timeout=0, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error):
+            raise
+        return True
+    finally:
+        db.close()
 
 
 def _commit_in_background(endpoint: str, token: str, repo: str, body) -> threading.Thread:
