@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, constants, get_session
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import ArrowConfig, create_arrow_model
 from peft.utils import get_peft_model_state_dict
@@ -217,27 +217,57 @@ def test_tampered_blob_on_the_server_is_caught(hub_server, hub, user, make_exper
         blob.write_bytes(original)
 
 
-def test_second_pull_of_a_pinned_library_makes_no_request(hub, user, make_expert, tmp_path):
+@pytest.fixture
+def sent_requests():
+    """Every HTTP request huggingface_hub sends during the test, as "METHOD /path"."""
+    sent = []
+
+    def record(request):
+        sent.append(f"{request.method} {request.url.path}")
+
+    hooks = get_session().event_hooks["request"]
+    hooks.append(record)
+    yield sent
+    hooks.remove(record)
+
+
+def test_a_second_pull_is_served_from_the_hf_cache(hub, user, make_expert, sent_requests):
     library = _library(hub, user, make_expert)
+    sent_requests.clear()
     Library.pull(hub, f"{user}/lib", revision=library.commit)
-    # Same cache, an endpoint where nothing listens: any request would fail.
-    offline = HubRegistry(_dead_endpoint(), cache_dir=hub.cache_dir)
-    again = Library.pull(offline, f"{user}/lib", revision=library.commit)
+    assert any("/resolve/" in request for request in sent_requests)  # the first pull downloads
+    sent_requests.clear()
+    again = Library.pull(hub, f"{user}/lib", revision=library.commit)
     assert list(again.expert_paths()) == ["math", "code"]
+    assert sent_requests == []  # pinned: not one request
+    Library.pull(hub, f"{user}/lib")
+    hub.pull(f"{user}/math")
+    # Latest: one look-up of main per repo, and no file is downloaded again.
+    assert sent_requests == [
+        f"GET /api/models/{user}/lib/revision/main",
+        f"GET /api/models/{user}/math/revision/main",
+    ]
+
+
+def test_a_dead_endpoint_with_nothing_cached(user, tmp_path):
     with pytest.raises(ConnectionFailedError, match="cannot reach"):
         Library.pull(HubRegistry(_dead_endpoint(), cache_dir=tmp_path / "empty"), f"{user}/lib")
 
 
-def test_hf_hub_offline_works_after_a_pull(hub_server, hub, user, make_expert):
+def test_hf_hub_offline_works_after_a_pull(hub_server, user, make_expert):
+    hub = HubRegistry(hub_server.endpoint, token=hub_server.create_token(user))  # the HF cache
     _library(hub, user, make_expert)
     Library.pull(hub, f"{user}/lib")
-    hub.pull(f"{user}/math")
+    expert = hub.pull(f"{user}/math")
+    assert expert.path.is_relative_to(constants.HF_HUB_CACHE)
     script = textwrap.dedent(
         f"""
+        from huggingface_hub import hf_hub_download
         from quiver.registry import HubRegistry, Library
-        hub = HubRegistry({hub_server.endpoint!r}, cache_dir={str(hub.cache_dir)!r})
+        hub = HubRegistry({hub_server.endpoint!r})
         library = Library.pull(hub, "{user}/lib")
         print(list(library.expert_paths()), hub.pull("{user}/math").card.rank)
+        print(hf_hub_download("{user}/math", "adapter_model.safetensors"))  # plain huggingface_hub
         """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -245,7 +275,8 @@ def test_hf_hub_offline_works_after_a_pull(hub_server, hub, user, make_expert):
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['math', 'code'] 4"
+    weights = str(expert.path / "adapter_model.safetensors")
+    assert result.stdout.splitlines() == ["['math', 'code'] 4", weights]
 
 
 def test_unknown_repo_revision_and_missing_files(hub, user, make_expert, tmp_path):
