@@ -1,6 +1,7 @@
 """Libraries in the local store: pinning, versions, artifacts, verified pulls, refused experts."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -172,3 +173,24 @@ def test_push_library_to_another_registry_copies_referenced_experts(library, tmp
 def test_create_refuses_an_existing_library(library, local):
     with pytest.raises(Exception, match="already exists"):
         Library.create(local, "alice/lib", base_model=BASE)
+
+
+def test_experts_download_concurrently(library, local, monkeypatch):
+    opened = Library.open(local, "alice/lib")
+    both_in_flight = threading.Barrier(len(opened.experts), timeout=10)
+    download = local.download
+
+    def download_when_all_started(repo_id, **kwargs):
+        both_in_flight.wait()  # breaks (BrokenBarrierError) unless the downloads overlap
+        return download(repo_id, **kwargs)
+
+    monkeypatch.setattr(local, "download", download_when_all_started)
+    assert list(opened.fetch(max_workers=len(opened.experts))) == ["math", "code"]
+
+
+def test_a_referenced_expert_stays_pinned_when_its_repo_moves_on(library, local, make_expert):
+    pinned = library.experts[0]
+    newer = local.push(make_expert("math-v2"), "alice/math")
+    assert newer.weights_sha256 != pinned.sha256
+    pulled = Library.pull(local, "alice/lib").fetch()["math"]
+    assert (pulled.commit, pulled.weights_sha256) == (pinned.commit, pinned.sha256)
