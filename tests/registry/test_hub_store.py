@@ -144,11 +144,21 @@ def test_search_filters(hub, user, make_expert):
     assert hub.search(author=user, task="code")[0].tasks == ("code",)
 
 
-def test_delete(hub, user, make_expert):
+def test_list_and_delete(hub, user, make_expert):
+    hub.push(make_expert(), f"{user}/kept")
     hub.push(make_expert(), f"{user}/gone")
+    Library.create(hub, f"{user}/lib", base_model=BASE)
+    listed = {hit.repo_id: hit.kind for hit in hub.list(author=user)}
+    assert listed == {f"{user}/kept": "expert", f"{user}/gone": "expert", f"{user}/lib": "library"}
+    assert [hit.repo_id for hit in hub.list(kind="library", author=user)] == [f"{user}/lib"]
+    assert len(hub.list(author=user, limit=2)) == 2
+    assert {f"{user}/kept", f"{user}/lib"} <= {hit.repo_id for hit in hub.list()}
     hub.delete(f"{user}/gone")
     with pytest.raises(NotFoundError):
         hub.pull(f"{user}/gone")
+    assert sorted(hit.repo_id for hit in hub.list(author=user)) == [f"{user}/kept", f"{user}/lib"]
+    with pytest.raises(NotFoundError, match="no such repo"):
+        hub.delete(f"{user}/gone")
 
 
 def _library(hub, user, make_expert):

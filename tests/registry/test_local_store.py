@@ -135,6 +135,8 @@ def test_search_filters(local, make_expert):
     assert ids(query="phi-") == ["carol/phi-math"]
     assert ids(kind="library") == []
     assert len(local.list()) == 4
+    assert [hit.repo_id for hit in local.list(author="bob")] == ["bob/algebra"]
+    assert len(local.list(limit=3)) == 3
     assert local.search(author="alice", task="code")[0].tasks == ("code",)
 
 
@@ -151,6 +153,8 @@ def test_delete_removes_repo_and_its_snapshots(local, make_expert):
     assert not (local.root / "snapshots" / published.commit).exists()
     with pytest.raises(NotFoundError):
         local.pull("alice/gone")
+    with pytest.raises(NotFoundError, match="no repo 'alice/gone'"):
+        local.delete("alice/gone")
 
 
 def test_unknown_repo_and_revision(local, make_expert):

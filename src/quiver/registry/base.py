@@ -145,8 +145,12 @@ class Registry(ABC):
         tags += [KINDS[kind]] if kind else []
         return self._search(tags=tags, author=author, query=query, limit=limit)
 
-    def list(self, *, kind: str | None = None) -> list[RepoSummary]:
-        return self.search(kind=kind)
+    def list(
+        self, *, kind: str | None = None, author: str | None = None, limit: int | None = None
+    ) -> list[RepoSummary]:
+        """Every repo (of ``kind``, of ``author``). On huggingface.co, pass an author or a limit:
+        the whole Hub is millions of repos."""
+        return self.search(kind=kind, author=author, limit=limit)
 
     def push(
         self,
