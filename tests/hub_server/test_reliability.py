@@ -330,6 +330,39 @@ def test_traversal_in_repo_names_and_lfs_oids_is_refused(hub_server, victim):
     assert committed.status_code == 400
 
 
+def test_lfs_upload_urls_are_signed_checked_and_streamed_to_disk(hub_server, victim):
+    data = os.urandom(400_000)
+    oid = hashlib.sha256(data).hexdigest()
+    batch = f"{hub_server.endpoint}/vic/target.git/info/lfs/objects/batch"
+    request = {
+        "operation": "upload",
+        "transfers": ["basic"],
+        "objects": [{"oid": oid, "size": len(data)}],
+    }
+    auth = {"Authorization": f"Bearer {victim}"}
+    assert httpx.post(batch, json=request).status_code == 401
+    href = httpx.post(batch, json=request, headers=auth).json()["objects"][0]["actions"]["upload"]
+    url, blobs = href["href"], hub_server.store.blobs
+    assert httpx.put(url.replace("sig=", "sig=0"), content=data).status_code == 403
+    assert httpx.put(url.replace("size=400000", "size=1"), content=data[:1]).status_code == 403
+    assert httpx.put(url, content=os.urandom(len(data))).status_code == 400
+    assert not blobs.has(oid) and list(blobs.tmp.iterdir()) == []
+
+    def half_then_rest():
+        yield data[:200_000]
+        # The first half reaches the disk while the second is still on its way.
+        deadline = time.monotonic() + 30
+        while not any(f.stat().st_size >= 200_000 for f in blobs.tmp.iterdir()):
+            assert time.monotonic() < deadline, "the upload is held in memory"
+            time.sleep(0.02)
+        yield data[200_000:]
+
+    assert httpx.put(url, content=half_then_rest()).status_code == 200
+    assert blobs.path(oid).read_bytes() == data and list(blobs.tmp.iterdir()) == []
+    again = httpx.post(batch, json=request, headers=auth).json()["objects"][0]
+    assert "actions" not in again  # stored once, never asked for again
+
+
 def test_commit_streamed_in_tiny_chunks_lands_intact(hub_server, victim):
     files = {"one.txt": b"first file", "two/deep.bin": os.urandom(5000)}
     body = _ndjson_commit("tiny chunks", files)

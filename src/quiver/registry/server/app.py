@@ -458,8 +458,10 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
             raise Forbidden(
                 "invalid or expired LFS upload URL", hint="ask the batch endpoint again"
             )
-        chunks = [chunk async for chunk in request.stream()]
-        _, stored_size = await run_in_threadpool(store.blobs.put, chunks, expected_sha256=oid)
+        with store.blobs.writer() as blob:
+            async for chunk in request.stream():
+                await run_in_threadpool(blob.write, chunk)
+            _, stored_size = await run_in_threadpool(blob.finish, oid)
         if stored_size != size:
             raise HubError(f"LFS object {oid} has {stored_size} bytes, announced {size}")
         return {}

@@ -204,6 +204,44 @@ class Deletion:
     folder: bool
 
 
+class BlobWriter:
+    """One blob being written to a temp file; ``finish`` moves it to its content address."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self._blobs = blobs
+        fd, self._tmp_name = tempfile.mkstemp(dir=blobs.tmp)
+        self._file = os.fdopen(fd, "wb")
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._digest.update(chunk)
+        self.size += len(chunk)
+        self._file.write(chunk)
+
+    def finish(self, expected_sha256: str | None = None) -> tuple[str, int]:
+        """Store the blob, return (sha256, size); a wrong ``expected_sha256`` stores nothing."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        sha256 = self._digest.hexdigest()
+        if expected_sha256 is not None and sha256 != expected_sha256:
+            raise HubError(
+                f"content hashes to {sha256}, not {expected_sha256}",
+                hint="re-send the file; it was corrupted on the way",
+            )
+        target = self._blobs.path(sha256)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(self._tmp_name, target)
+        return sha256, self.size
+
+    def discard(self) -> None:
+        """Forget whatever was not stored (a no-op after a successful ``finish``)."""
+        self._file.close()
+        if os.path.exists(self._tmp_name):
+            os.unlink(self._tmp_name)
+
+
 class BlobStore:
     """Files addressed by sha256 under ``blobs/ab/<sha256>``, each written by temp file + rename."""
 
@@ -219,33 +257,20 @@ class BlobStore:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def put(
-        self, chunks: Iterable[bytes], *, expected_sha256: str | None = None
-    ) -> tuple[str, int]:
-        """Store a stream, return (sha256, size); a wrong ``expected_sha256`` stores nothing."""
-        digest, size = hashlib.sha256(), 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp)
+    @contextmanager
+    def writer(self) -> Iterator[BlobWriter]:
+        """A blob written chunk by chunk, so no request body is ever held whole in memory."""
+        blob = BlobWriter(self)
         try:
-            with os.fdopen(fd, "wb") as tmp:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    size += len(chunk)
-                    tmp.write(chunk)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            sha256 = digest.hexdigest()
-            if expected_sha256 is not None and sha256 != expected_sha256:
-                raise HubError(
-                    f"content hashes to {sha256}, not {expected_sha256}",
-                    hint="re-send the file; it was corrupted on the way",
-                )
-            target = self.path(sha256)
-            target.parent.mkdir(exist_ok=True)
-            os.replace(tmp_name, target)
-            return sha256, size
+            yield blob
         finally:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
+            blob.discard()
+
+    def put(self, data: bytes) -> tuple[str, int]:
+        """Store ``data``, return (sha256, size)."""
+        with self.writer() as blob:
+            blob.write(data)
+            return blob.finish()
 
 
 class HubStore:
@@ -465,7 +490,7 @@ class HubStore:
 
     def stage_bytes(self, path: str, data: bytes) -> FileEntry:
         """Store a regular (inline) file's content and describe it."""
-        sha256, size = self.blobs.put([data])
+        sha256, size = self.blobs.put(data)
         return FileEntry(check_path(path), size, sha256, git_blob_sha1(data), lfs=False)
 
     def stage_lfs(self, path: str, sha256: str, size: int | None) -> FileEntry:
