@@ -273,16 +273,40 @@ def test_delete_repo_and_exist_ok(api):
     api.delete_repo(repo, missing_ok=True)
 
 
-def test_legacy_lfs_transfer_without_xet(tmp_path, monkeypatch):
-    import huggingface_hub.constants
+_UPLOAD_WITHOUT_XET = """
+import sys
+from huggingface_hub import HfApi, constants
+assert constants.HF_HUB_DISABLE_XET
+endpoint, token, weights = sys.argv[1:]
+api = HfApi(endpoint=endpoint, token=token)
+api.create_repo("dora/big")
+api.upload_file(path_or_fileobj=weights, path_in_repo="w.safetensors", repo_id="dora/big")
+api.upload_file(path_or_fileobj=b"small", path_in_repo="small.txt", repo_id="dora/big")
+"""
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+
+def test_legacy_lfs_transfer_with_xet_disabled(tmp_path):
+    """A client run with HF_HUB_DISABLE_XET=1 uploads big files through the LFS batch + PUT."""
+    weights = os.urandom(5000)
+    (tmp_path / "w.safetensors").write_bytes(weights)
     with HubServer(tmp_path / "hub", lfs_threshold=1024) as hub:
-        api = HfApi(endpoint=hub.endpoint, token=hub.create_token("dora"))
-        api.create_repo("dora/big")
-        weights = os.urandom(5000)
-        api.upload_file(path_or_fileobj=weights, path_in_repo="w.safetensors", repo_id="dora/big")
-        api.upload_file(path_or_fileobj=b"small", path_in_repo="small.txt", repo_id="dora/big")
+        token = hub.create_token("dora")
+        upload = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _UPLOAD_WITHOUT_XET,
+                hub.endpoint,
+                token,
+                tmp_path / "w.safetensors",
+            ],
+            env={**os.environ, "HF_HUB_DISABLE_XET": "1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert upload.returncode == 0, upload.stderr
+        api = HfApi(endpoint=hub.endpoint)
         sibling = {s.rfilename: s for s in api.model_info("dora/big").siblings}
         assert sibling["w.safetensors"].lfs.size == len(weights)
         assert sibling["small.txt"].lfs is None
