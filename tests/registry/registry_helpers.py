@@ -2,6 +2,7 @@
 
 import torch
 from huggingface_hub import EvalResult
+from peft import IA3Config
 
 from quiver.registry import LocalRegistry
 
@@ -30,3 +31,8 @@ def gsm8k_result(accuracy: float = 0.42) -> EvalResult:
         metric_type="accuracy",
         metric_value=accuracy,
     )
+
+
+def ia3_config() -> IA3Config:
+    """A PEFT adapter config that is not a LoRA."""
+    return IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])

@@ -12,7 +12,7 @@ from huggingface_hub import HfApi, constants, get_session
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import ArrowConfig, create_arrow_model
 from peft.utils import get_peft_model_state_dict
-from registry_helpers import gsm8k_result, logits, store_state
+from registry_helpers import gsm8k_result, ia3_config, logits, store_state
 from safetensors.torch import load_file
 
 from quiver.errors import (
@@ -311,6 +311,40 @@ def test_unknown_repo_revision_and_missing_files(hub, user, make_expert, tmp_pat
         hub.pull(f"{user}/lib")
     with pytest.raises(NotFoundError, match="not a Quiver library"):
         Library.open(hub, f"{user}/e")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (ia3_config(), "IA3"),
+        (LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "DoRA"),
+    ],
+    ids=["ia3", "dora"],
+)
+def test_non_lora_adapters_pushed_by_peft_are_refused(hub_server, hub, user, config, message):
+    get_peft_model(tiny_model("llama"), config).push_to_hub(
+        f"{user}/odd", token=hub_server.create_token(user)
+    )
+    with pytest.raises(InvalidAdapterError, match=message):
+        hub.pull(f"{user}/odd")
+    library = Library.create(hub, f"{user}/lib", base_model=BASE)
+    versions = library.versions()
+    with pytest.raises(InvalidAdapterError, match=message):
+        library.add(f"{user}/odd")
+    assert library.versions() == versions
+
+
+def test_a_referenced_expert_gone_from_the_hub_leaves_the_local_store_untouched(
+    hub, user, make_expert, local, tmp_path
+):
+    _library(hub, user, make_expert)
+    fresh = HubRegistry(hub.endpoint, cache_dir=tmp_path / "fresh")  # nothing cached yet
+    opened = Library.open(fresh, f"{user}/lib")  # manifest only: experts not fetched yet
+    hub.delete(f"{user}/math")
+    before = store_state(local)
+    with pytest.raises(NotFoundError, match=f"{user}/math"):
+        opened.push(local)
+    assert store_state(local) == before
 
 
 def test_tokens_and_endpoints(hub_server, user, make_expert, tmp_path):

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
-from registry_helpers import gsm8k_result, logits, store_state
+from peft import LoraConfig, PeftModel, get_peft_model
+from registry_helpers import gsm8k_result, ia3_config, logits, store_state
 from safetensors.torch import load_file, save_file
 
 from quiver.errors import (
@@ -169,8 +169,7 @@ def test_unknown_repo_and_revision(local, make_expert):
 
 
 def _ia3_folder(tmp_path):
-    config = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
-    get_peft_model(tiny_model("llama"), config).save_pretrained(tmp_path / "ia3")
+    get_peft_model(tiny_model("llama"), ia3_config()).save_pretrained(tmp_path / "ia3")
     return tmp_path / "ia3"
 
 
