@@ -11,7 +11,13 @@ from peft.tuners.lora import create_arrow_model
 from registry_helpers import logits, store_state
 from safetensors.torch import save_file
 
-from quiver.errors import CardError, IncompatibleExpertError, IntegrityError, NotFoundError
+from quiver.errors import (
+    CardError,
+    IncompatibleExpertError,
+    IntegrityError,
+    NotFoundError,
+    QuiverError,
+)
 from quiver.registry import Expert, Library, LocalRegistry
 from quiver.testing import tiny_model
 
@@ -139,7 +145,7 @@ def test_incompatible_experts_are_refused(library, local, make_expert, change, w
 
 
 def test_name_clash_unknown_expert_and_malformed_manifest(library, local, make_expert, tmp_path):
-    with pytest.raises(Exception, match="already has an expert named 'code'"):
+    with pytest.raises(QuiverError, match="already has an expert named 'code'"):
         library.add(make_expert("code"))
     with pytest.raises(NotFoundError, match="no expert 'nope'"):
         library.remove("nope")
@@ -171,7 +177,7 @@ def test_push_library_to_another_registry_copies_referenced_experts(library, tmp
 
 
 def test_create_refuses_an_existing_library(library, local):
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(QuiverError, match="already exists"):
         Library.create(local, "alice/lib", base_model=BASE)
 
 
