@@ -1,12 +1,15 @@
 """The registry commands of the ``quiver`` CLI, over a local store and the self-hosted Hub."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from quiver.cli import app
+from quiver.errors import AuthenticationError
 from quiver.registry import HubRegistry, Library, LocalRegistry
 
 BASE = "quiver-testing/tiny-llama"
@@ -52,14 +55,49 @@ def test_library_commands_from_local_store_to_hub(hub_server, tmp_path, make_exp
     assert Library.open(hub, "clitester/lib").names == ["math", "code"]
 
 
-def test_errors_are_one_line_and_exit_1(tmp_path):
+def test_every_command_on_the_hub_with_a_token(hub_server, make_expert):
+    hub = ["-r", hub_server.endpoint, "--token", hub_server.create_token("clihub")]
+    with pytest.raises(AuthenticationError):  # the token is what lets the pushes below through
+        quiver("push", make_expert(), "clihub/math", "-r", hub_server.endpoint)
+    quiver("push", make_expert("math"), "clihub/math", "--task", "math", "--tag", "v1", *hub)
+    assert "clihub/math" in quiver("search", "--task", "math", "--author", "clihub", *hub)
+    assert "No match." in quiver("search", "--task", "code", "--author", "clihub", *hub)
+    pulled = Path(quiver("pull", "clihub/math", "--revision", "v1", *hub).strip())
+    assert HubRegistry(hub_server.endpoint).pull("clihub/math").path == pulled
+
+    quiver("library", "create", "clihub/lib", "--base-model", BASE, *hub)
+    quiver("library", "add", "clihub/lib", "clihub/math", *hub)
+    quiver("library", "add", "clihub/lib", make_expert("code"), *hub)
+    assert "code" not in quiver("library", "remove", "clihub/lib", "code", *hub)
+    shown = quiver("library", "show", "clihub/lib", *hub)
+    assert "math" in shown and "clihub/math@" in shown
+    library = Library.open(HubRegistry(hub_server.endpoint), "clihub/lib")
+    assert library.names == ["math"]
+    messages = [version.message for version in library.versions()]
+    assert messages[:3] == ["Remove expert code", "Add expert code", "Add expert math"]
+
+
+def run_quiver(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """The installed CLI's entry point, in a fresh process."""
     code = "from quiver.cli import main; main()"
-    result = subprocess.run(
-        [sys.executable, "-c", code, "pull", "nobody/nothing", "-r", str(tmp_path / "store")],
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **env},
     )
+
+
+def test_errors_are_one_line_and_exit_1(tmp_path):
+    result = run_quiver("pull", "nobody/nothing", "-r", str(tmp_path / "store"))
     assert result.returncode == 1
     assert "error: no repo 'nobody/nothing'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_registry_hf_is_huggingface_co():
+    for command in (["pull", "nobody/nothing"], ["search", "--task", "math"]):
+        result = run_quiver(*command, "-r", "hf", HF_HUB_OFFLINE="1")  # no request leaves
+        assert result.returncode == 1, result.stderr
+        assert "error:" in result.stderr and "cannot reach https://huggingface.co" in result.stderr
