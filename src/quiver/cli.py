@@ -61,12 +61,20 @@ def hub_serve(
     lfs_threshold: int | None = typer.Option(
         None, help="Ask for files of at least this many bytes via LFS (HF_HUB_DISABLE_XET=1)."
     ),
+    max_body_bytes: int = typer.Option(1 << 30, help="Refuse bigger request bodies with 413."),
 ) -> None:
     """Serve a Hub that huggingface_hub clients reach through HF_ENDPOINT=http://HOST:PORT."""
     from quiver.registry.server import serve
 
     console.print(f"Serving {root} at http://{host}:{port} (HF_ENDPOINT=http://{host}:{port})")
-    serve(root, host=host, port=port, latency_ms=latency_ms, lfs_threshold=lfs_threshold)
+    serve(
+        root,
+        host=host,
+        port=port,
+        latency_ms=latency_ms,
+        lfs_threshold=lfs_threshold,
+        max_body_bytes=max_body_bytes,
+    )
 
 
 @hub_token_app.command("create")

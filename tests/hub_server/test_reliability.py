@@ -34,11 +34,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _server_process(root: Path, *, env: dict[str, str] | None = None):
+def _server_process(root: Path, *options: str, env: dict[str, str] | None = None):
     """``quiver hub serve`` in a subprocess; yields (process, endpoint) once it answers."""
     port = _free_port()
     process = subprocess.Popen(
-        [QUIVER, "hub", "serve", "--root", str(root), "--port", str(port)],
+        [QUIVER, "hub", "serve", "--root", str(root), "--port", str(port), *options],
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -419,6 +419,29 @@ def test_oversized_bodies_are_refused_with_413(tmp_path):
         assert response.status_code == 413
         assert api.model_info("big/repo").sha == before
         api.upload_file(path_or_fileobj=b"small", path_in_repo="s.txt", repo_id="big/repo")
+
+
+def test_serve_options_reach_the_server(tmp_path):
+    root = tmp_path / "hub"
+    token = HubStore(root).create_token("opt", write=True)
+    options = ("--max-body-bytes", "50000", "--lfs-threshold", "1000", "--latency-ms", "200")
+    with _server_process(root, *options) as (_, endpoint):
+        api = HfApi(endpoint=endpoint, token=token)
+        started = time.monotonic()
+        api.create_repo("opt/repo")
+        assert time.monotonic() - started >= 0.2
+        modes = httpx.post(
+            f"{endpoint}/api/models/opt/repo/preupload/main",
+            json={"files": [{"path": "big.bin", "size": 1000}, {"path": "s.txt", "size": 999}]},
+            headers={"Authorization": f"Bearer {token}"},
+        ).json()["files"]
+        assert [f["uploadMode"] for f in modes] == ["lfs", "regular"]
+        too_big = httpx.post(
+            f"{endpoint}/api/models/opt/repo/commit/main",
+            content=b"x" * 50_001,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert too_big.status_code == 413
 
 
 @pytest.mark.slow
