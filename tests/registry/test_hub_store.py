@@ -161,9 +161,10 @@ def test_list_and_delete(hub, user, make_expert):
         hub.delete(f"{user}/gone")
 
 
-def _library(hub, user, make_expert):
-    hub.push(Expert.from_folder(make_expert("math"), tasks=["math"]), f"{user}/math")
-    library = Library.create(hub, f"{user}/lib", base_model=BASE)
+def _library(registry, user, make_expert):
+    """``user/lib``: ``math`` referenced (published first as ``user/math``), ``code`` bundled."""
+    registry.push(Expert.from_folder(make_expert("math"), tasks=["math"]), f"{user}/math")
+    library = Library.create(registry, f"{user}/lib", base_model=BASE)
     library.add(f"{user}/math")
     library.add(make_expert("code"))
     return library
@@ -189,10 +190,7 @@ def test_library_push_and_pull_on_the_hub(hub, user, make_expert):
 
 
 def test_library_moves_from_local_store_to_hub_and_back(hub, user, local, make_expert, tmp_path):
-    local.push(make_expert("math"), f"{user}/math")
-    library = Library.create(local, f"{user}/lib", base_model=BASE)
-    library.add(f"{user}/math")
-    library.add(make_expert("code"))
+    library = _library(local, user, make_expert)
     on_hub = library.push(hub)
     assert on_hub.experts[0].commit == hub.pull(f"{user}/math").commit
     back = Library.pull(hub, f"{user}/lib").push(open_registry(tmp_path / "copy"))
@@ -366,6 +364,14 @@ def test_tokens_and_endpoints(hub_server, user, make_expert, tmp_path):
     with pytest.raises(AuthenticationError, match="refused the token") as bad_token:
         HubRegistry(endpoint, token="hf_not_a_token", cache_dir=tmp_path / "c").pull(f"{user}/e")
     assert "\n" not in str(bad_token.value)  # one line, as the CLI prints it
+
+
+def test_a_library_pushed_with_a_bad_token_leaves_nothing(hub_server, user, local, make_expert):
+    library = _library(local, user, make_expert)
+    for token in ("hf_not_a_token", hub_server.create_token(user, write=False), None):
+        with pytest.raises(AuthenticationError):
+            library.push(HubRegistry(hub_server.endpoint, token=token))
+    assert HubRegistry(hub_server.endpoint).list(author=user) == []
 
 
 def test_concurrent_pull_of_many_bundled_experts(hub, user, base_model, tmp_path):

@@ -149,6 +149,12 @@ def test_name_clash_unknown_expert_and_malformed_manifest(library, local, make_e
         library.add(make_expert("code"))
     with pytest.raises(NotFoundError, match="no expert 'nope'"):
         library.remove("nope")
+    before = store_state(local)
+    with pytest.raises(NotFoundError, match="no revision 'v9'"):
+        library.add("alice/math@v9")
+    with pytest.raises(NotFoundError, match="no repo 'alice/nope'"):
+        library.add("alice/nope")
+    assert store_state(local) == before
     with pytest.raises(NotFoundError, match="not a Quiver library"):
         Library.open(local, "alice/math")
     with pytest.raises(NotFoundError):
