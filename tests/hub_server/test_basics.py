@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 
 @pytest.fixture
@@ -37,6 +41,10 @@ def test_missing_repo_and_file_are_typed(api, tmp_path):
     api.create_repo("alice/sparse")
     with pytest.raises(EntryNotFoundError):
         hf_hub_download("alice/sparse", "missing.txt", cache_dir=tmp_path)
+    with pytest.raises(RevisionNotFoundError):
+        hf_hub_download("alice/sparse", ".gitattributes", revision="nope", cache_dir=tmp_path)
+    with pytest.raises(RepositoryNotFoundError):
+        hf_hub_download("alice/nothing-here", "f.txt", cache_dir=tmp_path)
 
 
 def test_empty_and_unicode_named_files_round_trip(api, tmp_path):

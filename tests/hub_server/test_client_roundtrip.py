@@ -335,13 +335,17 @@ def test_cli_token_works_against_running_server(hub_server):
 
     from quiver.cli import app
 
-    result = CliRunner().invoke(
-        app, ["hub", "token", "create", "erin", "--root", str(hub_server.root), "--write"]
-    )
+    create = ["hub", "token", "create", "erin", "--root", str(hub_server.root), "--write"]
+    result = CliRunner().invoke(app, [*create, "--org", "erin-lab", "--org", "erin-team"])
     assert result.exit_code == 0, result.output
     token = result.output.strip()
-    assert HfApi(token=token).whoami()["name"] == "erin"
+    whoami = HfApi(token=token).whoami()
+    assert (whoami["name"], [o["name"] for o in whoami["orgs"]]) == (
+        "erin",
+        ["erin-lab", "erin-team"],
+    )
     HfApi(token=token).create_repo("erin/from-cli")
+    HfApi(token=token).create_repo("erin-team/from-cli")
 
     revoke = ["hub", "token", "revoke", token, "--root", str(hub_server.root)]
     assert CliRunner().invoke(app, revoke).exit_code == 0
