@@ -1,5 +1,6 @@
 """The core round trip of the unmodified huggingface_hub client against the self-hosted Hub."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -54,3 +55,14 @@ def test_empty_and_unicode_named_files_round_trip(api, tmp_path):
     empty = hf_hub_download("alice/edge", "empty.txt", cache_dir=tmp_path)
     named = hf_hub_download("alice/edge", "dir w/ü ñ.txt", cache_dir=tmp_path)
     assert (Path(empty).read_bytes(), Path(named).read_bytes()) == (b"", b"hi")
+
+
+def test_contents_are_stored_once_under_their_sha256(api, hub_server):
+    data = os.urandom(3000)
+    for repo in ("alice/copy-a", "alice/copy-b"):
+        api.create_repo(repo)
+        for name in ("same.bin", "again/same.bin"):
+            api.upload_file(path_or_fileobj=data, path_in_repo=name, repo_id=repo)
+    blobs = hub_server.store.blobs
+    copies = [p for p in blobs.root.rglob("*") if p.is_file() and p.read_bytes() == data]
+    assert copies == [blobs.path(hashlib.sha256(data).hexdigest())]
