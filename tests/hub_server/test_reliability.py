@@ -523,4 +523,4 @@ def test_latency_injection_delays_every_request_and_requests_overlap(tmp_path):
         together = time.monotonic() - started
     assert statuses == [200] * 8
     assert single >= 0.3
-    assert together < 8 * 0.3 / 2  # concurrent requests wait side by side, not in a queue
+    assert together < 8 * 0.3  # in a queue they would take at least 8 x 300 ms
