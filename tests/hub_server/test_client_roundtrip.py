@@ -138,6 +138,11 @@ def test_tree_and_paths_info_report_sizes_and_git_oids(api):
     with pytest.raises(EntryNotFoundError):
         list(api.list_repo_tree(repo, path_in_repo="nowhere"))
 
+    api.delete_folder("w", repo_id=repo)
+    assert sorted(api.list_repo_files(repo)) == [".gitattributes", "top.txt"]
+    with pytest.raises(EntryNotFoundError):
+        api.delete_folder("w", repo_id=repo)
+
 
 def test_resolve_sends_etag_commit_and_honours_range(api, hub_server):
     repo = "carol/ranges"
