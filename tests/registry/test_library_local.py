@@ -1,6 +1,7 @@
 """Libraries in the local store: pinning, versions, artifacts, verified pulls, refused experts."""
 
 import json
+import shutil
 import threading
 
 import pytest
@@ -206,3 +207,14 @@ def test_a_referenced_expert_stays_pinned_when_its_repo_moves_on(library, local,
     assert newer.weights_sha256 != pinned.sha256
     pulled = Library.pull(local, "alice/lib").fetch()["math"]
     assert (pulled.commit, pulled.weights_sha256) == (pinned.commit, pinned.sha256)
+
+
+def test_a_bundled_expert_missing_from_the_snapshot_is_refused(library, local, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(local.download("alice/lib")[0], copy)
+    shutil.rmtree(copy / "experts" / "code")
+    local.upload("alice/lib", copy, message="lose the bundled expert's files")
+    opened = Library.open(local, "alice/lib")
+    with pytest.raises(NotFoundError, match="no experts/code/ folder") as error:
+        opened.fetch()
+    assert "versions" in error.value.hint

@@ -211,6 +211,12 @@ class Library:
             root, _ = self.registry.download(
                 self.repo_id, revision=self.commit, patterns=[f"{pin.subfolder}/*"]
             )
+            if not (root / pin.subfolder).is_dir():
+                raise NotFoundError(
+                    f"{self.repo_id}@{self.commit[:10]} pins the bundled expert {pin.name!r} "
+                    f"but has no {pin.subfolder}/ folder",
+                    hint="open an earlier version of the library (see `versions`)",
+                )
             return self.registry.open_expert(
                 root / pin.subfolder, commit=self.commit, sha256=pin.sha256
             )
