@@ -15,6 +15,7 @@ from peft.utils import get_peft_model_state_dict
 from registry_helpers import gsm8k_result, ia3_config, logits, store_state
 from safetensors.torch import load_file
 
+import quiver
 from quiver.errors import (
     AuthenticationError,
     CardError,
@@ -53,6 +54,8 @@ def _dead_endpoint() -> str:
 
 def test_open_registry_specs(hub_server, tmp_path):
     assert isinstance(open_registry(hub_server.endpoint), HubRegistry)
+    assert all(isinstance(open_registry(spec), quiver.Registry) for spec in ("hf", tmp_path))
+    assert (quiver.Expert, quiver.Library) == (Expert, Library)  # the top-level Python API
     assert open_registry("hf").endpoint == "https://huggingface.co"
     assert open_registry(tmp_path / "store").root == tmp_path / "store"
     assert open_registry().root.parent == open_registry(os.environ["QUIVER_HOME"]).root
