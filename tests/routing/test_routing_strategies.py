@@ -5,24 +5,12 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
+from routing_helpers import naive_mix
 from safetensors.torch import load_file, save_file
 
 from quiver.errors import RoutingError
 from quiver.routing import Arrow, Merge, route
 from quiver.routing.layers import mix_lowrank
-
-
-def naive_mix(x, lora_a, lora_b, index, weights, mix_parameters):
-    out = torch.zeros(x.shape[0], lora_b.shape[1])
-    for t in range(x.shape[0]):
-        w, chosen = weights[t], index[t]
-        if mix_parameters:
-            mixed_a = sum(wj * lora_a[e] for wj, e in zip(w, chosen, strict=True))
-            mixed_b = sum(wj * lora_b[e] for wj, e in zip(w, chosen, strict=True))
-            out[t] = mixed_b @ mixed_a @ x[t]
-        else:
-            out[t] = sum(wj * lora_b[e] @ lora_a[e] @ x[t] for wj, e in zip(w, chosen, strict=True))
-    return out
 
 
 @pytest.mark.parametrize("mix_parameters", [False, True])

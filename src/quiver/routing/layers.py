@@ -1,10 +1,11 @@
 """Routed layers: a base Linear/Conv1D plus what the experts chosen for each token add to it.
 
 A ``RoutedLinear`` asks its mixer two things for the flattened tokens ``x [N, in]``: which experts
-each token uses (``index, weights [N, k]``) and the resulting update. Routed mixers touch only the
-k chosen experts' rows of A and B, through two fused kernels (``embedding_bag`` and its
-transpose), so time grows with ``N * k * r * (in + out)`` plus the routing product ``N * E * in``,
-and memory with ``N * k * r``: never ``N * E * out`` as when every expert runs on every token.
+each token uses (``index, weights [N, k]``), then to add their update to the base output. Routed
+mixers touch only the k chosen experts' factors, so time grows with ``N * k * r * (in + out)``
+plus the routing product ``N * E * in``, and memory with ``N * k * r``: never ``N * E * out`` as
+when every expert runs on every token. On the CPU in float32 the fused kernels of ``kernels.py``
+do the work; elsewhere two fused torch ops (``embedding_bag`` and its transpose) do.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quiver.errors import RoutingError
+from quiver.routing import kernels
 from quiver.routing.experts import LoraStack
 
 Recorder = Callable[[str, torch.Size, torch.Tensor, torch.Tensor], None]
@@ -72,6 +74,15 @@ class Mixer(nn.Module):
         self.register_buffer("a_rows", stack.A.flatten(0, 1).contiguous(), persistent=False)
         self.register_buffer("b_rows", b_rows.flatten(0, 1), persistent=False)
 
+    def add_update(self, out, x, index, weights, *, mix_parameters: bool = False) -> None:
+        """``out [N, out] +=`` the chosen experts' update of ``x [N, in]``, in place."""
+        factors = (self.a_rows, self.b_rows, index, weights)
+        options = dict(rank=self.rank, mix_parameters=mix_parameters)
+        if kernels.applicable(out, x, self.a_rows, weights):
+            kernels.lowrank_add_(out, x, *factors, **options)
+        else:
+            out.add_(mix_lowrank(x, *factors, **options))
+
 
 class ArrowMixer(Mixer):
     """Arrow: per token, ``|x . p_e| / T`` over the prototypes, top-k, softmax over those k."""
@@ -82,19 +93,14 @@ class ArrowMixer(Mixer):
         self.top_k, self.temperature, self.mix_parameters = top_k, temperature, mix_parameters
 
     def select(self, x: torch.Tensor, batch_shape: torch.Size):
-        top, index = (x @ self.prototypes.mT).abs().topk(self.top_k, dim=-1)
+        scores = x @ self.prototypes.mT
+        if kernels.applicable(scores):
+            return kernels.topk_softmax(scores, self.top_k, self.temperature)
+        top, index = scores.abs().topk(self.top_k, dim=-1)
         return index, (top / self.temperature).softmax(dim=-1)
 
-    def forward(self, x, index, weights):
-        return mix_lowrank(
-            x,
-            self.a_rows,
-            self.b_rows,
-            index,
-            weights,
-            rank=self.rank,
-            mix_parameters=self.mix_parameters,
-        )
+    def forward(self, out, x, index, weights):
+        self.add_update(out, x, index, weights, mix_parameters=self.mix_parameters)
 
 
 class OracleMixer(Mixer):
@@ -121,8 +127,8 @@ class OracleMixer(Mixer):
         index = index.reshape(-1, 1)
         return index, x.new_ones(index.shape)
 
-    def forward(self, x, index, weights):
-        return mix_lowrank(x, self.a_rows, self.b_rows, index, weights, rank=self.rank)
+    def forward(self, out, x, index, weights):
+        self.add_update(out, x, index, weights)
 
 
 class MergedMixer(nn.Module):
@@ -139,8 +145,8 @@ class MergedMixer(nn.Module):
         index = torch.arange(experts, device=x.device).expand(x.shape[0], experts)
         return index, self.expert_weights.to(x.dtype).expand(x.shape[0], experts)
 
-    def forward(self, x, index, weights):
-        return (x @ self.lora_a.mT) @ self.lora_b.mT
+    def forward(self, out, x, index, weights):
+        out.addmm_(x @ self.lora_a.mT, self.lora_b.mT)
 
 
 class RoutedLinear(nn.Module):
@@ -155,9 +161,10 @@ class RoutedLinear(nn.Module):
         self.recorder: Recorder | None = None  # set while a RoutingTrace records
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        out = self.base_layer(x).contiguous()
         flat = x.reshape(-1, x.shape[-1])
         index, weights = self.mixer.select(flat, x.shape[:-1])
         if self.recorder is not None:
             self.recorder(self.name, x.shape[:-1], index, weights)
-        return out.add_(self.mixer(flat, index, weights).view_as(out))
+        self.mixer(out.view(-1, out.shape[-1]), flat, index, weights)  # adds in place
+        return out

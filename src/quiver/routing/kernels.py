@@ -1,0 +1,141 @@
+"""Fused CPU kernels for routed layers: top-k routing and the chosen experts' low-rank update.
+
+PyTorch has no CPU kernel that multiplies each token by a few experts picked per token without
+gathering their factors (``embedding_bag`` comes closest, at a fraction of GEMM speed). So
+``lowrank.cpp`` does it: per chunk of tokens it visits the (token, expert) pairs expert by expert,
+keeping each expert's factors in cache. It is compiled once per machine with the system C++
+compiler (about a second; no torch headers) into ``$QUIVER_HOME/kernels`` and loaded with ctypes.
+Built with OpenMP, it runs on the libgomp torch has already loaded, i.e. on torch's threads.
+
+The kernels cover float32 on the CPU without autograd; everything else (GPUs, bf16/fp16,
+training, machines without a compiler, ``QUIVER_KERNELS=0``) takes the portable torch path in
+``layers.py``, which gives the same results.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from quiver.errors import RoutingError
+from quiver.registry.local import quiver_home
+
+SOURCE = Path(__file__).with_name("lowrank.cpp")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
+CHUNK = 64  # tokens per work item: enough pairs per expert to reuse its factors, not too many
+
+
+def _build(compiler: str) -> Path:
+    """Compile ``lowrank.cpp`` unless this exact build exists; the target appears atomically."""
+    source = SOURCE.read_bytes()
+    machine = f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode()]))
+    target = quiver_home() / "kernels" / f"lowrank-{machine}-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".lowrank-", suffix=".so")
+    os.close(handle)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", temp], check=True, capture_output=True, text=True
+        )
+        os.replace(temp, target)
+    finally:
+        Path(temp).unlink(missing_ok=True)
+    return target
+
+
+@functools.cache
+def cpu_kernels() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with one warning saying why) when they cannot be had."""
+    if os.environ.get("QUIVER_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    try:
+        if compiler is None:
+            raise OSError("no C++ compiler on PATH; set CXX")
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = (getattr(error, "stderr", None) or str(error)).strip()
+        warnings.warn(
+            f"Quiver's CPU kernels did not build ({detail}); routed layers take the slower "
+            "portable path",
+            stacklevel=2,
+        )
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.quiver_topk_softmax.argtypes = [pointer, size, size, size, ctypes.c_float]
+    library.quiver_topk_softmax.argtypes += [pointer, pointer]
+    library.quiver_topk_softmax.restype = None
+    library.quiver_lowrank_add.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_int, size]
+    library.quiver_lowrank_add.restype = ctypes.c_int
+    return library
+
+
+def applicable(*tensors: torch.Tensor) -> bool:
+    """True when the kernels can stand in for the torch path on these tensors."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # the kernels carry no gradient
+    return cpu_kernels() is not None
+
+
+def topk_softmax(scores: torch.Tensor, top_k: int, temperature: float):
+    """``index, weights [N, k]``: the top-k of ``|scores|`` per row, softmax over them at T."""
+    scores = scores.contiguous()
+    tokens, experts = scores.shape
+    index = torch.empty(tokens, top_k, dtype=torch.int64)
+    weights = torch.empty(tokens, top_k, dtype=scores.dtype)
+    cpu_kernels().quiver_topk_softmax(
+        scores.data_ptr(), tokens, experts, top_k, temperature, index.data_ptr(), weights.data_ptr()
+    )
+    return index, weights
+
+
+def lowrank_add_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    rank: int,
+    mix_parameters: bool,
+) -> None:
+    """Add the chosen experts' update to ``out [N, out]`` in place (see ``mix_lowrank``)."""
+    if not out.is_contiguous():
+        raise RoutingError("the kernels write into a contiguous output only")
+    x, a_rows, b_rows = x.contiguous(), a_rows.contiguous(), b_rows.contiguous()
+    index, weights = index.to(torch.int64).contiguous(), weights.contiguous()
+    tokens, top_k = index.shape
+    status = cpu_kernels().quiver_lowrank_add(
+        out.data_ptr(),
+        x.data_ptr(),
+        a_rows.data_ptr(),
+        b_rows.data_ptr(),
+        index.data_ptr(),
+        weights.data_ptr(),
+        tokens,
+        x.shape[1],
+        out.shape[1],
+        a_rows.shape[0] // rank,
+        rank,
+        top_k,
+        int(mix_parameters),
+        CHUNK,
+    )
+    if status != 0:
+        raise RoutingError(f"an expert index is outside 0..{a_rows.shape[0] // rank - 1}")

@@ -1,0 +1,124 @@
+"""The fused CPU kernels against a per-token loop, torch's top-k, and the portable path."""
+
+import pytest
+import torch
+from routing_helpers import naive_mix
+
+from quiver.errors import RoutingError
+from quiver.routing import Arrow, kernels, route
+
+
+@pytest.fixture(autouse=True)
+def fresh_kernels():
+    """Each test sees the kernels as its own environment would build (or refuse) them."""
+    kernels.cpu_kernels.cache_clear()
+    yield
+    kernels.cpu_kernels.cache_clear()
+
+
+def random_update_case(tokens, experts, rank, din, dout, k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lora_a = torch.randn(experts, rank, din, generator=gen)
+    lora_b = torch.randn(experts, dout, rank, generator=gen)
+    x = torch.randn(tokens, din, generator=gen)
+    index = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen).softmax(-1)
+    return lora_a, lora_b, x, index, weights
+
+
+@pytest.mark.parametrize("mix_parameters", [False, True])
+@pytest.mark.parametrize(
+    ("tokens", "experts", "rank", "din", "dout", "k"),
+    [
+        (150, 9, 8, 64, 48, 3),  # several chunks of tokens, the last one partial
+        (7, 5, 3, 13, 7, 2),  # rank and widths that fill no vector
+        (65, 4, 12, 40, 21, 4),  # rank 8 + 4, every expert chosen by every token
+        (1, 6, 16, 24, 9, 1),  # one token, one expert (a decoding step, the oracle)
+    ],
+)
+def test_kernel_update_matches_a_per_token_loop(
+    tokens, experts, rank, din, dout, k, mix_parameters
+):
+    lora_a, lora_b, x, index, weights = random_update_case(tokens, experts, rank, din, dout, k)
+    base = torch.randn(tokens, dout)
+    out = base.clone()
+    kernels.lowrank_add_(
+        out,
+        x,
+        lora_a.flatten(0, 1),
+        lora_b.mT.flatten(0, 1),
+        index,
+        weights,
+        rank=rank,
+        mix_parameters=mix_parameters,
+    )
+    expected = naive_mix(x, lora_a, lora_b, index, weights, mix_parameters)
+    torch.testing.assert_close(out - base, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_top_k_matches_torch():
+    scores = torch.randn(300, 32, generator=torch.Generator().manual_seed(1))
+    index, weights = kernels.topk_softmax(scores, 4, 0.7)
+    top, expected_index = scores.abs().topk(4, dim=-1)
+    assert torch.equal(index, expected_index)
+    torch.testing.assert_close(weights, (top / 0.7).softmax(-1))
+
+
+def test_an_expert_index_out_of_range_is_refused_before_writing():
+    lora_a, lora_b, x, index, weights = random_update_case(4, 3, 2, 8, 8, 2)
+    index[2, 1] = 3
+    out = torch.zeros(4, 8)
+    with pytest.raises(RoutingError, match=r"outside 0\.\.2"):
+        kernels.lowrank_add_(
+            out,
+            x,
+            lora_a.flatten(0, 1),
+            lora_b.mT.flatten(0, 1),
+            index,
+            weights,
+            rank=2,
+            mix_parameters=False,
+        )
+    assert not out.any()
+
+
+@pytest.mark.parametrize("mixing", ["outputs", "parameters"])
+def test_routed_logits_are_the_same_with_and_without_kernels(
+    llama, expert_paths, monkeypatch, mixing
+):
+    routed = route(llama, expert_paths(llama, 6), Arrow(top_k=3, mixing=mixing))
+    ids = torch.randint(3, 250, (3, 70), generator=torch.Generator().manual_seed(2))
+    x = torch.zeros(1)
+    with torch.no_grad():
+        assert kernels.applicable(x)
+        fast = routed(ids).logits
+        monkeypatch.setenv("QUIVER_KERNELS", "0")
+        kernels.cpu_kernels.cache_clear()
+        assert not kernels.applicable(x)
+        portable = routed(ids).logits
+    torch.testing.assert_close(fast, portable, atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_stay_out_of_gradients_and_other_dtypes():
+    assert kernels.applicable(torch.zeros(2))
+    assert not kernels.applicable(torch.zeros(2, requires_grad=True))
+    assert not kernels.applicable(torch.zeros(2, dtype=torch.bfloat16))
+    with torch.no_grad():
+        assert kernels.applicable(torch.zeros(2, requires_grad=True))
+
+
+def test_without_a_compiler_routing_warns_and_takes_the_portable_path(
+    llama, expert_paths, monkeypatch, tmp_path
+):
+    routed = route(llama, expert_paths(llama, 3), Arrow(top_k=2))
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = routed(ids).logits
+    monkeypatch.setenv("QUIVER_HOME", str(tmp_path))  # no build cached there
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    kernels.cpu_kernels.cache_clear()
+    with pytest.warns(UserWarning, match="did not build"):
+        assert kernels.cpu_kernels() is None
+    with torch.no_grad():
+        torch.testing.assert_close(routed(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert not list(tmp_path.glob("kernels/*"))
