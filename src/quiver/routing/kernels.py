@@ -32,7 +32,7 @@ from quiver.registry.local import quiver_home
 
 SOURCE = Path(__file__).with_name("lowrank.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
-CHUNK = 64  # tokens per work item: enough pairs per expert to reuse its factors, not too many
+CHUNK = 128  # tokens per work item: enough pairs per expert to reuse its factors in cache
 
 
 def _build(compiler: str) -> Path:

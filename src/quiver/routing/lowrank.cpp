@@ -26,53 +26,88 @@ inline f8 load8(const float* p) {
 
 inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
 
-// codes[j] = a[j, :] . x for RB rows of a at once: RB independent accumulators hide FMA latency.
+// Factors are read in column blocks of this many floats, so that an expert's block (8 rank rows,
+// 16 KiB) stays in L1 while every token that chose the expert uses it.
+constexpr int64_t kBlock = 512;
+
+// The eight lane sums of eight vectors, as one vector: a transpose-and-add in three rounds.
+inline f8 lane_sums(const f8* v) {
+  typedef int i8 __attribute__((vector_size(32)));
+  const i8 even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+  const i8 low_pairs = {0, 1, 8, 9, 4, 5, 12, 13}, high_pairs = {2, 3, 10, 11, 6, 7, 14, 15};
+  const i8 low_half = {0, 1, 2, 3, 8, 9, 10, 11}, high_half = {4, 5, 6, 7, 12, 13, 14, 15};
+  f8 pairs[4], quads[2];
+  for (int j = 0; j < 4; ++j)
+    pairs[j] = __builtin_shuffle(v[2 * j], v[2 * j + 1], even) +
+               __builtin_shuffle(v[2 * j], v[2 * j + 1], odd);
+  for (int j = 0; j < 2; ++j)
+    quads[j] = __builtin_shuffle(pairs[2 * j], pairs[2 * j + 1], low_pairs) +
+               __builtin_shuffle(pairs[2 * j], pairs[2 * j + 1], high_pairs);
+  return __builtin_shuffle(quads[0], quads[1], low_half) +
+         __builtin_shuffle(quads[0], quads[1], high_half);
+}
+
+// codes[j] += a[j, :width] . x[:width] for RB rows of a (row stride `stride`) at once: RB
+// independent accumulators hide the FMA latency.
 template <int RB>
-inline void dots(const float* a, int64_t din, const float* x, float* codes) {
+inline void dots(const float* a, int64_t stride, int64_t width, const float* x, float* codes) {
   f8 acc[RB] = {};
   int64_t i = 0;
-  for (; i + 8 <= din; i += 8) {
+  for (; i + 8 <= width; i += 8) {
     const f8 xv = load8(x + i);
-    for (int j = 0; j < RB; ++j) acc[j] += load8(a + j * din + i) * xv;
+    for (int j = 0; j < RB; ++j) acc[j] += load8(a + j * stride + i) * xv;
+  }
+  float sums[RB];
+  if constexpr (RB == 8) {
+    store8(sums, lane_sums(acc));
+  } else {
+    for (int j = 0; j < RB; ++j) {
+      sums[j] = 0.f;
+      for (int lane = 0; lane < 8; ++lane) sums[j] += acc[j][lane];
+    }
   }
   for (int j = 0; j < RB; ++j) {
-    float sum = 0.f;
-    for (int lane = 0; lane < 8; ++lane) sum += acc[j][lane];
-    for (int64_t tail = i; tail < din; ++tail) sum += a[j * din + tail] * x[tail];
-    codes[j] = sum;
+    for (int64_t tail = i; tail < width; ++tail) sums[j] += a[j * stride + tail] * x[tail];
+    codes[j] += sums[j];
   }
 }
 
-// out += sum_j codes[j] * b[j, :] for RB rows of b at once (one load and store of out per RB).
+// out[:width] += sum_j codes[j] * b[j, :width] for RB rows of b at once (one load and store of
+// out per RB rows; even and odd rows in two chains to halve the FMA latency on the path).
 template <int RB>
-inline void expand(const float* b, int64_t dout, const float* codes, float* out) {
+inline void expand(const float* b, int64_t stride, int64_t width, const float* codes, float* out) {
   int64_t o = 0;
-  for (; o + 8 <= dout; o += 8) {
-    f8 acc = load8(out + o);
-    for (int j = 0; j < RB; ++j) acc += codes[j] * load8(b + j * dout + o);
-    store8(out + o, acc);
+  for (; o + 8 <= width; o += 8) {
+    f8 even = load8(out + o), odd = {};
+    for (int j = 0; j + 1 < RB; j += 2) {
+      even += codes[j] * load8(b + j * stride + o);
+      odd += codes[j + 1] * load8(b + (j + 1) * stride + o);
+    }
+    if constexpr (RB % 2 == 1) even += codes[RB - 1] * load8(b + (RB - 1) * stride + o);
+    store8(out + o, even + odd);
   }
-  for (; o < dout; ++o) {
+  for (; o < width; ++o) {
     float sum = out[o];
-    for (int j = 0; j < RB; ++j) sum += codes[j] * b[j * dout + o];
+    for (int j = 0; j < RB; ++j) sum += codes[j] * b[j * stride + o];
     out[o] = sum;
   }
 }
 
 // Any rank, in blocks of 8, then 4, then single rows.
-inline void all_dots(const float* a, int64_t din, int64_t rank, const float* x, float* codes) {
+inline void all_dots(const float* a, int64_t stride, int64_t width, int64_t rank, const float* x,
+                     float* codes) {
   int64_t j = 0;
-  for (; j + 8 <= rank; j += 8) dots<8>(a + j * din, din, x, codes + j);
-  for (; j + 4 <= rank; j += 4) dots<4>(a + j * din, din, x, codes + j);
-  for (; j < rank; ++j) dots<1>(a + j * din, din, x, codes + j);
+  for (; j + 8 <= rank; j += 8) dots<8>(a + j * stride, stride, width, x, codes + j);
+  for (; j + 4 <= rank; j += 4) dots<4>(a + j * stride, stride, width, x, codes + j);
+  for (; j < rank; ++j) dots<1>(a + j * stride, stride, width, x, codes + j);
 }
 
-inline void all_expands(const float* b, int64_t dout, int64_t rank, const float* codes,
-                        float* out) {
+inline void all_expands(const float* b, int64_t stride, int64_t width, int64_t rank,
+                        const float* codes, float* out) {
   int64_t j = 0;
-  for (; j + 8 <= rank; j += 8) expand<8>(b + j * dout, dout, codes + j, out);
-  for (; j + 4 <= rank; j += 4) expand<4>(b + j * dout, dout, codes + j, out);
-  for (; j < rank; ++j) expand<1>(b + j * dout, dout, codes + j, out);
+  for (; j + 8 <= rank; j += 8) expand<8>(b + j * stride, stride, width, codes + j, out);
+  for (; j + 4 <= rank; j += 4) expand<4>(b + j * stride, stride, width, codes + j, out);
+  for (; j < rank; ++j) expand<1>(b + j * stride, stride, width, codes + j, out);
 }
 
 }  // namespace
@@ -129,20 +164,31 @@ int quiver_lowrank_add(float* out, const float* x, const float* a, const float* 
 #pragma omp parallel if (chunks > 1)
   {
     std::vector<float> codes(chunk * k * rank), mixed(rank);
-    std::vector<int64_t> start(experts + 1), pairs(chunk * k);
+    std::vector<int64_t> start(experts + 1), fill(experts), pairs(chunk * k);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t t0 = c * chunk, pair_count = (std::min(n, t0 + chunk) - t0) * k;
       const int64_t* chosen = index + t0 * k;
       const float* chosen_weights = weights + t0 * k;
-      // Counting sort of this chunk's pairs by expert.
+      // Counting sort of this chunk's pairs by expert: expert e's pairs are
+      // pairs[start[e] .. start[e + 1]).
       std::fill(start.begin(), start.end(), 0);
       for (int64_t p = 0; p < pair_count; ++p) ++start[chosen[p] + 1];
       for (int64_t e = 0; e < experts; ++e) start[e + 1] += start[e];
-      for (int64_t p = 0; p < pair_count; ++p) pairs[start[chosen[p]]++] = p;
-      for (int64_t s = 0; s < pair_count; ++s) {
-        const int64_t p = pairs[s], t = t0 + p / k;
-        all_dots(a + chosen[p] * rank * din, din, rank, x + t * din, &codes[p * rank]);
+      std::copy(start.begin(), start.end() - 1, fill.begin());
+      for (int64_t p = 0; p < pair_count; ++p) pairs[fill[chosen[p]]++] = p;
+
+      std::fill(codes.begin(), codes.end(), 0.f);
+      for (int64_t e = 0; e < experts; ++e) {
+        const float* a_e = a + e * rank * din;
+        for (int64_t i0 = 0; i0 < din; i0 += kBlock) {
+          const int64_t width = std::min(kBlock, din - i0);
+          for (int64_t s = start[e]; s < start[e + 1]; ++s) {
+            const int64_t p = pairs[s];
+            const float* x_t = x + (t0 + p / k) * din;
+            all_dots(a_e + i0, din, width, rank, x_t + i0, &codes[p * rank]);
+          }
+        }
       }
       for (int64_t t = 0; t < pair_count / k; ++t) {
         float* token_codes = &codes[t * k * rank];
@@ -158,9 +204,16 @@ int quiver_lowrank_add(float* out, const float* x, const float* a, const float* 
             for (int64_t r = 0; r < rank; ++r) token_codes[j * rank + r] *= w[j];
         }
       }
-      for (int64_t s = 0; s < pair_count; ++s) {
-        const int64_t p = pairs[s], t = t0 + p / k;
-        all_expands(b + chosen[p] * rank * dout, dout, rank, &codes[p * rank], out + t * dout);
+      for (int64_t e = 0; e < experts; ++e) {
+        const float* b_e = b + e * rank * dout;
+        for (int64_t o0 = 0; o0 < dout; o0 += kBlock) {
+          const int64_t width = std::min(kBlock, dout - o0);
+          for (int64_t s = start[e]; s < start[e + 1]; ++s) {
+            const int64_t p = pairs[s];
+            float* out_t = out + (t0 + p / k) * dout;
+            all_expands(b_e + o0, dout, width, rank, &codes[p * rank], out_t + o0);
+          }
+        }
       }
     }
   }
