@@ -134,7 +134,8 @@ def markdown(rows, hidden, repeats) -> str:
     note = (
         f"Hidden {hidden}. Medians of {repeats} after a warm-up; `python benchmarks/routing.py` "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads). Extra peak = largest "
-        "live tensor memory during one forward minus the base model's."
+        "live tensor memory during one forward minus the base model's (torch tensors; the CPU "
+        "kernels' own scratch, about 20 KiB a thread, is not seen)."
     )
     lines.append("\n" + textwrap.fill(note, 100))
     return "\n".join(lines)
