@@ -84,11 +84,13 @@ def cpu_kernels() -> ctypes.CDLL | None:
 
 
 def applicable(*tensors: torch.Tensor) -> bool:
-    """True when the kernels can stand in for the torch path on these tensors."""
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False  # the kernels carry no gradient
+    """True when the kernels can stand in for the torch path on these tensors (the experts'
+    buffers follow the model, so a layer's input and output decide)."""
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.dtype != torch.float32:
+            return False
+        if tensor.requires_grad and torch.is_grad_enabled():
+            return False  # the kernels carry no gradient
     return cpu_kernels() is not None
 
 

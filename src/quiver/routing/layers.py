@@ -64,7 +64,13 @@ def mix_lowrank(
 
 
 class Mixer(nn.Module):
-    """Holds the experts' factors as rows ``A [E * r, in]`` and ``s B^T [E * r, out]`` (buffers)."""
+    """Holds the experts' factors as rows ``A [E * r, in]`` and ``s B^T [E * r, out]`` (buffers).
+
+    Every mixer answers ``select`` (which experts each token uses, with what weights) and
+    ``update_`` (add their update to the base output in place).
+    """
+
+    mix_parameters = False
 
     def __init__(self, stack: LoraStack) -> None:
         super().__init__()
@@ -74,11 +80,11 @@ class Mixer(nn.Module):
         self.register_buffer("a_rows", stack.A.flatten(0, 1).contiguous(), persistent=False)
         self.register_buffer("b_rows", b_rows.flatten(0, 1), persistent=False)
 
-    def add_update(self, out, x, index, weights, *, mix_parameters: bool = False) -> None:
-        """``out [N, out] +=`` the chosen experts' update of ``x [N, in]``, in place."""
+    def update_(self, out, x, index, weights) -> None:
+        """``out [N, out] +=`` the chosen experts' update of ``x [N, in]``."""
         factors = (self.a_rows, self.b_rows, index, weights)
-        options = dict(rank=self.rank, mix_parameters=mix_parameters)
-        if kernels.applicable(out, x, self.a_rows, weights):
+        options = dict(rank=self.rank, mix_parameters=self.mix_parameters)
+        if kernels.applicable(out, x):
             kernels.lowrank_add_(out, x, *factors, **options)
         else:
             out.add_(mix_lowrank(x, *factors, **options))
@@ -98,9 +104,6 @@ class ArrowMixer(Mixer):
             return kernels.topk_softmax(scores, self.top_k, self.temperature)
         top, index = scores.abs().topk(self.top_k, dim=-1)
         return index, (top / self.temperature).softmax(dim=-1)
-
-    def forward(self, out, x, index, weights):
-        self.add_update(out, x, index, weights, mix_parameters=self.mix_parameters)
 
 
 class OracleMixer(Mixer):
@@ -127,9 +130,6 @@ class OracleMixer(Mixer):
         index = index.reshape(-1, 1)
         return index, x.new_ones(index.shape)
 
-    def forward(self, out, x, index, weights):
-        self.add_update(out, x, index, weights)
-
 
 class MergedMixer(nn.Module):
     """A fixed combination of the experts folded into one LoRA ``(A [r', in], B [out, r'])``."""
@@ -145,7 +145,7 @@ class MergedMixer(nn.Module):
         index = torch.arange(experts, device=x.device).expand(x.shape[0], experts)
         return index, self.expert_weights.to(x.dtype).expand(x.shape[0], experts)
 
-    def forward(self, out, x, index, weights):
+    def update_(self, out, x, index, weights) -> None:
         out.addmm_(x @ self.lora_a.mT, self.lora_b.mT)
 
 
@@ -166,5 +166,5 @@ class RoutedLinear(nn.Module):
         index, weights = self.mixer.select(flat, x.shape[:-1])
         if self.recorder is not None:
             self.recorder(self.name, x.shape[:-1], index, weights)
-        self.mixer(out.view(-1, out.shape[-1]), flat, index, weights)  # adds in place
+        self.mixer.update_(out.view(-1, out.shape[-1]), flat, index, weights)
         return out
