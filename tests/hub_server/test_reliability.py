@@ -25,6 +25,25 @@ from huggingface_hub.errors import HfHubHTTPError
 from quiver.registry.server import HubServer, HubStore
 
 QUIVER = str(Path(sys.executable).with_name("quiver"))
+# `quiver hub serve` whose commits hold their transaction open for 30 s once recorded, so a test
+# can kill the server inside one.
+PAUSED_IN_COMMIT = """
+import sys, time
+from quiver.cli import main
+from quiver.registry.server.storage import HubStore
+
+record = HubStore._record_commit
+
+
+def record_then_pause(*args, **kwargs):
+    sha = record(*args, **kwargs)
+    time.sleep(30)
+    return sha
+
+
+HubStore._record_commit = record_then_pause
+sys.exit(main())
+"""
 
 
 def _free_port() -> int:
@@ -34,12 +53,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _server_process(root: Path, *options: str, env: dict[str, str] | None = None):
+def _server_process(root: Path, *options: str, quiver: tuple[str, ...] = (QUIVER,)):
     """``quiver hub serve`` in a subprocess; yields (process, endpoint) once it answers."""
     port = _free_port()
     process = subprocess.Popen(
-        [QUIVER, "hub", "serve", "--root", str(root), "--port", str(port), *options],
-        env={**os.environ, **(env or {})},
+        [*quiver, "hub", "serve", "--root", str(root), "--port", str(port), *options],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -166,7 +184,6 @@ def test_server_killed_inside_a_commit_transaction_keeps_the_store_consistent(tm
     root = tmp_path / "hub"
     token = HubStore(root).create_token("kim", write=True)
     committed = {".gitattributes": None, "base.txt": b"base"}
-    pause = {"QUIVER_HUB_TEST_PAUSE_IN_COMMIT": "30"}
     with _server_process(root) as (_, endpoint):
         api = HfApi(endpoint=endpoint, token=token)
         api.create_repo("kim/crash")
@@ -177,7 +194,8 @@ def test_server_killed_inside_a_commit_transaction_keeps_the_store_consistent(tm
         before = api.model_info("kim/crash").sha
 
     doomed = os.urandom(200_000)
-    with _server_process(root, env=pause) as (process, endpoint):
+    paused_quiver = (sys.executable, "-c", PAUSED_IN_COMMIT)
+    with _server_process(root, quiver=paused_quiver) as (process, endpoint):
         body = _ndjson_commit("doomed", {"big.bin": doomed, "base.txt": b"new"})
         thread = _commit_in_background(endpoint, token, "kim/crash", body)
         # The server holds SQLite's write lock only between BEGIN IMMEDIATE and COMMIT: once it

@@ -16,7 +16,6 @@ import re
 import secrets
 import sqlite3
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,9 +44,6 @@ _GITATTRIBUTES = (
     b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
     b"*.bin filter=lfs diff=lfs merge=lfs -text\n"
 )
-# Test-only hook: seconds a commit holds its transaction open before COMMIT (kill-mid-commit tests).
-_PAUSE_IN_COMMIT = float(os.environ.get("QUIVER_HUB_TEST_PAUSE_IN_COMMIT", "0"))
-
 _FILE_COLUMNS = "path, size, sha256, oid, lfs"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, user TEXT NOT NULL,
@@ -550,8 +546,6 @@ class HubStore:
             sha = self._record_commit(
                 db, repo, branch, head, additions, deletions, title, message, author
             )
-            if _PAUSE_IN_COMMIT:
-                time.sleep(_PAUSE_IN_COMMIT)
         return sha
 
     def _record_commit(
