@@ -56,12 +56,26 @@ def test_kernel_update_matches_a_per_token_loop(
     torch.testing.assert_close(out - base, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_kernel_top_k_matches_torch():
-    scores = torch.randn(300, 32, generator=torch.Generator().manual_seed(1))
-    index, weights = kernels.topk_softmax(scores, 4, 0.7)
+def test_kernel_arrow_choice_matches_torch_top_k_and_its_update_the_loop():
+    lora_a, lora_b, x, _, _ = random_update_case(300, 32, 4, 24, 16, 4)
+    scores = x @ torch.randn(32, 24, generator=torch.Generator().manual_seed(1)).T
+    out = torch.zeros(300, 16)
+    index, weights = kernels.arrow_add_(
+        out,
+        x,
+        scores,
+        lora_a.flatten(0, 1),
+        lora_b.mT.flatten(0, 1),
+        top_k=4,
+        temperature=0.7,
+        rank=4,
+        mix_parameters=False,
+    )
     top, expected_index = scores.abs().topk(4, dim=-1)
     assert torch.equal(index, expected_index)
     torch.testing.assert_close(weights, (top / 0.7).softmax(-1))
+    expected = naive_mix(x, lora_a, lora_b, index, weights, mix_parameters=False)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_an_expert_index_out_of_range_is_refused_before_writing():

@@ -75,10 +75,8 @@ def cpu_kernels() -> ctypes.CDLL | None:
         )
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.quiver_topk_softmax.argtypes = [pointer, size, size, size, ctypes.c_float]
-    library.quiver_topk_softmax.argtypes += [pointer, pointer]
-    library.quiver_topk_softmax.restype = None
-    library.quiver_lowrank_add.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_int, size]
+    library.quiver_lowrank_add.argtypes = [pointer] * 5 + [ctypes.c_float, pointer, pointer]
+    library.quiver_lowrank_add.argtypes += [size] * 6 + [ctypes.c_int, size]
     library.quiver_lowrank_add.restype = ctypes.c_int
     return library
 
@@ -94,18 +92,6 @@ def applicable(*tensors: torch.Tensor) -> bool:
     return cpu_kernels() is not None
 
 
-def topk_softmax(scores: torch.Tensor, top_k: int, temperature: float):
-    """``index, weights [N, k]``: the top-k of ``|scores|`` per row, softmax over them at T."""
-    scores = scores.contiguous()
-    tokens, experts = scores.shape
-    index = torch.empty(tokens, top_k, dtype=torch.int64)
-    weights = torch.empty(tokens, top_k, dtype=scores.dtype)
-    cpu_kernels().quiver_topk_softmax(
-        scores.data_ptr(), tokens, experts, top_k, temperature, index.data_ptr(), weights.data_ptr()
-    )
-    return index, weights
-
-
 def lowrank_add_(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -118,26 +104,63 @@ def lowrank_add_(
     mix_parameters: bool,
 ) -> None:
     """Add the chosen experts' update to ``out [N, out]`` in place (see ``mix_lowrank``)."""
+    index, weights = index.to(torch.int64).contiguous(), weights.contiguous()
+    _run(out, x, a_rows, b_rows, None, 0.0, index, weights, rank, mix_parameters)
+
+
+def arrow_add_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    *,
+    top_k: int,
+    temperature: float,
+    rank: int,
+    mix_parameters: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrow in one pass: top-k of ``|scores [N, E]|``, softmax at ``temperature``, and the
+    update added to ``out``; returns the choice ``index, weights [N, k]``."""
+    index = torch.empty(len(x), top_k, dtype=torch.int64)
+    weights = torch.empty(len(x), top_k, dtype=x.dtype)
+    _run(
+        out,
+        x,
+        a_rows,
+        b_rows,
+        scores.contiguous(),
+        temperature,
+        index,
+        weights,
+        rank,
+        mix_parameters,
+    )
+    return index, weights
+
+
+def _run(out, x, a_rows, b_rows, scores, temperature, index, weights, rank, mix_parameters):
     if not out.is_contiguous():
         raise RoutingError("the kernels write into a contiguous output only")
     x, a_rows, b_rows = x.contiguous(), a_rows.contiguous(), b_rows.contiguous()
-    index, weights = index.to(torch.int64).contiguous(), weights.contiguous()
-    tokens, top_k = index.shape
+    experts = a_rows.shape[0] // rank
     status = cpu_kernels().quiver_lowrank_add(
         out.data_ptr(),
         x.data_ptr(),
         a_rows.data_ptr(),
         b_rows.data_ptr(),
+        None if scores is None else scores.data_ptr(),
+        temperature,
         index.data_ptr(),
         weights.data_ptr(),
-        tokens,
+        len(x),
         x.shape[1],
         out.shape[1],
-        a_rows.shape[0] // rank,
+        experts,
         rank,
-        top_k,
+        index.shape[1],
         int(mix_parameters),
         CHUNK,
     )
     if status != 0:
-        raise RoutingError(f"an expert index is outside 0..{a_rows.shape[0] // rank - 1}")
+        raise RoutingError(f"an expert index is outside 0..{experts - 1}")

@@ -64,11 +64,18 @@ def mix_lowrank(
 
 
 class Mixer(nn.Module):
-    """Holds the experts' factors as rows ``A [E * r, in]`` and ``s B^T [E * r, out]`` (buffers).
+    """Decides, per token, which experts a layer uses (``select``) and adds their update to the
+    base output (``update_``); ``route_`` does both."""
 
-    Every mixer answers ``select`` (which experts each token uses, with what weights) and
-    ``update_`` (add their update to the base output in place).
-    """
+    def route_(self, out: torch.Tensor, x: torch.Tensor, batch_shape: torch.Size):
+        """``out [N, out] +=`` the update of ``x [N, in]``; returns ``index, weights [N, k]``."""
+        index, weights = self.select(x, batch_shape)
+        self.update_(out, x, index, weights)
+        return index, weights
+
+
+class LowRankMixer(Mixer):
+    """Holds the experts' factors as rows ``A [E * r, in]`` and ``s B^T [E * r, out]`` (buffers)."""
 
     mix_parameters = False
 
@@ -81,7 +88,6 @@ class Mixer(nn.Module):
         self.register_buffer("b_rows", b_rows.flatten(0, 1), persistent=False)
 
     def update_(self, out, x, index, weights) -> None:
-        """``out [N, out] +=`` the chosen experts' update of ``x [N, in]``."""
         factors = (self.a_rows, self.b_rows, index, weights)
         options = dict(rank=self.rank, mix_parameters=self.mix_parameters)
         if kernels.applicable(out, x):
@@ -90,7 +96,7 @@ class Mixer(nn.Module):
             out.add_(mix_lowrank(x, *factors, **options))
 
 
-class ArrowMixer(Mixer):
+class ArrowMixer(LowRankMixer):
     """Arrow: per token, ``|x . p_e| / T`` over the prototypes, top-k, softmax over those k."""
 
     def __init__(self, stack, prototypes, *, top_k, temperature, mix_parameters):
@@ -99,14 +105,26 @@ class ArrowMixer(Mixer):
         self.top_k, self.temperature, self.mix_parameters = top_k, temperature, mix_parameters
 
     def select(self, x: torch.Tensor, batch_shape: torch.Size):
-        scores = x @ self.prototypes.mT
-        if kernels.applicable(scores):
-            return kernels.topk_softmax(scores, self.top_k, self.temperature)
-        top, index = scores.abs().topk(self.top_k, dim=-1)
+        top, index = (x @ self.prototypes.mT).abs().topk(self.top_k, dim=-1)
         return index, (top / self.temperature).softmax(dim=-1)
 
+    def route_(self, out, x, batch_shape):
+        if not kernels.applicable(out, x):
+            return super().route_(out, x, batch_shape)
+        return kernels.arrow_add_(
+            out,
+            x,
+            x @ self.prototypes.mT,
+            self.a_rows,
+            self.b_rows,
+            top_k=self.top_k,
+            temperature=self.temperature,
+            rank=self.rank,
+            mix_parameters=self.mix_parameters,
+        )
 
-class OracleMixer(Mixer):
+
+class OracleMixer(LowRankMixer):
     """The caller names the expert (one for all rows, or one per batch row) via ``rows``."""
 
     def __init__(self, stack):
@@ -131,7 +149,7 @@ class OracleMixer(Mixer):
         return index, x.new_ones(index.shape)
 
 
-class MergedMixer(nn.Module):
+class MergedMixer(Mixer):
     """A fixed combination of the experts folded into one LoRA ``(A [r', in], B [out, r'])``."""
 
     def __init__(self, lora_a, lora_b, expert_weights):
@@ -155,7 +173,7 @@ class RoutedLinear(nn.Module):
     For inference: the experts are frozen buffers and the fused kernels carry no gradient.
     """
 
-    def __init__(self, base_layer: nn.Module, name: str, mixer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, name: str, mixer: Mixer) -> None:
         super().__init__()
         self.base_layer, self.name, self.mixer = base_layer, name, mixer
         self.recorder: Recorder | None = None  # set while a RoutingTrace records
@@ -163,8 +181,7 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x).contiguous()
         flat = x.reshape(-1, x.shape[-1])
-        index, weights = self.mixer.select(flat, x.shape[:-1])
+        index, weights = self.mixer.route_(out.view(-1, out.shape[-1]), flat, x.shape[:-1])
         if self.recorder is not None:
             self.recorder(self.name, x.shape[:-1], index, weights)
-        self.mixer.update_(out.view(-1, out.shape[-1]), flat, index, weights)
         return out

@@ -110,64 +110,61 @@ inline void all_expands(const float* b, int64_t stride, int64_t width, int64_t r
   for (; j < rank; ++j) expand<1>(b + j * stride, stride, width, codes + j, out);
 }
 
+// Arrow's choice for rows [t0, t1): the k largest |scores| (descending), and the softmax of
+// those k scores over temperature.
+void top_k_softmax(const float* scores, int64_t t0, int64_t t1, int64_t experts, int64_t k,
+                   float temperature, int64_t* index, float* weights, float* best) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* row = scores + t * experts;
+    int64_t* position = index + t * k;
+    int64_t filled = 0;
+    for (int64_t e = 0; e < experts; ++e) {
+      const float value = std::fabs(row[e]);
+      if (filled == k && !(value > best[k - 1])) continue;
+      int64_t p = filled < k ? filled++ : k - 1;
+      for (; p > 0 && best[p - 1] < value; --p) {
+        best[p] = best[p - 1];
+        position[p] = position[p - 1];
+      }
+      best[p] = value;
+      position[p] = e;
+    }
+    float total = 0.f;
+    for (int64_t j = 0; j < k; ++j) {
+      weights[t * k + j] = std::exp((best[j] - best[0]) / temperature);
+      total += weights[t * k + j];
+    }
+    for (int64_t j = 0; j < k; ++j) weights[t * k + j] /= total;
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-// Per row: the k largest |scores| (descending), and the softmax of those k over temperature.
-void quiver_topk_softmax(const float* scores, int64_t n, int64_t experts, int64_t k,
-                         float temperature, int64_t* index, float* weights) {
-#pragma omp parallel if (n * experts >= 4096)
-  {
-    std::vector<float> best(k);
-    std::vector<int64_t> position(k);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < n; ++t) {
-      const float* row = scores + t * experts;
-      int64_t filled = 0;
-      for (int64_t e = 0; e < experts; ++e) {
-        const float value = std::fabs(row[e]);
-        if (filled == k && !(value > best[k - 1])) continue;
-        int64_t p = filled < k ? filled++ : k - 1;
-        for (; p > 0 && best[p - 1] < value; --p) {
-          best[p] = best[p - 1];
-          position[p] = position[p - 1];
-        }
-        best[p] = value;
-        position[p] = e;
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j < k; ++j) {
-        const float w = std::exp((best[j] - best[0]) / temperature);
-        weights[t * k + j] = w;
-        total += w;
-      }
-      for (int64_t j = 0; j < k; ++j) {
-        weights[t * k + j] /= total;
-        index[t * k + j] = position[j];
-      }
-    }
-  }
-}
-
 // out[t] += sum_j w_tj b_e^T (a_e x_t) with e = index[t, j] (output mixing), or
-// out[t] += sum_j w_tj b_e^T (sum_i w_ti a_i x_t) (parameter mixing). Tokens are split into
-// chunks; within a chunk the (token, expert) pairs are visited expert by expert so each expert's
-// factors stay in cache. Returns -1 if an index is out of range (and then writes nothing).
+// out[t] += sum_j w_tj b_e^T (sum_i w_ti a_i x_t) (parameter mixing).
+// With `scores` [n, experts], Arrow first fills index and weights (top-k, softmax at
+// temperature); without, they are given and checked. Tokens are split into chunks; within a
+// chunk the (token, expert) pairs are visited expert by expert so each expert's factors stay in
+// cache. Returns -1 (writing nothing) if a given index is out of range.
 int quiver_lowrank_add(float* out, const float* x, const float* a, const float* b,
-                       const int64_t* index, const float* weights, int64_t n, int64_t din,
-                       int64_t dout, int64_t experts, int64_t rank, int64_t k,
-                       int mix_parameters, int64_t chunk) {
-  for (int64_t p = 0; p < n * k; ++p)
-    if (index[p] < 0 || index[p] >= experts) return -1;
+                       const float* scores, float temperature, int64_t* index, float* weights,
+                       int64_t n, int64_t din, int64_t dout, int64_t experts, int64_t rank,
+                       int64_t k, int mix_parameters, int64_t chunk) {
+  if (scores == nullptr)
+    for (int64_t p = 0; p < n * k; ++p)
+      if (index[p] < 0 || index[p] >= experts) return -1;
   const int64_t chunks = (n + chunk - 1) / chunk;
 #pragma omp parallel if (chunks > 1)
   {
-    std::vector<float> codes(chunk * k * rank), mixed(rank);
+    std::vector<float> codes(chunk * k * rank), mixed(rank), best(k);
     std::vector<int64_t> start(experts + 1), fill(experts), pairs(chunk * k);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t t0 = c * chunk, pair_count = (std::min(n, t0 + chunk) - t0) * k;
+      const int64_t t0 = c * chunk, t1 = std::min(n, t0 + chunk), pair_count = (t1 - t0) * k;
+      if (scores != nullptr)
+        top_k_softmax(scores, t0, t1, experts, k, temperature, index, weights, best.data());
       const int64_t* chosen = index + t0 * k;
       const float* chosen_weights = weights + t0 * k;
       // Counting sort of this chunk's pairs by expert: expert e's pairs are
