@@ -67,7 +67,7 @@ def cpu_kernels() -> ctypes.CDLL | None:
             raise OSError("no C++ compiler on PATH; set CXX")
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
-        detail = (getattr(error, "stderr", None) or str(error)).strip()
+        detail = " ".join((getattr(error, "stderr", None) or str(error)).strip().splitlines()[-3:])
         warnings.warn(
             f"Quiver's CPU kernels did not build ({detail}); routed layers take the slower "
             "portable path",
