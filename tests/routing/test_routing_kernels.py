@@ -121,18 +121,24 @@ def test_kernels_stay_out_of_gradients_and_other_dtypes():
         assert kernels.applicable(torch.zeros(2, requires_grad=True))
 
 
-def test_without_a_compiler_routing_warns_and_takes_the_portable_path(
-    llama, expert_paths, monkeypatch, tmp_path
+@pytest.mark.parametrize("compiler", ["no-such-compiler", "a-failing-compiler"])
+def test_without_a_working_compiler_routing_warns_and_takes_the_portable_path(
+    llama, expert_paths, monkeypatch, tmp_path, compiler
 ):
     routed = route(llama, expert_paths(llama, 3), Arrow(top_k=2))
     ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = routed(ids).logits
     monkeypatch.setenv("QUIVER_HOME", str(tmp_path))  # no build cached there
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    if compiler == "a-failing-compiler":
+        (tmp_path / compiler).write_text("#!/bin/sh\necho 'error: no OpenMP here' >&2\nexit 1\n")
+        (tmp_path / compiler).chmod(0o755)
+    monkeypatch.setenv("CXX", str(tmp_path / compiler))
     kernels.cpu_kernels.cache_clear()
-    with pytest.warns(UserWarning, match="did not build"):
+    with pytest.warns(UserWarning, match="did not build") as warned:
         assert kernels.cpu_kernels() is None
     with torch.no_grad():
         torch.testing.assert_close(routed(ids).logits, expected, atol=1e-5, rtol=1e-5)
     assert not list(tmp_path.glob("kernels/*"))
+    if compiler == "a-failing-compiler":
+        assert "no OpenMP here" in str(warned[0].message)
