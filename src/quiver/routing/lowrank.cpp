@@ -138,6 +138,17 @@ void top_k_softmax(const float* scores, int64_t t0, int64_t t1, int64_t experts,
   }
 }
 
+// visit(e, offset, width, pair) for each expert's pairs (pairs[start[e] .. start[e + 1])), one
+// column block [offset, offset + width) of `dim` at a time, so the block stays in cache.
+template <typename Visit>
+inline void by_expert_blocks(int64_t experts, int64_t dim, const int64_t* start,
+                             const int64_t* pairs, Visit visit) {
+  for (int64_t e = 0; e < experts; ++e)
+    for (int64_t offset = 0; offset < dim; offset += kBlock)
+      for (int64_t s = start[e]; s < start[e + 1]; ++s)
+        visit(e, offset, std::min(kBlock, dim - offset), pairs[s]);
+}
+
 }  // namespace
 
 extern "C" {
@@ -176,17 +187,12 @@ int quiver_lowrank_add(float* out, const float* x, const float* a, const float* 
       for (int64_t p = 0; p < pair_count; ++p) pairs[fill[chosen[p]]++] = p;
 
       std::fill(codes.begin(), codes.end(), 0.f);
-      for (int64_t e = 0; e < experts; ++e) {
-        const float* a_e = a + e * rank * din;
-        for (int64_t i0 = 0; i0 < din; i0 += kBlock) {
-          const int64_t width = std::min(kBlock, din - i0);
-          for (int64_t s = start[e]; s < start[e + 1]; ++s) {
-            const int64_t p = pairs[s];
-            const float* x_t = x + (t0 + p / k) * din;
-            all_dots(a_e + i0, din, width, rank, x_t + i0, &codes[p * rank]);
-          }
-        }
-      }
+      by_expert_blocks(experts, din, start.data(), pairs.data(),
+                       [&](int64_t e, int64_t i0, int64_t width, int64_t p) {
+                         const float* x_t = x + (t0 + p / k) * din + i0;
+                         const float* a_e = a + e * rank * din + i0;
+                         all_dots(a_e, din, width, rank, x_t, &codes[p * rank]);
+                       });
       for (int64_t t = 0; t < pair_count / k; ++t) {
         float* token_codes = &codes[t * k * rank];
         const float* w = chosen_weights + t * k;
@@ -201,17 +207,12 @@ int quiver_lowrank_add(float* out, const float* x, const float* a, const float* 
             for (int64_t r = 0; r < rank; ++r) token_codes[j * rank + r] *= w[j];
         }
       }
-      for (int64_t e = 0; e < experts; ++e) {
-        const float* b_e = b + e * rank * dout;
-        for (int64_t o0 = 0; o0 < dout; o0 += kBlock) {
-          const int64_t width = std::min(kBlock, dout - o0);
-          for (int64_t s = start[e]; s < start[e + 1]; ++s) {
-            const int64_t p = pairs[s];
-            float* out_t = out + (t0 + p / k) * dout;
-            all_expands(b_e + o0, dout, width, rank, &codes[p * rank], out_t + o0);
-          }
-        }
-      }
+      by_expert_blocks(experts, dout, start.data(), pairs.data(),
+                       [&](int64_t e, int64_t o0, int64_t width, int64_t p) {
+                         float* out_t = out + (t0 + p / k) * dout + o0;
+                         const float* b_e = b + e * rank * dout + o0;
+                         all_expands(b_e, dout, width, rank, &codes[p * rank], out_t);
+                       });
     }
   }
   return 0;
