@@ -26,6 +26,13 @@ def random_update_case(tokens, experts, rank, din, dout, k, seed=0):
     return lora_a, lora_b, x, index, weights
 
 
+def kernel_update(out, lora_a, lora_b, x, index, weights, *, mix_parameters=False):
+    """``kernels.lowrank_add_`` on factors shaped as ``naive_mix`` takes them."""
+    rank = lora_a.shape[1]
+    factors = (lora_a.flatten(0, 1), lora_b.mT.flatten(0, 1))
+    kernels.lowrank_add_(out, x, *factors, index, weights, rank=rank, mix_parameters=mix_parameters)
+
+
 @pytest.mark.parametrize("mix_parameters", [False, True])
 @pytest.mark.parametrize(
     ("tokens", "experts", "rank", "din", "dout", "k"),
@@ -42,16 +49,7 @@ def test_kernel_update_matches_a_per_token_loop(
     lora_a, lora_b, x, index, weights = random_update_case(tokens, experts, rank, din, dout, k)
     base = torch.randn(tokens, dout)
     out = base.clone()
-    kernels.lowrank_add_(
-        out,
-        x,
-        lora_a.flatten(0, 1),
-        lora_b.mT.flatten(0, 1),
-        index,
-        weights,
-        rank=rank,
-        mix_parameters=mix_parameters,
-    )
+    kernel_update(out, lora_a, lora_b, x, index, weights, mix_parameters=mix_parameters)
     expected = naive_mix(x, lora_a, lora_b, index, weights, mix_parameters)
     torch.testing.assert_close(out - base, expected, atol=1e-4, rtol=1e-4)
 
@@ -83,16 +81,7 @@ def test_an_expert_index_out_of_range_is_refused_before_writing():
     index[2, 1] = 3
     out = torch.zeros(4, 8)
     with pytest.raises(RoutingError, match=r"outside 0\.\.2"):
-        kernels.lowrank_add_(
-            out,
-            x,
-            lora_a.flatten(0, 1),
-            lora_b.mT.flatten(0, 1),
-            index,
-            weights,
-            rank=2,
-            mix_parameters=False,
-        )
+        kernel_update(out, lora_a, lora_b, x, index, weights)
     assert not out.any()
 
 

@@ -122,8 +122,8 @@ def arrow_add_(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Arrow in one pass: top-k of ``|scores [N, E]|``, softmax at ``temperature``, and the
     update added to ``out``; returns the choice ``index, weights [N, k]``."""
-    index = torch.empty(len(x), top_k, dtype=torch.int64)
-    weights = torch.empty(len(x), top_k, dtype=x.dtype)
+    index = torch.empty(len(x), top_k, dtype=torch.int64, device=x.device)
+    weights = torch.empty(len(x), top_k, dtype=x.dtype, device=x.device)
     _run(
         out,
         x,

@@ -6,8 +6,6 @@
 // Layouts: x [n, din], out [n, dout], a [experts, rank, din] (each expert's A),
 // b [experts, rank, dout] (each expert's scaled B, transposed), index and weights [n, k].
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
