@@ -74,14 +74,16 @@ inline void dots(const float* a, int64_t stride, int64_t width, const float* x, 
 // out per RB rows; even and odd rows in two chains to halve the FMA latency on the path).
 template <int RB>
 inline void expand(const float* b, int64_t stride, int64_t width, const float* codes, float* out) {
+  f8 c[RB];  // broadcast once: out may alias codes as far as the compiler knows
+  for (int j = 0; j < RB; ++j) c[j] = f8{} + codes[j];
   int64_t o = 0;
   for (; o + 8 <= width; o += 8) {
     f8 even = load8(out + o), odd = {};
     for (int j = 0; j + 1 < RB; j += 2) {
-      even += codes[j] * load8(b + j * stride + o);
-      odd += codes[j + 1] * load8(b + (j + 1) * stride + o);
+      even += c[j] * load8(b + j * stride + o);
+      odd += c[j + 1] * load8(b + (j + 1) * stride + o);
     }
-    if constexpr (RB % 2 == 1) even += codes[RB - 1] * load8(b + (RB - 1) * stride + o);
+    if constexpr (RB % 2 == 1) even += c[RB - 1] * load8(b + (RB - 1) * stride + o);
     store8(out + o, even + odd);
   }
   for (; o < width; ++o) {
