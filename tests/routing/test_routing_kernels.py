@@ -56,7 +56,7 @@ def test_kernel_update_matches_a_per_token_loop(
 
 def test_kernel_arrow_choice_matches_torch_top_k_and_its_update_the_loop():
     lora_a, lora_b, x, _, _ = random_update_case(300, 32, 4, 24, 16, 4)
-    scores = x @ torch.randn(32, 24, generator=torch.Generator().manual_seed(1)).T
+    scores = torch.randn(32, 24, generator=torch.Generator().manual_seed(1)) @ x.T
     out = torch.zeros(300, 16)
     index, weights = kernels.arrow_add_(
         out,
@@ -69,7 +69,7 @@ def test_kernel_arrow_choice_matches_torch_top_k_and_its_update_the_loop():
         rank=4,
         mix_parameters=False,
     )
-    top, expected_index = scores.abs().topk(4, dim=-1)
+    top, expected_index = scores.T.abs().topk(4, dim=-1)
     assert torch.equal(index, expected_index)
     torch.testing.assert_close(weights, (top / 0.7).softmax(-1))
     expected = naive_mix(x, lora_a, lora_b, index, weights, mix_parameters=False)

@@ -120,8 +120,9 @@ def arrow_add_(
     rank: int,
     mix_parameters: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arrow in one pass: top-k of ``|scores [N, E]|``, softmax at ``temperature``, and the
-    update added to ``out``; returns the choice ``index, weights [N, k]``."""
+    """Arrow in one pass: per token, the top-k of ``|scores [E, N]|`` (expert-major, as
+    ``prototypes @ x.mT`` gives them), softmax at ``temperature``, and the update added to
+    ``out``; returns the choice ``index, weights [N, k]``."""
     index = torch.empty(len(x), top_k, dtype=torch.int64, device=x.device)
     weights = torch.empty(len(x), top_k, dtype=x.dtype, device=x.device)
     _run(

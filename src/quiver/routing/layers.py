@@ -114,7 +114,7 @@ class ArrowMixer(LowRankMixer):
         return kernels.arrow_add_(
             out,
             x,
-            x @ self.prototypes.mT,
+            self.prototypes @ x.mT,
             self.a_rows,
             self.b_rows,
             top_k=self.top_k,

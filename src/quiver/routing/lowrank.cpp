@@ -15,6 +15,7 @@
 namespace {
 
 typedef float f8 __attribute__((vector_size(32)));
+typedef int i8 __attribute__((vector_size(32)));
 
 inline f8 load8(const float* p) {
   f8 v;
@@ -30,7 +31,6 @@ constexpr int64_t kBlock = 512;
 
 // The eight lane sums of eight vectors, as one vector: a transpose-and-add in three rounds.
 inline f8 lane_sums(const f8* v) {
-  typedef int i8 __attribute__((vector_size(32)));
   const i8 even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
   const i8 low_pairs = {0, 1, 8, 9, 4, 5, 12, 13}, high_pairs = {2, 3, 10, 11, 6, 7, 14, 15};
   const i8 low_half = {0, 1, 2, 3, 8, 9, 10, 11}, high_half = {4, 5, 6, 7, 12, 13, 14, 15};
@@ -110,31 +110,46 @@ inline void all_expands(const float* b, int64_t stride, int64_t width, int64_t r
   for (; j < rank; ++j) expand<1>(b + j * stride, stride, width, codes + j, out);
 }
 
-// Arrow's choice for rows [t0, t1): the k largest |scores| (descending), and the softmax of
-// those k scores over temperature.
-void top_k_softmax(const float* scores, int64_t t0, int64_t t1, int64_t experts, int64_t k,
-                   float temperature, int64_t* index, float* weights, float* best) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const float* row = scores + t * experts;
-    int64_t* position = index + t * k;
-    int64_t filled = 0;
+// Arrow's choice for rows [t0, t1), eight rows at once, one per vector lane: the k largest
+// |scores| (descending; the lower expert first on ties) and their softmax over temperature.
+// scores are [experts, n], so one load reads an expert's scores for eight consecutive rows, and
+// each expert is inserted into every lane's sorted list without a branch. best and chosen hold
+// the k lists.
+void top_k_softmax(const float* scores, int64_t n, int64_t t0, int64_t t1, int64_t experts,
+                   int64_t k, float temperature, int64_t* index, float* weights, f8* best,
+                   i8* chosen) {
+  const i8 magnitude = i8{} + 0x7fffffff;
+  for (int64_t t = t0; t < t1; t += 8) {
+    const int64_t lanes = std::min<int64_t>(8, t1 - t);
+    for (int64_t j = 0; j < k; ++j) best[j] = f8{} - INFINITY, chosen[j] = i8{} + int(j);
     for (int64_t e = 0; e < experts; ++e) {
-      const float value = std::fabs(row[e]);
-      if (filled == k && !(value > best[k - 1])) continue;
-      int64_t p = filled < k ? filled++ : k - 1;
-      for (; p > 0 && best[p - 1] < value; --p) {
-        best[p] = best[p - 1];
-        position[p] = position[p - 1];
+      f8 value = {};
+      if (lanes == 8)
+        value = load8(scores + e * n + t);
+      else
+        for (int64_t lane = 0; lane < lanes; ++lane) value[lane] = scores[e * n + t + lane];
+      value = f8(i8(value) & magnitude);
+      i8 expert = i8{} + int(e);
+      for (int64_t j = 0; j < k; ++j) {  // where value beats best[j], they swap places
+        const i8 beats = value > best[j];
+        const f8 kept = beats ? value : best[j];
+        const i8 kept_expert = beats ? expert : chosen[j];
+        value = beats ? best[j] : value;
+        expert = beats ? chosen[j] : expert;
+        best[j] = kept;
+        chosen[j] = kept_expert;
       }
-      best[p] = value;
-      position[p] = e;
     }
-    float total = 0.f;
-    for (int64_t j = 0; j < k; ++j) {
-      weights[t * k + j] = std::exp((best[j] - best[0]) / temperature);
-      total += weights[t * k + j];
+    for (int64_t lane = 0; lane < lanes; ++lane) {
+      float* w = weights + (t + lane) * k;
+      float total = 0.f;
+      for (int64_t j = 0; j < k; ++j) {
+        index[(t + lane) * k + j] = chosen[j][lane];
+        w[j] = std::exp((best[j][lane] - best[0][lane]) / temperature);
+        total += w[j];
+      }
+      for (int64_t j = 0; j < k; ++j) w[j] /= total;
     }
-    for (int64_t j = 0; j < k; ++j) weights[t * k + j] /= total;
   }
 }
 
@@ -155,7 +170,7 @@ extern "C" {
 
 // out[t] += sum_j w_tj b_e^T (a_e x_t) with e = index[t, j] (output mixing), or
 // out[t] += sum_j w_tj b_e^T (sum_i w_ti a_i x_t) (parameter mixing).
-// With `scores` [n, experts], Arrow first fills index and weights (top-k, softmax at
+// With `scores` [experts, n], Arrow first fills index and weights (top-k, softmax at
 // temperature); without, they are given and checked. Tokens are split into chunks; within a
 // chunk the (token, expert) pairs are visited expert by expert so each expert's factors stay in
 // cache. Returns -1 (writing nothing) if a given index is out of range.
@@ -169,13 +184,16 @@ int quiver_lowrank_add(float* out, const float* x, const float* a, const float* 
   const int64_t chunks = (n + chunk - 1) / chunk;
 #pragma omp parallel if (chunks > 1)
   {
-    std::vector<float> codes(chunk * k * rank), mixed(rank), best(k);
+    std::vector<float> codes(chunk * k * rank), mixed(rank);
+    std::vector<f8> best(k);
+    std::vector<i8> chosen(k);
     std::vector<int64_t> start(experts + 1), fill(experts), pairs(chunk * k);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t t0 = c * chunk, t1 = std::min(n, t0 + chunk), pair_count = (t1 - t0) * k;
       if (scores != nullptr)
-        top_k_softmax(scores, t0, t1, experts, k, temperature, index, weights, best.data());
+        top_k_softmax(scores, n, t0, t1, experts, k, temperature, index, weights, best.data(),
+                      chosen.data());
       const int64_t* chosen = index + t0 * k;
       const float* chosen_weights = weights + t0 * k;
       // Counting sort of this chunk's pairs by expert: expert e's pairs are
