@@ -6,6 +6,10 @@ batch 4 x 128, no grad. Forward times are medians, the models called in turn aft
 round; build times exclude creating the base model; peak memory is the largest sum of live
 tensors the torch profiler saw during one forward, minus the base model's.
 
+"Matmuls" is the base model plus the routing's own arithmetic done as plain torch matmuls of the
+same sizes, timed in the same rounds: what routing would cost at torch's GEMM speed on these
+skinny shapes, with no gathering, sorting or top-k at all.
+
     python benchmarks/routing.py --experts 8,32,64,128 --peft-max 64 --readme README.md
 """
 
@@ -25,9 +29,10 @@ from rich.progress import track
 from torch.profiler import ProfilerActivity, profile
 
 from quiver.routing import Arrow, route
-from quiver.testing import make_random_expert, tiny_model
+from quiver.testing import LORA_TARGETS, lora_target_layers, make_random_expert, tiny_model
 
 SECTION = "## Routing speed"
+TOP_K, RANK = 4, 8
 
 
 def base_model(hidden: int):
@@ -66,6 +71,24 @@ def peak_mib(fn) -> float:
     return peak / 2**20
 
 
+def routing_matmuls(model, experts: int, tokens: int):
+    """Per routed layer, what Arrow must compute beyond the base layer, as plain matmuls: the
+    routing product (tokens x E x in) and the chosen experts' low-rank products (tokens x k*r x
+    in, then tokens x k*r x out)."""
+    shapes = [
+        ((tokens, d_in), (d_in, experts), (d_in, TOP_K * RANK), (TOP_K * RANK, d_out))
+        for _, d_in, d_out, _ in lora_target_layers(model, LORA_TARGETS["llama"])
+    ]
+    operands = [[torch.randn(shape) for shape in layer] for layer in shapes]
+
+    def matmuls():
+        for x, prototypes, lora_a, lora_b in operands:
+            x @ prototypes
+            (x @ lora_a) @ lora_b
+
+    return matmuls
+
+
 def forward_of(model, ids):
     def forward():
         with torch.no_grad():
@@ -83,15 +106,18 @@ def timed_build(build, *args):
 def measure_row(experts, paths, ids, hidden, peft_max, repeats, console):
     console.print(f"E={experts}")
     base = base_model(hidden)
-    ours, ours_build = timed_build(route, base_model(hidden), paths, Arrow(top_k=4))
+    ours, ours_build = timed_build(route, base_model(hidden), paths, Arrow(top_k=TOP_K))
     forwards = {"base": forward_of(base, ids), "ours": forward_of(ours, ids)}
+    forwards["matmuls"] = routing_matmuls(base, experts, ids.numel())
     row = dict(E=experts, ours_build=ours_build)
     if experts <= peft_max:
-        config = ArrowConfig(top_k=4, router_temperature=1.0, rng_seed=0)
+        config = ArrowConfig(top_k=TOP_K, router_temperature=1.0, rng_seed=0)
         folders, fresh = [str(p) for p in paths], base_model(hidden)
         peft, row["peft_build"] = timed_build(create_arrow_model, fresh, folders, config)
         forwards["peft"] = forward_of(peft, ids)
     row.update(interleaved_medians(forwards, repeats))
+    row["matmuls"] += row["base"]
+    del forwards["matmuls"]
     peaks = {name: peak_mib(forward) for name, forward in forwards.items()}
     row.update({f"{name}_peak": peak - peaks["base"] for name, peak in peaks.items()})
     return row
@@ -111,9 +137,10 @@ def run(expert_counts, hidden, peft_max, repeats, console):
 
 def markdown(rows, hidden, repeats) -> str:
     lines = [
-        "| E | forward base | forward ours | ours / base | forward PEFT | PEFT / ours "
-        "| build ours | build PEFT | PEFT / ours | extra peak ours | extra peak PEFT |",
-        "|---" * 11 + "|",
+        "| E | forward base | forward ours | ours / base | matmuls / base | forward PEFT "
+        "| PEFT / ours | PEFT / matmuls | build ours | build PEFT | PEFT / ours "
+        "| extra peak ours | extra peak PEFT |",
+        "|---" * 13 + "|",
     ]
     for r in rows:
         peft = "peft" in r
@@ -122,8 +149,10 @@ def markdown(rows, hidden, repeats) -> str:
             f"{r['base'] * 1e3:.0f} ms",
             f"{r['ours'] * 1e3:.0f} ms",
             f"{r['ours'] / r['base']:.2f}x",
+            f"{r['matmuls'] / r['base']:.2f}x",
             f"{r['peft'] * 1e3:.0f} ms" if peft else "skipped",
             f"{r['peft'] / r['ours']:.1f}x" if peft else "-",
+            f"{r['peft'] / r['matmuls']:.1f}x" if peft else "-",
             f"{r['ours_build']:.2f} s",
             f"{r['peft_build']:.2f} s" if peft else "skipped",
             f"{r['peft_build'] / r['ours_build']:.0f}x" if peft else "-",
@@ -135,7 +164,9 @@ def markdown(rows, hidden, repeats) -> str:
         f"Hidden {hidden}. Medians of {repeats} after a warm-up; `python benchmarks/routing.py` "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads). Extra peak = largest "
         "live tensor memory during one forward minus the base model's (torch tensors; the CPU "
-        "kernels' own scratch, about 20 KiB a thread, is not seen)."
+        "kernels' own scratch, about 20 KiB a thread, is not seen). Matmuls = the base model plus "
+        "the routing's arithmetic as plain torch matmuls (tokens x E x in and tokens x k*r x "
+        "(in + out) per routed layer), i.e. routing at torch's own GEMM speed."
     )
     lines.append("\n" + textwrap.fill(note, 100))
     return "\n".join(lines)
