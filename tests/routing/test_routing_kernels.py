@@ -37,7 +37,7 @@ def kernel_update(out, lora_a, lora_b, x, index, weights, *, mix_parameters=Fals
 @pytest.mark.parametrize(
     ("tokens", "experts", "rank", "din", "dout", "k"),
     [
-        (150, 9, 8, 64, 48, 3),  # several chunks of tokens, the last one partial
+        (600, 9, 8, 64, 48, 3),  # several chunks of tokens, the last one partial
         (7, 5, 3, 13, 7, 2),  # rank and widths that fill no vector
         (65, 4, 12, 40, 21, 4),  # rank 8 + 4, every expert chosen by every token
         (1, 6, 16, 24, 9, 1),  # one token, one expert (a decoding step, the oracle)

@@ -32,7 +32,7 @@ from quiver.registry.local import quiver_home
 
 SOURCE = Path(__file__).with_name("lowrank.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
-CHUNK = 128  # tokens per work item: enough pairs per expert to reuse its factors in cache
+MAX_CHUNK = 256  # tokens per work item: a chunk's inputs stay in L2 while its pairs reuse factors
 
 
 def _build(compiler: str) -> Path:
@@ -140,6 +140,13 @@ def arrow_add_(
     return index, weights
 
 
+def _chunk(tokens: int) -> int:
+    """Tokens per work item: one per thread when that fits in MAX_CHUNK, since the larger a
+    chunk, the more of its (token, expert) pairs share each expert's factors."""
+    per_thread = -(-tokens // torch.get_num_threads())
+    return min(MAX_CHUNK, max(8, -(-per_thread // 8) * 8))
+
+
 def _run(out, x, a_rows, b_rows, scores, temperature, index, weights, rank, mix_parameters):
     if not out.is_contiguous():
         raise RoutingError("the kernels write into a contiguous output only")
@@ -161,7 +168,7 @@ def _run(out, x, a_rows, b_rows, scores, temperature, index, weights, rank, mix_
         rank,
         index.shape[1],
         int(mix_parameters),
-        CHUNK,
+        _chunk(len(x)),
     )
     if status != 0:
         raise RoutingError(f"an expert index is outside 0..{experts - 1}")
