@@ -54,14 +54,21 @@ def test_kernel_update_matches_a_per_token_loop(
     torch.testing.assert_close(out - base, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_kernel_arrow_choice_matches_torch_top_k_and_its_update_the_loop():
-    lora_a, lora_b, x, _, _ = random_update_case(300, 32, 4, 24, 16, 4)
-    scores = torch.randn(32, 24, generator=torch.Generator().manual_seed(1)) @ x.T
-    out = torch.zeros(300, 16)
+@pytest.mark.parametrize(
+    ("tokens", "experts", "din"),
+    [
+        (300, 32, 24),  # chunks, and lanes of eight tokens with a partial last one
+        (37, 13, 600),  # a partial group of prototypes; columns in two blocks
+    ],
+)
+def test_kernel_arrow_choice_matches_torch_top_k_and_its_update_the_loop(tokens, experts, din):
+    lora_a, lora_b, x, _, _ = random_update_case(tokens, experts, 4, din, 16, 4)
+    prototypes = torch.randn(experts, din, generator=torch.Generator().manual_seed(1))
+    out = torch.zeros(tokens, 16)
     index, weights = kernels.arrow_add_(
         out,
         x,
-        scores,
+        prototypes,
         lora_a.flatten(0, 1),
         lora_b.mT.flatten(0, 1),
         top_k=4,
@@ -69,7 +76,7 @@ def test_kernel_arrow_choice_matches_torch_top_k_and_its_update_the_loop():
         rank=4,
         mix_parameters=False,
     )
-    top, expected_index = scores.T.abs().topk(4, dim=-1)
+    top, expected_index = (x @ prototypes.T).abs().topk(4, dim=-1)
     assert torch.equal(index, expected_index)
     torch.testing.assert_close(weights, (top / 0.7).softmax(-1))
     expected = naive_mix(x, lora_a, lora_b, index, weights, mix_parameters=False)

@@ -1,15 +1,17 @@
-"""Fused CPU kernels for routed layers: top-k routing and the chosen experts' low-rank update.
+"""Fused CPU kernels for routed layers: Arrow's routing and the chosen experts' low-rank update.
 
 PyTorch has no CPU kernel that multiplies each token by a few experts picked per token without
 gathering their factors (``embedding_bag`` comes closest, at a fraction of GEMM speed). So
-``lowrank.cpp`` does it: per chunk of tokens it visits the (token, expert) pairs expert by expert,
+``lowrank.cpp`` does it: per chunk of tokens (while they are in cache) it scores them against
+the prototypes, picks each token's top-k, then visits the (token, expert) pairs expert by expert,
 keeping each expert's factors in cache. It is compiled once per machine with the system C++
 compiler (about a second; no torch headers) into ``$QUIVER_HOME/kernels`` and loaded with ctypes.
 Built with OpenMP, it runs on the libgomp torch has already loaded, i.e. on torch's threads.
 
 The kernels cover float32 on the CPU without autograd; everything else (GPUs, bf16/fp16,
 training, machines without a compiler, ``QUIVER_KERNELS=0``) takes the portable torch path in
-``layers.py``, which gives the same results.
+``layers.py``, which gives the same results (up to float rounding in the scores, which can swap
+two experts whose scores tie to within it).
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def lowrank_add_(
 def arrow_add_(
     out: torch.Tensor,
     x: torch.Tensor,
-    scores: torch.Tensor,
+    prototypes: torch.Tensor,
     a_rows: torch.Tensor,
     b_rows: torch.Tensor,
     *,
@@ -120,9 +122,9 @@ def arrow_add_(
     rank: int,
     mix_parameters: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arrow in one pass: per token, the top-k of ``|scores [E, N]|`` (expert-major, as
-    ``prototypes @ x.mT`` gives them), softmax at ``temperature``, and the update added to
-    ``out``; returns the choice ``index, weights [N, k]``."""
+    """Arrow in one pass: per token, the top-k of ``|x . p_e|`` over ``prototypes [E, in]``,
+    softmax at ``temperature``, and the update added to ``out``; returns the choice
+    ``index, weights [N, k]``."""
     index = torch.empty(len(x), top_k, dtype=torch.int64, device=x.device)
     weights = torch.empty(len(x), top_k, dtype=x.dtype, device=x.device)
     _run(
@@ -130,7 +132,7 @@ def arrow_add_(
         x,
         a_rows,
         b_rows,
-        scores.contiguous(),
+        prototypes.contiguous(),
         temperature,
         index,
         weights,
@@ -147,7 +149,7 @@ def _chunk(tokens: int) -> int:
     return min(MAX_CHUNK, max(8, -(-per_thread // 8) * 8))
 
 
-def _run(out, x, a_rows, b_rows, scores, temperature, index, weights, rank, mix_parameters):
+def _run(out, x, a_rows, b_rows, prototypes, temperature, index, weights, rank, mix_parameters):
     if not out.is_contiguous():
         raise RoutingError("the kernels write into a contiguous output only")
     x, a_rows, b_rows = x.contiguous(), a_rows.contiguous(), b_rows.contiguous()
@@ -157,7 +159,7 @@ def _run(out, x, a_rows, b_rows, scores, temperature, index, weights, rank, mix_
         x.data_ptr(),
         a_rows.data_ptr(),
         b_rows.data_ptr(),
-        None if scores is None else scores.data_ptr(),
+        None if prototypes is None else prototypes.data_ptr(),
         temperature,
         index.data_ptr(),
         weights.data_ptr(),

@@ -114,7 +114,7 @@ class ArrowMixer(LowRankMixer):
         return kernels.arrow_add_(
             out,
             x,
-            self.prototypes @ x.mT,
+            self.prototypes,
             self.a_rows,
             self.b_rows,
             top_k=self.top_k,

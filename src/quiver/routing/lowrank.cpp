@@ -110,25 +110,38 @@ inline void all_expands(const float* b, int64_t stride, int64_t width, int64_t r
   for (; j < rank; ++j) expand<1>(b + j * stride, stride, width, codes + j, out);
 }
 
-// Arrow's choice for rows [t0, t1), eight rows at once, one per vector lane: the k largest
-// |scores| (descending; the lower expert first on ties) and their softmax over temperature.
-// scores are [experts, n], so one load reads an expert's scores for eight consecutive rows, and
-// each expert is inserted into every lane's sorted list without a branch. best and chosen hold
-// the k lists.
-void top_k_softmax(const float* scores, int64_t n, int64_t t0, int64_t t1, int64_t experts,
-                   int64_t k, float temperature, int64_t* index, float* weights, f8* best,
-                   i8* chosen) {
-  const i8 magnitude = i8{} + 0x7fffffff;
-  for (int64_t t = t0; t < t1; t += 8) {
-    const int64_t lanes = std::min<int64_t>(8, t1 - t);
+// Arrow's scores of a chunk of tokens x [tokens, din]: scores[e, t] = |prototypes[e] . x[t]|,
+// expert-major. Eight prototypes at a time over column blocks, so they stay in cache while every
+// token reads them; by_token is scratch for the token-major products.
+void chunk_scores(const float* prototypes, const float* x, int64_t tokens, int64_t din,
+                  int64_t experts, float* by_token, float* scores) {
+  std::fill(by_token, by_token + tokens * experts, 0.f);
+  for (int64_t g = 0; g < experts; g += 8)
+    for (int64_t offset = 0; offset < din; offset += kBlock)
+      for (int64_t t = 0; t < tokens; ++t)
+        all_dots(prototypes + g * din + offset, din, std::min(kBlock, din - offset),
+                 std::min<int64_t>(8, experts - g), x + t * din + offset,
+                 by_token + t * experts + g);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t e = 0; e < experts; ++e)
+      scores[e * tokens + t] = std::fabs(by_token[t * experts + e]);
+}
+
+// Arrow's choice for each of `tokens` rows, eight at once, one per vector lane: the k largest
+// scores [experts, tokens] (descending; the lower expert first on ties) and their softmax over
+// temperature. Each expert is inserted into every lane's sorted list without a branch; best and
+// chosen hold the k lists.
+void top_k_softmax(const float* scores, int64_t tokens, int64_t experts, int64_t k,
+                   float temperature, int64_t* index, float* weights, f8* best, i8* chosen) {
+  for (int64_t t = 0; t < tokens; t += 8) {
+    const int64_t lanes = std::min<int64_t>(8, tokens - t);
     for (int64_t j = 0; j < k; ++j) best[j] = f8{} - INFINITY, chosen[j] = i8{} + int(j);
     for (int64_t e = 0; e < experts; ++e) {
       f8 value = {};
       if (lanes == 8)
-        value = load8(scores + e * n + t);
+        value = load8(scores + e * tokens + t);
       else
-        for (int64_t lane = 0; lane < lanes; ++lane) value[lane] = scores[e * n + t + lane];
-      value = f8(i8(value) & magnitude);
+        for (int64_t lane = 0; lane < lanes; ++lane) value[lane] = scores[e * tokens + t + lane];
       i8 expert = i8{} + int(e);
       for (int64_t j = 0; j < k; ++j) {  // where value beats best[j], they swap places
         const i8 beats = value > best[j];
@@ -170,30 +183,34 @@ extern "C" {
 
 // out[t] += sum_j w_tj b_e^T (a_e x_t) with e = index[t, j] (output mixing), or
 // out[t] += sum_j w_tj b_e^T (sum_i w_ti a_i x_t) (parameter mixing).
-// With `scores` [experts, n], Arrow first fills index and weights (top-k, softmax at
-// temperature); without, they are given and checked. Tokens are split into chunks; within a
-// chunk the (token, expert) pairs are visited expert by expert so each expert's factors stay in
-// cache. Returns -1 (writing nothing) if a given index is out of range.
+// With `prototypes` [experts, din], Arrow first fills index and weights (top-k of |p_e . x_t|,
+// softmax at temperature); without, they are given and checked. Tokens are split into chunks;
+// within a chunk the (token, expert) pairs are visited expert by expert so each expert's factors
+// stay in cache. Returns -1 (writing nothing) if a given index is out of range.
 int quiver_lowrank_add(float* out, const float* x, const float* a, const float* b,
-                       const float* scores, float temperature, int64_t* index, float* weights,
-                       int64_t n, int64_t din, int64_t dout, int64_t experts, int64_t rank,
-                       int64_t k, int mix_parameters, int64_t chunk) {
-  if (scores == nullptr)
+                       const float* prototypes, float temperature, int64_t* index,
+                       float* weights, int64_t n, int64_t din, int64_t dout, int64_t experts,
+                       int64_t rank, int64_t k, int mix_parameters, int64_t chunk) {
+  if (prototypes == nullptr)
     for (int64_t p = 0; p < n * k; ++p)
       if (index[p] < 0 || index[p] >= experts) return -1;
   const int64_t chunks = (n + chunk - 1) / chunk;
 #pragma omp parallel if (chunks > 1)
   {
-    std::vector<float> codes(chunk * k * rank), mixed(rank);
+    std::vector<float> codes(chunk * k * rank), mixed(rank), by_token(chunk * experts),
+        scores(chunk * experts);
     std::vector<f8> best(k);
     std::vector<i8> chosen(k);
     std::vector<int64_t> start(experts + 1), fill(experts), pairs(chunk * k);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t t0 = c * chunk, t1 = std::min(n, t0 + chunk), pair_count = (t1 - t0) * k;
-      if (scores != nullptr)
-        top_k_softmax(scores, n, t0, t1, experts, k, temperature, index, weights, best.data(),
-                      chosen.data());
+      if (prototypes != nullptr) {
+        chunk_scores(prototypes, x + t0 * din, t1 - t0, din, experts, by_token.data(),
+                     scores.data());
+        top_k_softmax(scores.data(), t1 - t0, experts, k, temperature, index + t0 * k,
+                      weights + t0 * k, best.data(), chosen.data());
+      }
       const int64_t* chosen = index + t0 * k;
       const float* chosen_weights = weights + t0 * k;
       // Counting sort of this chunk's pairs by expert: expert e's pairs are
