@@ -164,9 +164,9 @@ def markdown(rows, hidden, repeats) -> str:
         f"Hidden {hidden}. Medians of {repeats} after a warm-up; `python benchmarks/routing.py` "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads). Extra peak = largest "
         "live tensor memory during one forward minus the base model's (torch tensors; the CPU "
-        "kernels' own scratch, about 20 KiB a thread, is not seen). Matmuls = the base model plus "
-        "the routing's arithmetic as plain torch matmuls (tokens x E x in and tokens x k*r x "
-        "(in + out) per routed layer), i.e. routing at torch's own GEMM speed."
+        "kernels' own scratch, about 100 KiB a thread at E=32, is not seen). Matmuls = the base "
+        "model plus the routing's arithmetic as plain torch matmuls (tokens x E x in and tokens "
+        "x k*r x (in + out) per routed layer), i.e. routing at torch's own GEMM speed."
     )
     lines.append("\n" + textwrap.fill(note, 100))
     return "\n".join(lines)
