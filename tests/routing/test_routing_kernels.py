@@ -83,6 +83,22 @@ def test_kernel_arrow_choice_matches_torch_top_k_and_its_update_the_loop(tokens,
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_top_k_beyond_the_experts_is_refused():
+    lora_a, lora_b, x, _, _ = random_update_case(4, 3, 2, 8, 8, 2)
+    with pytest.raises(RoutingError, match="top_k=4"):
+        kernels.arrow_add_(
+            torch.zeros(4, 8),
+            x,
+            torch.randn(3, 8),
+            lora_a.flatten(0, 1),
+            lora_b.mT.flatten(0, 1),
+            top_k=4,
+            temperature=1.0,
+            rank=2,
+            mix_parameters=False,
+        )
+
+
 def test_an_expert_index_out_of_range_is_refused_before_writing():
     lora_a, lora_b, x, index, weights = random_update_case(4, 3, 2, 8, 8, 2)
     index[2, 1] = 3

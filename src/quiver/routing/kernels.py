@@ -125,6 +125,8 @@ def arrow_add_(
     """Arrow in one pass: per token, the top-k of ``|x . p_e|`` over ``prototypes [E, in]``,
     softmax at ``temperature``, and the update added to ``out``; returns the choice
     ``index, weights [N, k]``."""
+    if not 1 <= top_k <= len(prototypes):
+        raise RoutingError(f"top_k={top_k} needs between 1 and {len(prototypes)} experts")
     index = torch.empty(len(x), top_k, dtype=torch.int64, device=x.device)
     weights = torch.empty(len(x), top_k, dtype=x.dtype, device=x.device)
     _run(
