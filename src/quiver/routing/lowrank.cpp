@@ -130,12 +130,13 @@ void chunk_scores(const float* prototypes, const float* x, int64_t tokens, int64
 // Arrow's choice for each of `tokens` rows, eight at once, one per vector lane: the k largest
 // scores [experts, tokens] (descending; the lower expert first on ties) and their softmax over
 // temperature. Each expert is inserted into every lane's sorted list without a branch; best and
-// chosen hold the k lists.
+// best_experts hold the k lists.
 void top_k_softmax(const float* scores, int64_t tokens, int64_t experts, int64_t k,
-                   float temperature, int64_t* index, float* weights, f8* best, i8* chosen) {
+                   float temperature, int64_t* index, float* weights, f8* best,
+                   i8* best_experts) {
   for (int64_t t = 0; t < tokens; t += 8) {
     const int64_t lanes = std::min<int64_t>(8, tokens - t);
-    for (int64_t j = 0; j < k; ++j) best[j] = f8{} - INFINITY, chosen[j] = i8{} + int(j);
+    for (int64_t j = 0; j < k; ++j) best[j] = f8{} - INFINITY, best_experts[j] = i8{} + int(j);
     for (int64_t e = 0; e < experts; ++e) {
       f8 value = {};
       if (lanes == 8)
@@ -146,18 +147,18 @@ void top_k_softmax(const float* scores, int64_t tokens, int64_t experts, int64_t
       for (int64_t j = 0; j < k; ++j) {  // where value beats best[j], they swap places
         const i8 beats = value > best[j];
         const f8 kept = beats ? value : best[j];
-        const i8 kept_expert = beats ? expert : chosen[j];
+        const i8 kept_expert = beats ? expert : best_experts[j];
         value = beats ? best[j] : value;
-        expert = beats ? chosen[j] : expert;
+        expert = beats ? best_experts[j] : expert;
         best[j] = kept;
-        chosen[j] = kept_expert;
+        best_experts[j] = kept_expert;
       }
     }
     for (int64_t lane = 0; lane < lanes; ++lane) {
       float* w = weights + (t + lane) * k;
       float total = 0.f;
       for (int64_t j = 0; j < k; ++j) {
-        index[(t + lane) * k + j] = chosen[j][lane];
+        index[(t + lane) * k + j] = best_experts[j][lane];
         w[j] = std::exp((best[j][lane] - best[0][lane]) / temperature);
         total += w[j];
       }
@@ -200,7 +201,7 @@ int quiver_lowrank_add(float* out, const float* x, const float* a, const float* 
     std::vector<float> codes(chunk * k * rank), mixed(rank), by_token(chunk * experts),
         scores(chunk * experts);
     std::vector<f8> best(k);
-    std::vector<i8> chosen(k);
+    std::vector<i8> best_experts(k);
     std::vector<int64_t> start(experts + 1), fill(experts), pairs(chunk * k);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
@@ -209,7 +210,7 @@ int quiver_lowrank_add(float* out, const float* x, const float* a, const float* 
         chunk_scores(prototypes, x + t0 * din, t1 - t0, din, experts, by_token.data(),
                      scores.data());
         top_k_softmax(scores.data(), t1 - t0, experts, k, temperature, index + t0 * k,
-                      weights + t0 * k, best.data(), chosen.data());
+                      weights + t0 * k, best.data(), best_experts.data());
       }
       const int64_t* chosen = index + t0 * k;
       const float* chosen_weights = weights + t0 * k;
