@@ -33,6 +33,7 @@ from quiver.testing import LORA_TARGETS, lora_target_layers, make_random_expert,
 
 SECTION = "## Routing speed"
 TOP_K, RANK = 4, 8
+DECODE_TOKENS = 32
 
 
 def base_model(hidden: int):
@@ -97,6 +98,21 @@ def forward_of(model, ids):
     return forward
 
 
+def decode_of(model, ids):
+    """Greedy generation of DECODE_TOKENS new tokens for one 16-token prompt: the chat case."""
+
+    def decode():
+        model.generate(
+            ids[:1, :16],
+            max_new_tokens=DECODE_TOKENS,
+            min_new_tokens=DECODE_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+    return decode
+
+
 def timed_build(build, *args):
     start = time.perf_counter()
     model = build(*args)
@@ -120,6 +136,9 @@ def measure_row(experts, paths, ids, hidden, peft_max, repeats, console):
     del forwards["matmuls"]
     peaks = {name: peak_mib(forward) for name, forward in forwards.items()}
     row.update({f"{name}_peak": peak - peaks["base"] for name, peak in peaks.items()})
+    decodes = {"base": decode_of(base, ids), "ours": decode_of(ours, ids)}
+    decoded = interleaved_medians(decodes, max(3, repeats // 2))
+    row["decode"] = decoded["ours"] / decoded["base"]
     return row
 
 
@@ -139,8 +158,8 @@ def markdown(rows, hidden, repeats) -> str:
     lines = [
         "| E | forward base | forward ours | ours / base | matmuls / base | forward PEFT "
         "| PEFT / ours | PEFT / matmuls | build ours | build PEFT | PEFT / ours "
-        "| extra peak ours | extra peak PEFT |",
-        "|---" * 13 + "|",
+        "| extra peak ours | extra peak PEFT | decode ours / base |",
+        "|---" * 14 + "|",
     ]
     for r in rows:
         peft = "peft" in r
@@ -158,6 +177,7 @@ def markdown(rows, hidden, repeats) -> str:
             f"{r['peft_build'] / r['ours_build']:.0f}x" if peft else "-",
             f"{r['ours_peak']:.1f} MiB",
             f"{r['peft_peak']:.1f} MiB" if peft else "-",
+            f"{r['decode']:.2f}x",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     note = (
@@ -166,7 +186,8 @@ def markdown(rows, hidden, repeats) -> str:
         "live tensor memory during one forward minus the base model's (torch tensors; the CPU "
         "kernels' own scratch, about 100 KiB a thread at E=32, is not seen). Matmuls = the base "
         "model plus the routing's arithmetic as plain torch matmuls (tokens x E x in and tokens "
-        "x k*r x (in + out) per routed layer), i.e. routing at torch's own GEMM speed."
+        "x k*r x (in + out) per routed layer), i.e. routing at torch's own GEMM speed. Decode = "
+        f"greedy generation of {DECODE_TOKENS} tokens after a 16-token prompt at batch 1."
     )
     lines.append("\n" + textwrap.fill(note, 100))
     return "\n".join(lines)

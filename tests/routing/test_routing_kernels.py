@@ -33,6 +33,21 @@ def kernel_update(out, lora_a, lora_b, x, index, weights, *, mix_parameters=Fals
     kernels.lowrank_add_(out, x, *factors, index, weights, rank=rank, mix_parameters=mix_parameters)
 
 
+def kernel_arrow(out, lora_a, lora_b, x, prototypes, *, top_k, temperature=1.0):
+    """``kernels.arrow_add_`` (output mixing) on factors shaped as ``naive_mix`` takes them."""
+    factors = (lora_a.flatten(0, 1), lora_b.mT.flatten(0, 1))
+    return kernels.arrow_add_(
+        out,
+        x,
+        prototypes,
+        *factors,
+        top_k=top_k,
+        temperature=temperature,
+        rank=lora_a.shape[1],
+        mix_parameters=False,
+    )
+
+
 @pytest.mark.parametrize("mix_parameters", [False, True])
 @pytest.mark.parametrize(
     ("tokens", "experts", "rank", "din", "dout", "k"),
@@ -65,17 +80,7 @@ def test_kernel_arrow_choice_matches_torch_top_k_and_its_update_the_loop(tokens,
     lora_a, lora_b, x, _, _ = random_update_case(tokens, experts, 4, din, 16, 4)
     prototypes = torch.randn(experts, din, generator=torch.Generator().manual_seed(1))
     out = torch.zeros(tokens, 16)
-    index, weights = kernels.arrow_add_(
-        out,
-        x,
-        prototypes,
-        lora_a.flatten(0, 1),
-        lora_b.mT.flatten(0, 1),
-        top_k=4,
-        temperature=0.7,
-        rank=4,
-        mix_parameters=False,
-    )
+    index, weights = kernel_arrow(out, lora_a, lora_b, x, prototypes, top_k=4, temperature=0.7)
     top, expected_index = (x @ prototypes.T).abs().topk(4, dim=-1)
     assert torch.equal(index, expected_index)
     torch.testing.assert_close(weights, (top / 0.7).softmax(-1))
@@ -86,17 +91,7 @@ def test_kernel_arrow_choice_matches_torch_top_k_and_its_update_the_loop(tokens,
 def test_a_top_k_beyond_the_experts_is_refused():
     lora_a, lora_b, x, _, _ = random_update_case(4, 3, 2, 8, 8, 2)
     with pytest.raises(RoutingError, match="top_k=4"):
-        kernels.arrow_add_(
-            torch.zeros(4, 8),
-            x,
-            torch.randn(3, 8),
-            lora_a.flatten(0, 1),
-            lora_b.mT.flatten(0, 1),
-            top_k=4,
-            temperature=1.0,
-            rank=2,
-            mix_parameters=False,
-        )
+        kernel_arrow(torch.zeros(4, 8), lora_a, lora_b, x, torch.randn(3, 8), top_k=4)
 
 
 def test_an_expert_index_out_of_range_is_refused_before_writing():
