@@ -4,12 +4,13 @@ PyTorch has no CPU kernel that multiplies each token by a few experts picked per
 gathering their factors (``embedding_bag`` comes closest, at a fraction of GEMM speed). So
 ``lowrank.cpp`` does it: per chunk of tokens (while they are in cache) it scores them against
 the prototypes, picks each token's top-k, then visits the (token, expert) pairs expert by expert,
-keeping each expert's factors in cache. It is compiled once per machine with the system C++
-compiler (about a second; no torch headers) into ``$QUIVER_HOME/kernels`` and loaded with ctypes.
-Built with OpenMP, it runs on the libgomp torch has already loaded, i.e. on torch's threads.
+keeping each expert's factors in cache. It is compiled once per machine with the system's GCC
+(about a second; no torch headers) into ``$QUIVER_HOME/kernels`` and loaded with ctypes. Built
+with OpenMP, it runs on the libgomp torch has already loaded, i.e. on torch's threads; clang's
+OpenMP would start a second pool fighting torch's for the cores, so clang is refused.
 
 The kernels cover float32 on the CPU without autograd; everything else (GPUs, bf16/fp16,
-training, machines without a compiler, ``QUIVER_KERNELS=0``) takes the portable torch path in
+training, machines without GCC, ``QUIVER_KERNELS=0``) takes the portable torch path in
 ``layers.py``, which gives the same results (up to float rounding in the scores, which can swap
 two experts whose scores tie to within it).
 """
@@ -69,7 +70,8 @@ def cpu_kernels() -> ctypes.CDLL | None:
             raise OSError("no C++ compiler on PATH; set CXX")
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
-        detail = " ".join((getattr(error, "stderr", None) or str(error)).strip().splitlines()[-3:])
+        lines = (getattr(error, "stderr", None) or str(error)).strip().splitlines()
+        detail = next((line.strip() for line in lines if "error" in line), lines[-1])
         warnings.warn(
             f"Quiver's CPU kernels did not build ({detail}); routed layers take the slower "
             "portable path",

@@ -6,6 +6,10 @@
 // Layouts: x [n, din], out [n, dout], a [experts, rank, din] (each expert's A),
 // b [experts, rank, dout] (each expert's scaled B, transposed), index and weights [n, k].
 
+#if defined(__clang__) || !defined(__GNUC__)
+#error "Quiver's kernels need GCC (g++): they run on torch's GNU OpenMP threads (libgomp)"
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
