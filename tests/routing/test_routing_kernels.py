@@ -9,8 +9,10 @@ from quiver.routing import Arrow, kernels, route
 
 
 @pytest.fixture(autouse=True)
-def fresh_kernels():
-    """Each test sees the kernels as its own environment would build (or refuse) them."""
+def fresh_kernels(monkeypatch):
+    """Each test sees the kernels as its own environment would build (or refuse) them, with the
+    kernels on unless it turns them off (whatever QUIVER_KERNELS the suite runs with)."""
+    monkeypatch.delenv("QUIVER_KERNELS", raising=False)
     kernels.cpu_kernels.cache_clear()
     yield
     kernels.cpu_kernels.cache_clear()
