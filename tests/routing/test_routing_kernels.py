@@ -90,6 +90,17 @@ def test_kernel_arrow_choice_matches_torch_top_k_and_its_update_the_loop(tokens,
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_kernel_arrow_breaks_ties_toward_the_lower_expert():
+    lora_a, lora_b, _, _, _ = random_update_case(20, 6, 2, 16, 8, 3)
+    gen = torch.Generator().manual_seed(2)  # small integers: every sum is exact, in any order
+    x = torch.randint(1, 4, (20, 16), generator=gen).float()
+    prototypes = torch.ones(6, 16)
+    prototypes[[1, 4]] = 3.0  # experts 1 and 4 score exactly alike on every token,
+    prototypes[2] = -3.0  # and so does 2, as Arrow ranks by |score|: they are the top 3
+    index, _ = kernel_arrow(torch.zeros(20, 8), lora_a, lora_b, x, prototypes, top_k=3)
+    assert index.tolist() == [[1, 2, 4]] * 20
+
+
 def test_a_top_k_beyond_the_experts_is_refused():
     lora_a, lora_b, x, _, _ = random_update_case(4, 3, 2, 8, 8, 2)
     with pytest.raises(RoutingError, match="top_k=4"):
