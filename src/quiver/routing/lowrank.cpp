@@ -114,21 +114,67 @@ inline void all_expands(const float* b, int64_t stride, int64_t width, int64_t r
   for (; j < rank; ++j) expand<1>(b + j * stride, stride, width, codes + j, out);
 }
 
+// Experts per score tile: two vectors, so a tile of kTileTokens tokens keeps 12 accumulators, the
+// two panel vectors and a broadcast in AVX2's 16 registers.
+constexpr int64_t kTileExperts = 16;
+constexpr int kTileTokens = 6;
+constexpr int64_t kSumBlock = 128;
+
+// The prototypes [experts, din] repacked for score tiles: panel[g][i][j] = prototypes[16 g + j][i],
+// zero past the last expert, so a tile reads one contiguous stream.
+void pack_prototypes(const float* prototypes, int64_t experts, int64_t din, float* panel) {
+  const int64_t groups = (experts + kTileExperts - 1) / kTileExperts;
+  std::fill(panel, panel + groups * kTileExperts * din, 0.f);
+  for (int64_t e = 0; e < experts; ++e)
+    for (int64_t i = 0; i < din; ++i)
+      panel[(e / kTileExperts * din + i) * kTileExperts + e % kTileExperts] = prototypes[e * din + i];
+}
+
+// products[t, 0:16] += panel_g^T x[t] over columns [0, width) for T tokens: an outer product per
+// column i (the panel row against each token's x[t, i] broadcast), as GEMM micro-kernels do.
+template <int T>
+inline void score_tile(const float* panel, const float* x, int64_t din, int64_t width,
+                       float* products, int64_t stride) {
+  f8 acc[T][2] = {};
+  for (int64_t i = 0; i < width; ++i) {
+    const f8 low = load8(panel + i * kTileExperts), high = load8(panel + i * kTileExperts + 8);
+    for (int t = 0; t < T; ++t) {
+      const f8 xv = f8{} + x[t * din + i];
+      acc[t][0] += xv * low;
+      acc[t][1] += xv * high;
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    store8(products + t * stride, load8(products + t * stride) + acc[t][0]);
+    store8(products + t * stride + 8, load8(products + t * stride + 8) + acc[t][1]);
+  }
+}
+
+// Each group's tile over columns in blocks of kSumBlock, summed block by block: float error grows
+// with the block, not with din.
+template <int T>
+inline void score_tiles(const float* panel, int64_t groups, const float* x, int64_t din,
+                        float* products, int64_t stride) {
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t i0 = 0; i0 < din; i0 += kSumBlock)
+      score_tile<T>(panel + (g * din + i0) * kTileExperts, x + i0, din,
+                    std::min(kSumBlock, din - i0), products + g * kTileExperts, stride);
+}
+
 // Arrow's scores of a chunk of tokens x [tokens, din]: scores[e, t] = |prototypes[e] . x[t]|,
-// expert-major. Eight prototypes at a time over column blocks, so they stay in cache while every
-// token reads them; by_token is scratch for the token-major products.
-void chunk_scores(const float* prototypes, const float* x, int64_t tokens, int64_t din,
-                  int64_t experts, float* by_token, float* scores) {
-  std::fill(by_token, by_token + tokens * experts, 0.f);
-  for (int64_t g = 0; g < experts; g += 8)
-    for (int64_t offset = 0; offset < din; offset += kBlock)
-      for (int64_t t = 0; t < tokens; ++t)
-        all_dots(prototypes + g * din + offset, din, std::min(kBlock, din - offset),
-                 std::min<int64_t>(8, experts - g), x + t * din + offset,
-                 by_token + t * experts + g);
+// expert-major, from the packed panel. Six tokens at a time against every expert group, so the
+// tokens stay in L1 while the panel streams; products is scratch [tokens, groups * 16].
+void chunk_scores(const float* panel, const float* x, int64_t tokens, int64_t din,
+                  int64_t experts, float* products, float* scores) {
+  const int64_t groups = (experts + kTileExperts - 1) / kTileExperts, stride = groups * kTileExperts;
+  std::fill(products, products + tokens * stride, 0.f);
+  int64_t t = 0;
+  for (; t + kTileTokens <= tokens; t += kTileTokens)
+    score_tiles<kTileTokens>(panel, groups, x + t * din, din, products + t * stride, stride);
+  for (; t < tokens; ++t) score_tiles<1>(panel, groups, x + t * din, din, products + t * stride, stride);
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t e = 0; e < experts; ++e)
-      scores[e * tokens + t] = std::fabs(by_token[t * experts + e]);
+      scores[e * tokens + t] = std::fabs(products[t * stride + e]);
 }
 
 // Arrow's choice for each of `tokens` rows, eight at once, one per vector lane: the k largest
@@ -200,9 +246,15 @@ int quiver_lowrank_add(float* out, const float* x, const float* a, const float* 
     for (int64_t p = 0; p < n * k; ++p)
       if (index[p] < 0 || index[p] >= experts) return -1;
   const int64_t chunks = (n + chunk - 1) / chunk;
+  const int64_t padded = (experts + kTileExperts - 1) / kTileExperts * kTileExperts;
+  std::vector<float> panel;
+  if (prototypes != nullptr) {
+    panel.resize(padded * din);
+    pack_prototypes(prototypes, experts, din, panel.data());
+  }
 #pragma omp parallel if (chunks > 1)
   {
-    std::vector<float> codes(chunk * k * rank), mixed(rank), by_token(chunk * experts),
+    std::vector<float> codes(chunk * k * rank), mixed(rank), products(chunk * padded),
         scores(chunk * experts);
     std::vector<f8> best(k);
     std::vector<i8> best_experts(k);
@@ -211,7 +263,7 @@ int quiver_lowrank_add(float* out, const float* x, const float* a, const float* 
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t t0 = c * chunk, t1 = std::min(n, t0 + chunk), pair_count = (t1 - t0) * k;
       if (prototypes != nullptr) {
-        chunk_scores(prototypes, x + t0 * din, t1 - t0, din, experts, by_token.data(),
+        chunk_scores(panel.data(), x + t0 * din, t1 - t0, din, experts, products.data(),
                      scores.data());
         top_k_softmax(scores.data(), t1 - t0, experts, k, temperature, index + t0 * k,
                       weights + t0 * k, best.data(), best_experts.data());
