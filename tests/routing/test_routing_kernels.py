@@ -41,7 +41,7 @@ def kernel_arrow(out, lora_a, lora_b, x, prototypes, *, top_k, temperature=1.0):
     return kernels.arrow_add_(
         out,
         x,
-        prototypes,
+        kernels.prototype_panel(prototypes),
         *factors,
         top_k=top_k,
         temperature=temperature,

@@ -36,6 +36,7 @@ from quiver.registry.local import quiver_home
 SOURCE = Path(__file__).with_name("lowrank.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
 MAX_CHUNK = 256  # tokens per work item: a chunk's inputs stay in L2 while its pairs reuse factors
+TILE_EXPERTS = 16  # experts per score tile (lowrank.cpp's kTileExperts)
 
 
 def _build(compiler: str) -> Path:
@@ -112,10 +113,19 @@ def lowrank_add_(
     _run(out, x, a_rows, b_rows, None, 0.0, index, weights, rank, mix_parameters)
 
 
+def prototype_panel(prototypes: torch.Tensor) -> torch.Tensor:
+    """Arrow's prototypes ``[E, in]`` laid out as the kernels' score tiles read them:
+    ``[ceil(E / 16), in, 16]``, each group of 16 experts column by column, zero past the last."""
+    experts, features = prototypes.shape
+    groups = -(-experts // TILE_EXPERTS)
+    padded = torch.nn.functional.pad(prototypes, (0, 0, 0, groups * TILE_EXPERTS - experts))
+    return padded.view(groups, TILE_EXPERTS, features).transpose(1, 2).contiguous()
+
+
 def arrow_add_(
     out: torch.Tensor,
     x: torch.Tensor,
-    prototypes: torch.Tensor,
+    panel: torch.Tensor,
     a_rows: torch.Tensor,
     b_rows: torch.Tensor,
     *,
@@ -124,25 +134,15 @@ def arrow_add_(
     rank: int,
     mix_parameters: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arrow in one pass: per token, the top-k of ``|x . p_e|`` over ``prototypes [E, in]``,
-    softmax at ``temperature``, and the update added to ``out``; returns the choice
-    ``index, weights [N, k]``."""
-    if not 1 <= top_k <= len(prototypes):
-        raise RoutingError(f"top_k={top_k} needs between 1 and {len(prototypes)} experts")
+    """Arrow in one pass: per token, the top-k of ``|x . p_e|`` over the prototypes (as
+    ``prototype_panel``), softmax at ``temperature``, and the update added to ``out``; returns
+    the choice ``index, weights [N, k]``."""
+    experts = len(a_rows) // rank
+    if not 1 <= top_k <= experts:
+        raise RoutingError(f"top_k={top_k} needs between 1 and {experts} experts")
     index = torch.empty(len(x), top_k, dtype=torch.int64, device=x.device)
     weights = torch.empty(len(x), top_k, dtype=x.dtype, device=x.device)
-    _run(
-        out,
-        x,
-        a_rows,
-        b_rows,
-        prototypes.contiguous(),
-        temperature,
-        index,
-        weights,
-        rank,
-        mix_parameters,
-    )
+    _run(out, x, a_rows, b_rows, panel, temperature, index, weights, rank, mix_parameters)
     return index, weights
 
 
@@ -153,7 +153,7 @@ def _chunk(tokens: int) -> int:
     return min(MAX_CHUNK, max(8, -(-per_thread // 8) * 8))
 
 
-def _run(out, x, a_rows, b_rows, prototypes, temperature, index, weights, rank, mix_parameters):
+def _run(out, x, a_rows, b_rows, panel, temperature, index, weights, rank, mix_parameters):
     if not out.is_contiguous():
         raise RoutingError("the kernels write into a contiguous output only")
     x, a_rows, b_rows = x.contiguous(), a_rows.contiguous(), b_rows.contiguous()
@@ -163,7 +163,7 @@ def _run(out, x, a_rows, b_rows, prototypes, temperature, index, weights, rank, 
         x.data_ptr(),
         a_rows.data_ptr(),
         b_rows.data_ptr(),
-        None if prototypes is None else prototypes.data_ptr(),
+        None if panel is None else panel.data_ptr(),
         temperature,
         index.data_ptr(),
         weights.data_ptr(),

@@ -102,6 +102,7 @@ class ArrowMixer(LowRankMixer):
     def __init__(self, stack, prototypes, *, top_k, temperature, mix_parameters):
         super().__init__(stack)
         self.register_buffer("prototypes", prototypes, persistent=False)
+        self.register_buffer("panel", kernels.prototype_panel(prototypes), persistent=False)
         self.top_k, self.temperature, self.mix_parameters = top_k, temperature, mix_parameters
 
     def select(self, x: torch.Tensor, batch_shape: torch.Size):
@@ -114,7 +115,7 @@ class ArrowMixer(LowRankMixer):
         return kernels.arrow_add_(
             out,
             x,
-            self.prototypes,
+            self.panel,
             self.a_rows,
             self.b_rows,
             top_k=self.top_k,

@@ -4,7 +4,9 @@
 // torch has already loaded, so they run on torch's own thread pool.
 //
 // Layouts: x [n, din], out [n, dout], a [experts, rank, din] (each expert's A),
-// b [experts, rank, dout] (each expert's scaled B, transposed), index and weights [n, k].
+// b [experts, rank, dout] (each expert's scaled B, transposed), index and weights [n, k], and
+// Arrow's prototypes as a panel [ceil(experts / 16), din, 16]: groups of 16 experts, column by
+// column, zero past the last expert (kernels.prototype_panel), so a score tile reads one stream.
 
 #if defined(__clang__) || !defined(__GNUC__)
 #error "Quiver's kernels need GCC (g++): they run on torch's GNU OpenMP threads (libgomp)"
@@ -120,16 +122,6 @@ constexpr int64_t kTileExperts = 16;
 constexpr int kTileTokens = 6;
 constexpr int64_t kSumBlock = 128;
 
-// The prototypes [experts, din] repacked for score tiles: panel[g][i][j] = prototypes[16 g + j][i],
-// zero past the last expert, so a tile reads one contiguous stream.
-void pack_prototypes(const float* prototypes, int64_t experts, int64_t din, float* panel) {
-  const int64_t groups = (experts + kTileExperts - 1) / kTileExperts;
-  std::fill(panel, panel + groups * kTileExperts * din, 0.f);
-  for (int64_t e = 0; e < experts; ++e)
-    for (int64_t i = 0; i < din; ++i)
-      panel[(e / kTileExperts * din + i) * kTileExperts + e % kTileExperts] = prototypes[e * din + i];
-}
-
 // products[t, 0:16] += panel_g^T x[t] over columns [0, width) for T tokens: an outer product per
 // column i (the panel row against each token's x[t, i] broadcast), as GEMM micro-kernels do.
 template <int T>
@@ -234,24 +226,19 @@ extern "C" {
 
 // out[t] += sum_j w_tj b_e^T (a_e x_t) with e = index[t, j] (output mixing), or
 // out[t] += sum_j w_tj b_e^T (sum_i w_ti a_i x_t) (parameter mixing).
-// With `prototypes` [experts, din], Arrow first fills index and weights (top-k of |p_e . x_t|,
+// With a prototype `panel`, Arrow first fills index and weights (top-k of |p_e . x_t|,
 // softmax at temperature); without, they are given and checked. Tokens are split into chunks;
 // within a chunk the (token, expert) pairs are visited expert by expert so each expert's factors
 // stay in cache. Returns -1 (writing nothing) if a given index is out of range.
 int quiver_lowrank_add(float* out, const float* x, const float* a, const float* b,
-                       const float* prototypes, float temperature, int64_t* index,
+                       const float* panel, float temperature, int64_t* index,
                        float* weights, int64_t n, int64_t din, int64_t dout, int64_t experts,
                        int64_t rank, int64_t k, int mix_parameters, int64_t chunk) {
-  if (prototypes == nullptr)
+  if (panel == nullptr)
     for (int64_t p = 0; p < n * k; ++p)
       if (index[p] < 0 || index[p] >= experts) return -1;
   const int64_t chunks = (n + chunk - 1) / chunk;
   const int64_t padded = (experts + kTileExperts - 1) / kTileExperts * kTileExperts;
-  std::vector<float> panel;
-  if (prototypes != nullptr) {
-    panel.resize(padded * din);
-    pack_prototypes(prototypes, experts, din, panel.data());
-  }
 #pragma omp parallel if (chunks > 1)
   {
     std::vector<float> codes(chunk * k * rank), mixed(rank), products(chunk * padded),
@@ -262,8 +249,8 @@ int quiver_lowrank_add(float* out, const float* x, const float* a, const float* 
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t t0 = c * chunk, t1 = std::min(n, t0 + chunk), pair_count = (t1 - t0) * k;
-      if (prototypes != nullptr) {
-        chunk_scores(panel.data(), x + t0 * din, t1 - t0, din, experts, products.data(),
+      if (panel != nullptr) {
+        chunk_scores(panel, x + t0 * din, t1 - t0, din, experts, products.data(),
                      scores.data());
         top_k_softmax(scores.data(), t1 - t0, experts, k, temperature, index + t0 * k,
                       weights + t0 * k, best.data(), best_experts.data());
