@@ -158,15 +158,17 @@ inline void score_tiles(const float* panel, int64_t groups, const float* x, int6
 // tokens stay in L1 while the panel streams; products is scratch [tokens, groups * 16].
 void chunk_scores(const float* panel, const float* x, int64_t tokens, int64_t din,
                   int64_t experts, float* products, float* scores) {
-  const int64_t groups = (experts + kTileExperts - 1) / kTileExperts, stride = groups * kTileExperts;
+  const int64_t groups = (experts + kTileExperts - 1) / kTileExperts;
+  const int64_t stride = groups * kTileExperts;
   std::fill(products, products + tokens * stride, 0.f);
   int64_t t = 0;
   for (; t + kTileTokens <= tokens; t += kTileTokens)
     score_tiles<kTileTokens>(panel, groups, x + t * din, din, products + t * stride, stride);
-  for (; t < tokens; ++t) score_tiles<1>(panel, groups, x + t * din, din, products + t * stride, stride);
-  for (int64_t t = 0; t < tokens; ++t)
+  for (; t < tokens; ++t)
+    score_tiles<1>(panel, groups, x + t * din, din, products + t * stride, stride);
+  for (int64_t row = 0; row < tokens; ++row)
     for (int64_t e = 0; e < experts; ++e)
-      scores[e * tokens + t] = std::fabs(products[t * stride + e]);
+      scores[e * tokens + row] = std::fabs(products[row * stride + e]);
 }
 
 // Arrow's choice for each of `tokens` rows, eight at once, one per vector lane: the k largest
