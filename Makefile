@@ -24,7 +24,7 @@ browser:
 app: $(STAMP)
 	$(BIN)/quiver --help
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)

@@ -19,7 +19,7 @@ _EXPORTS: dict[str, str] = {
     "Library": "quiver.registry.library",
     "LibraryManifest": "quiver.registry.library",
     "LocalRegistry": "quiver.registry.local",
-    "quiver_home": "quiver.registry.local",
+    "quiver_home": "quiver.home",
     "HubRegistry": "quiver.registry.hub",
     "open_registry": "quiver.registry.hub",
 }

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quiver.errors import NotFoundError, QuiverError
+from quiver.home import quiver_home
 from quiver.registry.base import (
     Registry,
     RepoSummary,
@@ -45,11 +46,6 @@ CREATE TABLE IF NOT EXISTS cards (
     text TEXT NOT NULL, last_modified TEXT NOT NULL);
 """
 _COMMITS = "SELECT commit_id, parent, message, date FROM commits WHERE repo_id = ?"
-
-
-def quiver_home() -> Path:
-    """``$QUIVER_HOME``, or ``~/.cache/quiver``."""
-    return Path(os.environ.get("QUIVER_HOME") or Path.home() / ".cache" / "quiver")
 
 
 class LocalRegistry(Registry):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from quiver.errors import RoutingError
-from quiver.registry.local import quiver_home
+from quiver.home import quiver_home
 
 SOURCE = Path(__file__).with_name("lowrank.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")

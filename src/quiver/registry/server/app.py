@@ -74,7 +74,7 @@ class HubOptions:
             raise HubError(f"lfs_threshold must be positive, got {self.lfs_threshold}")
 
 
-def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
+def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:  # noqa: C901
     """The ASGI app serving ``store``."""
     options = options or HubOptions()
     app = FastAPI(title="Quiver Hub", docs_url=None, redoc_url=None, openapi_url=None)
