@@ -1,0 +1,24 @@
+"""What every command shares: the consoles, the registry and token options."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+REGISTRY_HELP = (
+    "A folder path, an endpoint URL, or 'hf' for huggingface.co "
+    "(default: the local store under $QUIVER_HOME)."
+)
+RegistryOption = typer.Option(None, "--registry", "-r", help=REGISTRY_HELP)
+TokenOption = typer.Option(
+    None, "--token", envvar="HF_TOKEN", help="Access token for a Hub registry."
+)
+
+
+def registry_from(spec: str | None, token: str | None):
+    from quiver.registry import open_registry
+
+    return open_registry(spec, token=token)

@@ -1,0 +1,65 @@
+"""``quiver hub``: serve a self-hosted, Hub-compatible registry and manage its tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from quiver.cli._common import console
+
+hub_app = typer.Typer(
+    help="A self-hosted, Hugging Face Hub-compatible registry.", no_args_is_help=True
+)
+hub_token_app = typer.Typer(help="Access tokens of a self-hosted Hub.", no_args_is_help=True)
+hub_app.add_typer(hub_token_app, name="token")
+
+
+@hub_app.command("serve")
+def hub_serve(
+    root: Path = typer.Option(..., "--root", help="Folder holding the registry's data."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    latency_ms: float = typer.Option(0.0, help="Delay every request by this much (benchmarks)."),
+    lfs_threshold: int | None = typer.Option(
+        None, help="Ask for files of at least this many bytes via LFS (HF_HUB_DISABLE_XET=1)."
+    ),
+    max_body_bytes: int = typer.Option(1 << 30, help="Refuse bigger request bodies with 413."),
+) -> None:
+    """Serve a Hub that huggingface_hub clients reach through HF_ENDPOINT=http://HOST:PORT."""
+    from quiver.registry.server import serve
+
+    console.print(f"Serving {root} at http://{host}:{port} (HF_ENDPOINT=http://{host}:{port})")
+    serve(
+        root,
+        host=host,
+        port=port,
+        latency_ms=latency_ms,
+        lfs_threshold=lfs_threshold,
+        max_body_bytes=max_body_bytes,
+    )
+
+
+@hub_token_app.command("create")
+def hub_token_create(
+    user: str = typer.Argument(..., help="User the token belongs to."),
+    root: Path = typer.Option(..., "--root", help="Folder holding the registry's data."),
+    write: bool = typer.Option(False, "--write", help="Allow writes to the user's namespaces."),
+    org: list[str] = typer.Option([], "--org", help="Make the user a member of this org."),
+) -> None:
+    """Print a new access token for USER (use it as HF_TOKEN)."""
+    from quiver.registry.server import HubStore
+
+    print(HubStore(root).create_token(user, write=write, orgs=org))
+
+
+@hub_token_app.command("revoke")
+def hub_token_revoke(
+    token: str = typer.Argument(..., help="The token to revoke."),
+    root: Path = typer.Option(..., "--root", help="Folder holding the registry's data."),
+) -> None:
+    """Revoke an access token; the server refuses it from the next request on."""
+    from quiver.registry.server import HubStore
+
+    HubStore(root).revoke_token(token)
+    console.print("Token revoked.")

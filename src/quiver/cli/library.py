@@ -1,0 +1,133 @@
+"""``quiver library ...``: named, pinned sets of experts for one base model."""
+
+from __future__ import annotations
+
+import typer
+
+from quiver.cli._common import (
+    REGISTRY_HELP,
+    RegistryOption,
+    TokenOption,
+    console,
+    err_console,
+    registry_from,
+)
+
+library_app = typer.Typer(help="Named, pinned sets of experts for one base model.")
+library_app.info.no_args_is_help = True
+
+
+def _show_library(library) -> None:
+    from rich.table import Table
+
+    table = Table("expert", "source", "sha256", title=f"{library.repo_id}@{library.commit[:10]}")
+    for pin in library.experts:
+        source = "bundled" if pin.bundled else f"{pin.repo_id}@{pin.commit[:10]}"
+        table.add_row(pin.name, source, pin.sha256[:16])
+    console.print(table)
+    manifest = library.manifest
+    console.print(f"base model: {manifest.base_model}, rank: {manifest.rank}")
+    if manifest.artifacts:
+        console.print(f"artifacts: {', '.join(manifest.artifacts)}")
+
+
+@library_app.command("create")
+def library_create(
+    repo_id: str = typer.Argument(..., help="The library: namespace/name."),
+    base_model: str = typer.Option(..., help="The base model every expert adapts."),
+    description: str = typer.Option("", help="One paragraph for the library card."),
+    registry: str | None = RegistryOption,
+    token: str | None = TokenOption,
+) -> None:
+    """Create an empty library."""
+    from quiver.registry import Library
+
+    library = Library.create(
+        registry_from(registry, token),
+        repo_id,
+        base_model=base_model,
+        description=description,
+    )
+    console.print(f"Created {library.repo_id}@{library.commit[:10]}")
+
+
+@library_app.command("add")
+def library_add(
+    repo_id: str = typer.Argument(..., help="The library: namespace/name."),
+    expert: str = typer.Argument(..., help="A PEFT folder (bundled) or namespace/name[@rev]."),
+    name: str | None = typer.Option(None, help="Name in the library (default: the repo's)."),
+    bundle: bool = typer.Option(False, help="Copy a published expert into the library repo."),
+    registry: str | None = RegistryOption,
+    token: str | None = TokenOption,
+) -> None:
+    """Add an expert; commits a new version of the library."""
+    from quiver.registry import Library
+
+    library = Library.open(registry_from(registry, token), repo_id)
+    library.add(expert, name=name, bundle=bundle)
+    _show_library(library)
+
+
+@library_app.command("remove")
+def library_remove(
+    repo_id: str = typer.Argument(..., help="The library: namespace/name."),
+    name: str = typer.Argument(..., help="The expert to remove."),
+    registry: str | None = RegistryOption,
+    token: str | None = TokenOption,
+) -> None:
+    """Remove an expert; commits a new version of the library."""
+    from quiver.registry import Library
+
+    library = Library.open(registry_from(registry, token), repo_id)
+    library.remove(name)
+    _show_library(library)
+
+
+@library_app.command("show")
+def library_show(
+    repo_id: str = typer.Argument(..., help="The library: namespace/name."),
+    revision: str | None = typer.Option(None, help="Branch, tag or commit (default: main)."),
+    registry: str | None = RegistryOption,
+    token: str | None = TokenOption,
+) -> None:
+    """List a library's pinned experts and artifacts."""
+    from quiver.registry import Library
+
+    _show_library(Library.open(registry_from(registry, token), repo_id, revision=revision))
+
+
+@library_app.command("push")
+def library_push(
+    repo_id: str = typer.Argument(..., help="The library: namespace/name."),
+    source: str | None = typer.Option(None, "--from", help=f"Where it is now. {REGISTRY_HELP}"),
+    target_id: str | None = typer.Option(None, "--as", help="Publish under another name."),
+    registry: str | None = RegistryOption,
+    token: str | None = TokenOption,
+) -> None:
+    """Publish a library, its bundled and its referenced experts to --registry."""
+    from quiver.registry import Library
+
+    library = Library.open(registry_from(source, token), repo_id)
+    published = library.push(registry_from(registry, token), target_id)
+    console.print(
+        f"Pushed {published.repo_id}@{published.commit[:10]} to {published.registry.location}"
+    )
+
+
+@library_app.command("pull")
+def library_pull(
+    repo_id: str = typer.Argument(..., help="The library: namespace/name."),
+    revision: str | None = typer.Option(None, help="Branch, tag or commit (default: main)."),
+    workers: int = typer.Option(16, help="Concurrent downloads."),
+    registry: str | None = RegistryOption,
+    token: str | None = TokenOption,
+) -> None:
+    """Download a library's experts concurrently and verify every hash; print their folders."""
+    from quiver.registry import Library
+
+    library = Library.pull(
+        registry_from(registry, token), repo_id, revision=revision, max_workers=workers
+    )
+    err_console.print(f"{repo_id}@{library.commit[:10]}: {len(library.experts)} experts verified")
+    for name, path in library.expert_paths().items():
+        print(f"{name}\t{path}")
