@@ -8,7 +8,7 @@ from quiver.routing.arrow import (
 )
 from quiver.routing.experts import ExpertSet, load_experts
 from quiver.routing.model import RoutedModel, route
-from quiver.routing.strategies import Arrow, Merge, Oracle, single
+from quiver.routing.strategies import Arrow, Merge, Mixing, Oracle, Strategy, StrategyName, single
 from quiver.routing.trace import RoutingTrace
 
 __all__ = [
@@ -16,9 +16,12 @@ __all__ = [
     "ArrowPrototypes",
     "ExpertSet",
     "Merge",
+    "Mixing",
     "Oracle",
     "RoutedModel",
     "RoutingTrace",
+    "Strategy",
+    "StrategyName",
     "compute_arrow_prototypes",
     "load_experts",
     "load_prototypes",

@@ -12,14 +12,14 @@ from torch import nn
 from quiver.errors import RoutingError
 from quiver.routing.experts import ExpertSource, expert_index, load_experts
 from quiver.routing.layers import OracleMixer, RoutedLinear
-from quiver.routing.strategies import STRATEGIES
+from quiver.routing.strategies import STRATEGIES, Strategy, StrategyName
 from quiver.routing.trace import RoutingTrace
 
 
 class RoutedModel(nn.Module):
     """A causal LM whose targeted layers route over experts; ``forward``/``generate`` as usual."""
 
-    def __init__(self, model: nn.Module, expert_names: tuple[str, ...], strategy: Any) -> None:
+    def __init__(self, model: nn.Module, expert_names: tuple[str, ...], strategy: Strategy) -> None:
         super().__init__()
         self.model = model
         self.expert_names = expert_names
@@ -88,7 +88,10 @@ def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
 
 
 def route(
-    model: nn.Module, experts: ExpertSource, strategy: str | Any = "arrow", **options: Any
+    model: nn.Module,
+    experts: ExpertSource,
+    strategy: StrategyName | Strategy = "arrow",
+    **options: Any,
 ) -> RoutedModel:
     """Route ``model`` over ``experts`` (a library, a ``name -> folder`` mapping or folders).
 
@@ -104,6 +107,11 @@ def route(
             strategy = STRATEGIES[strategy](**options)
         except TypeError as error:
             raise RoutingError(f"bad options for strategy {strategy!r}: {error}") from error
+    elif not isinstance(strategy, Strategy):
+        raise RoutingError(
+            f"strategy must be a name or a strategy object, got {type(strategy).__name__}",
+            hint=f"use one of {[*STRATEGIES]} or an object with build(), such as Arrow()",
+        )
     elif options:
         raise RoutingError(
             f"options {sorted(options)} given with a strategy object",

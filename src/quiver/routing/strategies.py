@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 from torch import nn
@@ -25,14 +26,28 @@ from quiver.routing.arrow import (
     load_prototypes,
 )
 from quiver.routing.experts import ExpertSet, ExpertSource, LoraStack, load_experts
-from quiver.routing.layers import ArrowMixer, MergedMixer, OracleMixer
+from quiver.routing.layers import ArrowMixer, MergedMixer, Mixer, OracleMixer
 
-MIXINGS = ("outputs", "parameters")
+Mixing = Literal["outputs", "parameters"]
+"""How k chosen experts combine: ``outputs`` adds ``w_j B_j A_j x`` (as PEFT); ``parameters``
+mixes the factors first, ``(sum w_j B_j)(sum w_j A_j) x`` (as mttl)."""
+StrategyName = Literal["arrow", "uniform", "merge", "single", "oracle"]
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What ``route()`` needs from a strategy: for every routed module, the mixer that decides
+    which experts each token uses and adds their update (Arrow, Merge, Oracle, ...)."""
+
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, Mixer]:
+        """Mixers for ``experts`` (stacked and cast to the model), keyed by module name;
+        ``source`` is what the experts came from (a library may hold stored artifacts)."""
+        ...
 
 
 def _check_mixing(mixing: str) -> None:
-    if mixing not in MIXINGS:
-        raise RoutingError(f"unknown mixing {mixing!r}", hint=f"use one of {MIXINGS}")
+    if mixing not in get_args(Mixing):
+        raise RoutingError(f"unknown mixing {mixing!r}", hint=f"use one of {get_args(Mixing)}")
 
 
 def stored_prototypes(source: object, experts: ExpertSet) -> ArrowPrototypes | None:
@@ -52,7 +67,7 @@ class Arrow:
 
     top_k: int = 4
     temperature: float = 1.0
-    mixing: str = "outputs"
+    mixing: Mixing = "outputs"
     general_experts: ExpertSource | None = None  # GenKnowSub: subtract their mean first
 
     def __post_init__(self) -> None:
@@ -62,7 +77,7 @@ class Arrow:
             raise RoutingError(f"temperature must be positive, got {self.temperature}")
         _check_mixing(self.mixing)
 
-    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, nn.Module]:
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, Mixer]:
         if self.top_k > len(experts.names):
             raise RoutingError(
                 f"top_k={self.top_k} but the library has {len(experts.names)} experts",
@@ -92,7 +107,7 @@ class Merge:
     """One fixed combination of the experts, applied to every token."""
 
     weights: Mapping[str, float] | None = None  # None: the uniform average (mu)
-    mixing: str = "parameters"
+    mixing: Mixing = "parameters"
 
     def __post_init__(self) -> None:
         _check_mixing(self.mixing)
@@ -105,7 +120,7 @@ class Merge:
             weights[experts.index(name)] = float(weight)
         return weights
 
-    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, nn.Module]:
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, Mixer]:
         weights = self.expert_weights(experts)
         if self.mixing == "parameters":
             experts.require_uniform_rank("a parameter merge")
@@ -133,8 +148,14 @@ def single(expert: str) -> Merge:
 class Oracle:
     """The caller names the expert at run time: ``with routed.use_expert(name): ...``."""
 
-    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, nn.Module]:
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, Mixer]:
         return {m: OracleMixer(stack) for m, stack in experts.modules.items()}
 
 
-STRATEGIES = {"arrow": Arrow, "uniform": Merge, "merge": Merge, "single": single, "oracle": Oracle}
+STRATEGIES: dict[StrategyName, Callable[..., Strategy]] = {
+    "arrow": Arrow,
+    "uniform": Merge,
+    "merge": Merge,
+    "single": single,
+    "oracle": Oracle,
+}
