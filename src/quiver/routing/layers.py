@@ -12,16 +12,15 @@ while autograd records, through the portable torch functions, which carry gradie
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from quiver.errors import RoutingError
-from quiver.routing import ops
+from quiver.routing import context, ops
+from quiver.routing.context import CallState, batch_rows
 from quiver.routing.experts import LoraStack
 
-Recorder = Callable[[str, torch.Size, torch.Tensor, torch.Tensor], None]
 Choice = tuple[torch.Tensor, torch.Tensor]  # index [N, k] (int64), weights [N, k]
 
 
@@ -31,10 +30,12 @@ def _records_grad(*tensors: torch.Tensor) -> bool:
 
 class Mixer(nn.Module, ABC):
     """Decides, per token, which experts a layer uses (``select``) and adds their update to the
-    base output (``update_``); ``route_`` does both."""
+    base output (``update_``); ``route_`` does both. ``call`` is the calling context's state
+    (``context.py``): what a caller chose for this call only (the oracle's or a sequence's
+    experts)."""
 
     @abstractmethod
-    def select(self, x: torch.Tensor, batch_shape: torch.Size) -> Choice:
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
         """The experts each token of ``x [N, in]`` uses and their weights, ``[N, k]`` each;
         ``batch_shape`` is the shape of the tokens before flattening (e.g. ``[batch, seq]``)."""
 
@@ -44,9 +45,11 @@ class Mixer(nn.Module, ABC):
     ) -> None:
         """``out [N, out] +=`` the chosen experts' update of ``x [N, in]``."""
 
-    def route_(self, out: torch.Tensor, x: torch.Tensor, batch_shape: torch.Size) -> Choice:
+    def route_(
+        self, out: torch.Tensor, x: torch.Tensor, batch_shape: torch.Size, call: CallState
+    ) -> Choice:
         """``out [N, out] +=`` the update of ``x [N, in]``; returns ``index, weights [N, k]``."""
-        index, weights = self.select(x, batch_shape)
+        index, weights = self.select(x, batch_shape, call)
         self.update_(out, x, index, weights)
         return index, weights
 
@@ -82,12 +85,12 @@ class ArrowMixer(LowRankMixer):
         self.register_buffer("panel", ops.prototype_panel(prototypes), persistent=False)
         self.top_k, self.temperature, self.mix_parameters = top_k, temperature, mix_parameters
 
-    def select(self, x: torch.Tensor, batch_shape: torch.Size) -> Choice:
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
         return ops.arrow_choice(x, self.prototypes, self.top_k, self.temperature)
 
-    def route_(self, out, x, batch_shape):
+    def route_(self, out, x, batch_shape, call):
         if _records_grad(out, x):
-            return super().route_(out, x, batch_shape)
+            return super().route_(out, x, batch_shape, call)
         return ops.arrow_add_(
             out,
             x,
@@ -102,26 +105,48 @@ class ArrowMixer(LowRankMixer):
         )
 
 
-class OracleMixer(LowRankMixer):
-    """The caller names the expert (one for all rows, or one per batch row) via ``rows``."""
+class SequenceArrowMixer(LowRankMixer):
+    """Arrow per sequence: every token of a row uses the experts its prompt chose
+    (``call.choice``, made by ``RoutedModel`` from ``prompt_scores`` on a no-expert pass)."""
 
-    def __init__(self, stack):
+    def __init__(self, stack, prototypes, *, mix_parameters):
         super().__init__(stack)
-        self.rows: torch.Tensor | None = None
+        self.register_buffer("prototypes", prototypes, persistent=False)
+        self.mix_parameters = mix_parameters
 
-    def select(self, x: torch.Tensor, batch_shape: torch.Size) -> Choice:
-        if self.rows is None:
+    def prompt_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``|x . p_e|`` for every token of ``x [N, in]`` and expert: ``[N, E]``."""
+        return (x @ self.prototypes.mT).abs()
+
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
+        if call.choice is None:
+            raise RoutingError(
+                "sequence-level Arrow has no experts chosen for this call",
+                hint="call the routed model (routed(...), routed.generate(...)), not its inner "
+                "model, so the prompt is scored first",
+            )
+        index, weights = call.choice.per_token(batch_shape)
+        return index.to(x.device), weights.to(x)
+
+
+class OracleMixer(LowRankMixer):
+    """The caller names the expert (one for all rows, or one per batch row) for its call:
+    ``call.oracle_rows``, set by ``routed.use_expert``."""
+
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
+        rows = call.oracle_rows
+        if rows is None:
             raise RoutingError(
                 "oracle routing has no expert to use",
                 hint="run the model inside `with routed.use_expert(name):`",
             )
-        batch = batch_shape[0] if len(batch_shape) > 1 else 1
-        if len(self.rows) not in (1, batch):
+        batch = batch_rows(batch_shape)
+        if len(rows) not in (1, batch):
             raise RoutingError(
-                f"use_expert() named {len(self.rows)} experts for a batch of {batch} rows",
+                f"use_expert() named {len(rows)} experts for a batch of {batch} rows",
                 hint="name one expert, or one per batch row",
             )
-        per_row = self.rows.to(x.device).expand(batch)
+        per_row = rows.to(x.device).expand(batch)
         index = per_row.reshape(batch, *([1] * (len(batch_shape) - 1))).expand(batch_shape)
         index = index.reshape(-1, 1)
         return index, x.new_ones(index.shape)
@@ -136,7 +161,7 @@ class MergedMixer(Mixer):
         self.register_buffer("lora_b", lora_b, persistent=False)
         self.register_buffer("expert_weights", expert_weights, persistent=False)
 
-    def select(self, x: torch.Tensor, batch_shape: torch.Size) -> Choice:
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
         experts = len(self.expert_weights)
         index = torch.arange(experts, device=x.device).expand(x.shape[0], experts)
         return index, self.expert_weights.to(x.dtype).expand(x.shape[0], experts)
@@ -149,17 +174,22 @@ class RoutedLinear(nn.Module):
     """Wraps a base ``nn.Linear`` or GPT-2 ``Conv1D``; adds the mixer's update to its output.
 
     For inference: the experts are frozen buffers and the fused kernels carry no gradient.
+    Per-call state (trace, oracle rows, sequence choices) comes from the calling context of
+    routed model ``owner``, never from the layer, so concurrent calls do not mix.
     """
 
-    def __init__(self, base_layer: nn.Module, name: str, mixer: Mixer) -> None:
+    def __init__(self, base_layer: nn.Module, name: str, mixer: Mixer, owner: int) -> None:
         super().__init__()
-        self.base_layer, self.name, self.mixer = base_layer, name, mixer
-        self.recorder: Recorder | None = None  # set while a RoutingTrace records
+        self.base_layer, self.name, self.mixer, self.owner = base_layer, name, mixer, owner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x).contiguous()
-        flat = x.reshape(-1, x.shape[-1])
-        index, weights = self.mixer.route_(out.view(-1, out.shape[-1]), flat, x.shape[:-1])
-        if self.recorder is not None:
-            self.recorder(self.name, x.shape[:-1], index, weights)
+        flat, batch_shape = x.reshape(-1, x.shape[-1]), x.shape[:-1]
+        call = context.current(self.owner)
+        if call.scoring is not None:  # a no-expert pass over a prompt: score it, add nothing
+            call.scoring.add(self.mixer.prompt_scores(flat))
+            return out
+        index, weights = self.mixer.route_(out.view(-1, out.shape[-1]), flat, batch_shape, call)
+        if call.trace is not None:
+            call.trace.record(self.name, batch_shape, index, weights)
         return out

@@ -1,7 +1,8 @@
 """Routing strategies: small validated configs that turn stacked experts into per-module mixers.
 
-- ``Arrow``: per-token, per-module top-k routing on exact prototypes; output mixing (as PEFT) or
-  parameter mixing (as mttl); optional GenKnowSub with general experts.
+- ``Arrow``: per-token, per-module top-k routing on exact prototypes (the paper's, as PEFT); or,
+  with ``granularity="sequence"``, one top-k choice per sequence from its prompt, kept for the
+  whole generation. Output mixing (as PEFT) or parameter mixing (as mttl); optional GenKnowSub.
 - ``Merge``: one fixed combination for every token: uniform (mu, the paper's baseline) when no
   weights are given; ``single(name)`` is the merge that keeps one expert.
 - ``Oracle``: the caller names the expert at run time (``routed.use_expert(name)``).
@@ -25,12 +26,16 @@ from quiver.routing.arrow import (
     genknowsub,
     load_prototypes,
 )
+from quiver.routing.context import SequenceChoice
 from quiver.routing.experts import ExpertSet, ExpertSource, LoraStack, load_experts
-from quiver.routing.layers import ArrowMixer, MergedMixer, Mixer, OracleMixer
+from quiver.routing.layers import ArrowMixer, MergedMixer, Mixer, OracleMixer, SequenceArrowMixer
 
 Mixing = Literal["outputs", "parameters"]
 """How k chosen experts combine: ``outputs`` adds ``w_j B_j A_j x`` (as PEFT); ``parameters``
 mixes the factors first, ``(sum w_j B_j)(sum w_j A_j) x`` (as mttl)."""
+Granularity = Literal["token", "sequence"]
+"""What Arrow routes: each token at each module (the paper), or each sequence once, by its
+prompt's prototype scores summed over the modules."""
 StrategyName = Literal["arrow", "uniform", "merge", "single", "oracle"]
 
 
@@ -63,12 +68,20 @@ def stored_prototypes(source: object, experts: ExpertSet) -> ArrowPrototypes | N
 
 @dataclass(frozen=True)
 class Arrow:
-    """Arrow routing: ``top_k`` experts per token and module, softmax at ``temperature``."""
+    """Arrow routing: ``top_k`` experts, softmax of their scores at ``temperature``.
+
+    ``granularity="token"`` (default, the paper's and PEFT's): per token and module, by
+    ``|x . p_e|`` at that module. ``"sequence"``: once per batch row, by its prompt: at every
+    module the mean of ``|x . p_e|`` over the prompt's tokens (padding masked) on a no-expert
+    pass, normalised to sum to 1 over the experts, summed over the modules; the row keeps those
+    experts and weights at every module for the whole generation.
+    """
 
     top_k: int = 4
     temperature: float = 1.0
     mixing: Mixing = "outputs"
     general_experts: ExpertSource | None = None  # GenKnowSub: subtract their mean first
+    granularity: Granularity = "token"
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -76,6 +89,16 @@ class Arrow:
         if not self.temperature > 0:
             raise RoutingError(f"temperature must be positive, got {self.temperature}")
         _check_mixing(self.mixing)
+        if self.granularity not in get_args(Granularity):
+            raise RoutingError(
+                f"unknown granularity {self.granularity!r}",
+                hint=f"use one of {get_args(Granularity)}",
+            )
+
+    def choose(self, scores: torch.Tensor) -> SequenceChoice:
+        """Sequence granularity: each row's top-k of its summed prompt scores ``[rows, E]``."""
+        top, index = scores.topk(self.top_k, dim=-1)
+        return SequenceChoice(index, (top / self.temperature).softmax(dim=-1), scores)
 
     def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, Mixer]:
         if self.top_k > len(experts.names):
@@ -90,16 +113,21 @@ class Arrow:
             prototypes = compute_arrow_prototypes(experts)
         else:
             prototypes = stored_prototypes(source, experts) or compute_arrow_prototypes(experts)
-        return {
-            module: ArrowMixer(
-                stack,
-                prototypes.vectors[module].to(stack.A),
-                top_k=self.top_k,
-                temperature=self.temperature,
-                mix_parameters=self.mixing == "parameters",
-            )
-            for module, stack in experts.modules.items()
-        }
+        mix_parameters = self.mixing == "parameters"
+        mixers: dict[str, Mixer] = {}
+        for module, stack in experts.modules.items():
+            vectors = prototypes.vectors[module].to(stack.A)
+            if self.granularity == "sequence":
+                mixers[module] = SequenceArrowMixer(stack, vectors, mix_parameters=mix_parameters)
+            else:
+                mixers[module] = ArrowMixer(
+                    stack,
+                    vectors,
+                    top_k=self.top_k,
+                    temperature=self.temperature,
+                    mix_parameters=mix_parameters,
+                )
+        return mixers
 
 
 @dataclass(frozen=True)
