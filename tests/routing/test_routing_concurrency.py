@@ -1,14 +1,17 @@
-"""One routed model, several callers at once: each call has its own routing and its own trace,
-and a streamed generation's trace can be read while it grows."""
+"""One routed model, several callers at once: each call has its own routing (experts, sequence
+choices, strategy) and its own trace, and a streamed generation's trace can be read while it
+grows."""
 
 import contextvars
 import threading
 
+import pytest
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from quiver.routing import Arrow, route
-from quiver.testing import tiny_tokenizer
+from quiver.errors import RoutingError
+from quiver.routing import Arrow, Merge, route
+from quiver.testing import tiny_model, tiny_tokenizer
 
 NEW_TOKENS = 6
 OPTIONS = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
@@ -115,3 +118,27 @@ def test_a_streamed_generation_trace_grows_one_step_per_token(llama, expert_path
     torch.testing.assert_close(weights.sum(-1), torch.ones(NEW_TOKENS))
     layers = trace.step_layer_weights()
     torch.testing.assert_close(torch.stack(list(layers.values())).mean(0)[0], weights)
+
+
+def test_concurrent_callers_each_route_by_the_strategy_they_chose(llama, expert_paths):
+    paths = expert_paths(llama, n=3)
+    routed = route(llama, paths, "oracle")
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    strategies = {"uniform": Merge(), "arrow": Arrow(top_k=2)}
+
+    def generate(strategy, stopping=None):
+        with routed.using(strategy), routed.trace() as trace:
+            out = routed.generate(prompt, stopping_criteria=stopping, **OPTIONS)
+        return out, trace
+
+    together = run_together([lambda s, k=k: generate(strategies[k], s) for k in strategies])
+    for (name, strategy), (out, trace) in zip(strategies.items(), together, strict=True):
+        alone = route(tiny_model("llama"), paths, strategy).generate(prompt, **OPTIONS)
+        assert torch.equal(out, alone), name
+        weights = trace.module_weights("model.layers.1.mlp.up_proj")
+        chosen = (weights > 0).sum(-1)
+        assert (chosen == (3 if name == "uniform" else 2)).all(), name
+    with routed.using("base"), torch.no_grad():
+        torch.testing.assert_close(routed(prompt).logits, tiny_model("llama")(prompt).logits)
+    with pytest.raises(RoutingError, match=r"no expert to use"), torch.no_grad():
+        routed(prompt)  # outside using(), the model's own strategy: the oracle

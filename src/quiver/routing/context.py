@@ -1,8 +1,9 @@
 """Per-call routing state: what one call of a routed model needs beyond its weights.
 
 One routed model serves many callers at once (the app shares one model across chats), so what
-belongs to one call never lives on the shared layers: the trace being recorded, the experts the
-oracle was told to use, the experts each sequence chose, the prompt scores being summed. It
+belongs to one call never lives on the shared layers: the strategy it chose, the trace being
+recorded, the experts the oracle was told to use, the experts each sequence chose, the prompt
+scores being summed. It
 lives in a ``contextvars.ContextVar``, keyed by routed model, so every thread and asyncio task
 sees only its own; a thread started inside a ``with`` block shares it by running in
 ``contextvars.copy_context()``. Inside ``torch.compile`` (which cannot trace a ContextVar) a
@@ -24,6 +25,8 @@ import torch
 from quiver.errors import RoutingError
 
 if TYPE_CHECKING:
+    from quiver.routing.layers import Mixer
+    from quiver.routing.strategies import Strategy
     from quiver.routing.trace import RoutingTrace
 
 
@@ -90,6 +93,8 @@ class CallState:
     """One routed model's state for the current call."""
 
     trace: RoutingTrace | None = None
+    strategy: Strategy | None = None  # routed.using(): this call's strategy, and
+    mixers: Mapping[str, Mixer] | None = None  # its mixers by module (absent: adds nothing)
     oracle_rows: torch.Tensor | None = None  # expert per batch row (or one for all rows)
     choice: SequenceChoice | None = None  # sequence-level Arrow: the rows' experts
     scoring: PromptScores | None = None  # set while a no-expert pass scores a prompt

@@ -178,6 +178,7 @@ def _check_against_model(name: str, factors: dict, model: nn.Module) -> None:
     for module, (lora_a, lora_b, _) in factors.items():
         try:
             layer = model.get_submodule(module)
+            layer = getattr(layer, "base_layer", layer)  # a routed layer: the one it wraps
         except AttributeError:
             raise IncompatibleExpertError(
                 f"expert {name!r} targets {module}, which this {type(model).__name__} lacks",

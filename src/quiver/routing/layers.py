@@ -178,18 +178,21 @@ class RoutedLinear(nn.Module):
     routed model ``owner``, never from the layer, so concurrent calls do not mix.
     """
 
-    def __init__(self, base_layer: nn.Module, name: str, mixer: Mixer, owner: int) -> None:
+    def __init__(self, base_layer: nn.Module, name: str, mixer: Mixer | None, owner: int) -> None:
         super().__init__()
         self.base_layer, self.name, self.mixer, self.owner = base_layer, name, mixer, owner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x).contiguous()
-        flat, batch_shape = x.reshape(-1, x.shape[-1]), x.shape[:-1]
         call = context.current(self.owner)
-        if call.scoring is not None:  # a no-expert pass over a prompt: score it, add nothing
-            call.scoring.add(self.mixer.prompt_scores(flat))
+        mixer = self.mixer if call.mixers is None else call.mixers.get(self.name)
+        if mixer is None:  # a strategy that leaves this module alone (the base model)
             return out
-        index, weights = self.mixer.route_(out.view(-1, out.shape[-1]), flat, batch_shape, call)
+        flat, batch_shape = x.reshape(-1, x.shape[-1]), x.shape[:-1]
+        if call.scoring is not None:  # a no-expert pass over a prompt: score it, add nothing
+            call.scoring.add(mixer.prompt_scores(flat))
+            return out
+        index, weights = mixer.route_(out.view(-1, out.shape[-1]), flat, batch_shape, call)
         if call.trace is not None:
             call.trace.record(self.name, batch_shape, index, weights)
         return out

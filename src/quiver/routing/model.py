@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -20,8 +21,8 @@ from quiver.errors import RoutingError
 from quiver.routing import context
 from quiver.routing.context import PromptScores, SequenceChoice
 from quiver.routing.experts import ExpertSource, expert_index, load_experts
-from quiver.routing.layers import OracleMixer, RoutedLinear
-from quiver.routing.strategies import STRATEGIES, Arrow, Strategy, StrategyName
+from quiver.routing.layers import Mixer, OracleMixer, RoutedLinear
+from quiver.routing.strategies import Arrow, Strategy, StrategyName, resolve
 from quiver.routing.trace import RoutingTrace
 
 _OWNERS = itertools.count()  # tells routed models apart in the per-call state
@@ -38,13 +39,21 @@ class RoutedModel(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, expert_names: tuple[str, ...], strategy: Strategy, owner: int
+        self,
+        model: nn.Module,
+        expert_names: tuple[str, ...],
+        strategy: Strategy,
+        owner: int,
+        source: ExpertSource,
     ) -> None:
         super().__init__()
         self.model = model
         self.expert_names = expert_names
         self.strategy = strategy
         self.owner = owner
+        self._source = source
+        self._built: dict[str, dict[str, Mixer]] = {}  # using(): mixers per other strategy
+        self._building = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -103,6 +112,32 @@ class RoutedModel(nn.Module):
         return arrow.choose(scoring.total)
 
     @contextmanager
+    def using(self, strategy: StrategyName | Strategy, **options: Any) -> Iterator[RoutedModel]:
+        """Route the calls of this context by another strategy over the same experts (a name
+        and options as for ``route``, or a strategy object; ``"base"`` adds no expert). One
+        model in memory then serves callers that each choose theirs. A strategy's mixers are
+        built on its first use (the experts are read again, onto the model's current device and
+        dtype) and kept for the next."""
+        strategy = resolve(strategy, options)
+        own = repr(strategy) == repr(self.strategy)  # the layers' own mixers
+        with context.bound(
+            self.owner, strategy=strategy, mixers=None if own else self._mixers(strategy)
+        ):
+            yield self
+
+    def _mixers(self, strategy: Strategy) -> dict[str, Mixer]:
+        key = repr(strategy)  # strategies are frozen dataclasses: equal configs, equal reprs
+        with self._building:
+            if key not in self._built:
+                reference = next(self.model.parameters())
+                experts = load_experts(self._source, dtype=reference.dtype, device=reference.device)
+                self._built[key] = strategy.build(experts, self.model, self._source)
+        return self._built[key]
+
+    def _active_strategy(self) -> Strategy:
+        return context.current(self.owner).strategy or self.strategy
+
+    @contextmanager
     def trace(self) -> Iterator[RoutingTrace]:
         """Record, for this calling context only, every routed module's per-token expert weights
         (and sequence-level choices) while the block runs."""
@@ -114,7 +149,9 @@ class RoutedModel(nn.Module):
     def use_expert(self, names: str | Sequence[str]) -> Iterator[RoutedModel]:
         """Oracle routing: send all rows (one name) or each batch row (one name per row) to it,
         for calls from this context only."""
-        if not any(isinstance(m.mixer, OracleMixer) for m in self.routed_layers.values()):
+        call = context.current(self.owner)
+        mixers = call.mixers or {n: layer.mixer for n, layer in self.routed_layers.items()}
+        if not any(isinstance(mixer, OracleMixer) for mixer in mixers.values()):
             raise RoutingError(
                 "use_expert() needs a model routed with strategy='oracle'",
                 hint="route(model, experts, strategy='oracle')",
@@ -131,8 +168,9 @@ class RoutedModel(nn.Module):
         return self.model
 
     def _sequence_arrow(self) -> Arrow | None:
-        sequence = isinstance(self.strategy, Arrow) and self.strategy.granularity == "sequence"
-        return self.strategy if sequence else None
+        strategy = self._active_strategy()
+        sequence = isinstance(strategy, Arrow) and strategy.granularity == "sequence"
+        return strategy if sequence else None
 
     @contextmanager
     def _sequence_routing(self, args: tuple, kwargs: dict, prompt_lengths: Any) -> Iterator[None]:
@@ -184,32 +222,19 @@ def route(
 ) -> RoutedModel:
     """Route ``model`` over ``experts`` (a library, a ``name -> folder`` mapping or folders).
 
-    ``strategy`` is a name (``"arrow"``, ``"uniform"``, ``"merge"``, ``"single"``, ``"oracle"``)
-    with its options as keywords, e.g. ``route(model, lib, "arrow", top_k=4)``, or a strategy
-    object such as ``Arrow(top_k=4, mixing="parameters")``. The model's layers are wrapped in
-    place; ``RoutedModel.unroute()`` restores them.
+    ``strategy`` is a name (``"arrow"``, ``"uniform"``, ``"merge"``, ``"single"``, ``"oracle"``,
+    ``"base"``) with its options as keywords, e.g. ``route(model, lib, "arrow", top_k=4)``, or a
+    strategy object such as ``Arrow(top_k=4, mixing="parameters")``; ``routed.using(...)``
+    switches it per call. Every module the experts target is wrapped in place;
+    ``RoutedModel.unroute()`` restores them.
     """
-    if isinstance(strategy, str):
-        if strategy not in STRATEGIES:
-            raise RoutingError(f"unknown strategy {strategy!r}", hint=f"use one of {[*STRATEGIES]}")
-        try:
-            strategy = STRATEGIES[strategy](**options)
-        except TypeError as error:
-            raise RoutingError(f"bad options for strategy {strategy!r}: {error}") from error
-    elif not isinstance(strategy, Strategy):
-        raise RoutingError(
-            f"strategy must be a name or a strategy object, got {type(strategy).__name__}",
-            hint=f"use one of {[*STRATEGIES]} or an object with build(), such as Arrow()",
-        )
-    elif options:
-        raise RoutingError(
-            f"options {sorted(options)} given with a strategy object",
-            hint="set them on the strategy object instead",
-        )
+    strategy = resolve(strategy, options)
     if any(isinstance(m, RoutedLinear) for m in model.modules()):
         raise RoutingError("this model is already routed", hint="call .unroute() on it first")
     expert_set = load_experts(experts, model)
     owner = next(_OWNERS)
-    for name, mixer in strategy.build(expert_set, model, experts).items():
-        _replace(model, name, RoutedLinear(model.get_submodule(name), name, mixer, owner))
-    return RoutedModel(model, expert_set.names, strategy, owner)
+    mixers = strategy.build(expert_set, model, experts)
+    for name in expert_set.modules:
+        layer = RoutedLinear(model.get_submodule(name), name, mixers.get(name), owner)
+        _replace(model, name, layer)
+    return RoutedModel(model, expert_set.names, strategy, owner, experts)

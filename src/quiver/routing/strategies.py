@@ -6,6 +6,7 @@
 - ``Merge``: one fixed combination for every token: uniform (mu, the paper's baseline) when no
   weights are given; ``single(name)`` is the merge that keeps one expert.
 - ``Oracle``: the caller names the expert at run time (``routed.use_expert(name)``).
+- ``Base``: no expert at all (the base model; for ``routed.using("base")``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ mixes the factors first, ``(sum w_j B_j)(sum w_j A_j) x`` (as mttl)."""
 Granularity = Literal["token", "sequence"]
 """What Arrow routes: each token at each module (the paper), or each sequence once, by its
 prompt's prototype scores summed over the modules."""
-StrategyName = Literal["arrow", "uniform", "merge", "single", "oracle"]
+StrategyName = Literal["arrow", "uniform", "merge", "single", "oracle", "base"]
 
 
 @runtime_checkable
@@ -180,10 +181,41 @@ class Oracle:
         return {m: OracleMixer(stack) for m, stack in experts.modules.items()}
 
 
+@dataclass(frozen=True)
+class Base:
+    """No expert: every routed layer adds nothing (the base model, e.g. to compare against)."""
+
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, Mixer]:
+        return {}
+
+
 STRATEGIES: dict[StrategyName, Callable[..., Strategy]] = {
     "arrow": Arrow,
     "uniform": Merge,
     "merge": Merge,
     "single": single,
     "oracle": Oracle,
+    "base": Base,
 }
+
+
+def resolve(strategy: StrategyName | Strategy, options: dict[str, object]) -> Strategy:
+    """A strategy object from a name and its options, or the object given (without options)."""
+    if isinstance(strategy, str):
+        if strategy not in STRATEGIES:
+            raise RoutingError(f"unknown strategy {strategy!r}", hint=f"use one of {[*STRATEGIES]}")
+        try:
+            return STRATEGIES[strategy](**options)
+        except TypeError as error:
+            raise RoutingError(f"bad options for strategy {strategy!r}: {error}") from error
+    if not isinstance(strategy, Strategy):
+        raise RoutingError(
+            f"strategy must be a name or a strategy object, got {type(strategy).__name__}",
+            hint=f"use one of {[*STRATEGIES]} or an object with build(), such as Arrow()",
+        )
+    if options:
+        raise RoutingError(
+            f"options {sorted(options)} given with a strategy object",
+            hint="set them on the strategy object instead",
+        )
+    return strategy
