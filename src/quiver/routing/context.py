@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -44,11 +44,20 @@ class SequenceChoice:
     index: torch.Tensor
     weights: torch.Tensor
     scores: torch.Tensor
+    _spread: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def per_token(self, batch_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """The choice for every token of a layer input ``batch_shape``, as ``[N, k]``. A batch
-        that is a multiple of the rows (``generate`` with beams or several returned sequences
-        repeats each row) repeats each row's choice."""
+    def per_token(self, batch_shape: torch.Size, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The choice for every token of a layer input ``batch_shape``, as ``[N, k]`` on
+        ``like``'s device (weights in its dtype); made once per shape, as every module and
+        decoding step of a call asks for the same. A batch that is a multiple of the rows
+        (``generate`` with beams or several returned sequences repeats each row) repeats each
+        row's choice."""
+        key = (tuple(batch_shape), like.device, like.dtype)
+        if key not in self._spread:
+            self._spread[key] = self._per_token(batch_shape, like)
+        return self._spread[key]
+
+    def _per_token(self, batch_shape: torch.Size, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         rows, chosen = batch_rows(batch_shape), len(self.index)
         if rows % chosen:
             raise RoutingError(
@@ -60,9 +69,9 @@ class SequenceChoice:
 
         def spread(choice: torch.Tensor) -> torch.Tensor:
             repeated = choice.repeat_interleave(rows // chosen, dim=0)
-            return repeated[:, None].expand(rows, tokens, k).reshape(-1, k)
+            return repeated[:, None].expand(rows, tokens, k).reshape(-1, k).contiguous()
 
-        return spread(self.index), spread(self.weights)
+        return spread(self.index).to(like.device), spread(self.weights).to(like)
 
 
 class PromptScores:

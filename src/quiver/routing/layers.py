@@ -125,8 +125,7 @@ class SequenceArrowMixer(LowRankMixer):
                 hint="call the routed model (routed(...), routed.generate(...)), not its inner "
                 "model, so the prompt is scored first",
             )
-        index, weights = call.choice.per_token(batch_shape)
-        return index.to(x.device), weights.to(x)
+        return call.choice.per_token(batch_shape, x)
 
 
 class OracleMixer(LowRankMixer):

@@ -107,7 +107,7 @@ class RoutedModel(nn.Module):
         inputs.update(attention_mask=mask[:, :end], use_cache=False)
         if "position_ids" in inspect.signature(backbone.forward).parameters:
             inputs["position_ids"] = (mask[:, :end].long().cumsum(-1) - 1).clamp_min(0)
-        with torch.no_grad(), context.bound(self.owner, scoring=scoring, trace=None):
+        with torch.no_grad(), context.bound(self.owner, scoring=scoring):
             backbone(**inputs)
         return arrow.choose(scoring.total)
 

@@ -99,7 +99,8 @@ class RoutingTrace:
         mean over layers), ``step_layers`` (the same per layer) as ``[..][E]`` lists; and for
         sequence-level Arrow, ``sequence``: the experts each call chose for the row, with
         weights."""
-        steps = self.step_weights()
+        steps = self.step_weights()  # [batch, steps, E]
+        batch = max(len(steps), 1)
         return {
             "experts": list(self.expert_names),
             "layers": {str(layer): w[row].tolist() for layer, w in self.layer_weights().items()},
@@ -107,11 +108,11 @@ class RoutingTrace:
             "step_layers": {
                 str(layer): w[row].tolist() for layer, w in self.step_layer_weights().items()
             },
-            "sequence": [self._chosen(choice, row, len(steps) or 1) for choice in self.choices],
+            "sequence": [self._chosen(choice, row, batch) for choice in self.choices],
         }
 
     def _chosen(self, choice: SequenceChoice, row: int, batch: int) -> dict[str, float]:
         """A row's sequence choice as ``{expert: weight}`` (generate may repeat each row)."""
-        source = row * len(choice.index) // max(batch, len(choice.index))
+        source = row * len(choice.index) // max(batch, len(choice.index))  # rows repeated alike
         pairs = zip(choice.index[source].tolist(), choice.weights[source].tolist(), strict=True)
         return {self.expert_names[e]: float(w) for e, w in pairs}
