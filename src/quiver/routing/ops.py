@@ -6,7 +6,8 @@
   that update in one pass; returns the choice.
 
 As bitsandbytes does with its ctypes kernels: the schemas mark what is written (``out``); a fake
-(meta) implementation checks shapes, dtypes and devices and gives the outputs' shapes, so a wrong
+(meta) implementation checks shapes, dtypes and devices (as every implementation does, before it
+touches memory) and gives the outputs' shapes, so a wrong
 call raises a ``RoutingError`` before any kernel reads memory and ``torch.compile`` can trace a
 routed model; the portable torch implementation is the default for every device; ``kernels.py``
 registers the fused CPU kernel (float32). The ops carry no gradient: routed layers call the
@@ -35,35 +36,33 @@ torch.library.define(
 TILE_EXPERTS = 16  # experts per score tile of the CPU kernel (lowrank.cpp's kTileExperts)
 
 
-def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    return tuple(tensor.shape)
-
-
-def _mismatch(x: torch.Tensor, expected: dict, same_dtype: bool = True) -> str | None:
-    """The first of ``name -> (tensor, shape)`` whose shape, device or dtype differs from what
-    a call on ``x`` needs, said plainly; or None."""
-    for name, (tensor, shape) in expected.items():
-        if _shape(tensor) != shape:
-            return f"{name} has shape {_shape(tensor)}, expected {shape} for x {_shape(x)}"
-        if tensor.device != x.device:
-            return f"{name} is on {tensor.device} but x is on {x.device}"
-        if same_dtype and tensor.dtype != x.dtype:
-            return f"{name} is {tensor.dtype} but x is {x.dtype}"
+def _mismatch(x: torch.Tensor, expected: tuple, same_dtype: bool = True) -> str | None:
+    """The first of ``(name, tensor, shape)`` whose shape, device or dtype differs from what a
+    call on ``x`` needs, said plainly; or None. (Plain comparisons: it runs on every call.)"""
+    device, dtype = x.device, x.dtype
+    for name, tensor, shape in expected:
+        if tensor.shape != shape:
+            found = tuple(tensor.shape)
+            return f"{name} has shape {found}, expected {shape} for x {tuple(x.shape)}"
+        if tensor.device != device:
+            return f"{name} is on {tensor.device} but x is on {device}"
+        if same_dtype and tensor.dtype != dtype:
+            return f"{name} is {tensor.dtype} but x is {dtype}"
     return None
 
 
 def _factors_problem(out, x, a_rows, b_rows, rank) -> str | None:
     """What is wrong with the arguments both ops take, or None."""
     if x.dim() != 2 or out.dim() != 2 or not x.dtype.is_floating_point:
-        return f"x and out must be 2-D floating point, got {_shape(x)} {x.dtype}, {_shape(out)}"
+        return f"x and out must be 2-D floating point, got {tuple(x.shape)} {x.dtype}, {out.shape}"
     if rank < 1 or a_rows.dim() != 2 or a_rows.shape[0] % rank:
-        return f"rank={rank} does not divide the expert rows a_rows {_shape(a_rows)}"
+        return f"rank={rank} does not divide the expert rows a_rows {tuple(a_rows.shape)}"
     rows, (tokens, din), dout = a_rows.shape[0], x.shape, out.shape[1]
-    expected = {
-        "out": (out, (tokens, dout)),
-        "a_rows": (a_rows, (rows, din)),
-        "b_rows": (b_rows, (rows, dout)),
-    }
+    expected = (
+        ("out", out, (tokens, dout)),
+        ("a_rows", a_rows, (rows, din)),
+        ("b_rows", b_rows, (rows, dout)),
+    )
     problem = _mismatch(x, expected)
     if problem is None and not out.is_contiguous():
         return "out must be contiguous"
@@ -73,30 +72,31 @@ def _factors_problem(out, x, a_rows, b_rows, rank) -> str | None:
 def _choice_problem(x, index, weights) -> str | None:
     """What is wrong with a given choice ``index, weights [N, k]``, or None."""
     if index.dim() != 2 or index.dtype != torch.int64:
-        return f"index must be 2-D int64, got {_shape(index)} {index.dtype}"
+        return f"index must be 2-D int64, got {tuple(index.shape)} {index.dtype}"
     shape = (x.shape[0], index.shape[1])
-    problem = _mismatch(x, {"index": (index, shape)}, same_dtype=False)
-    return problem or _mismatch(x, {"weights": (weights, shape)})
+    problem = _mismatch(x, (("index", index, shape),), same_dtype=False)
+    return problem or _mismatch(x, (("weights", weights, shape),))
 
 
 def _arrow_problem(x, prototypes, panel, experts, top_k, temperature) -> str | None:
     """What is wrong with Arrow's own arguments, or None."""
-    groups = -(-experts // TILE_EXPERTS)
-    expected = {
-        "prototypes": (prototypes, (experts, x.shape[1])),
-        "panel": (panel, (groups, x.shape[1], TILE_EXPERTS)),
-    }
     if not 1 <= top_k <= experts:
         return f"top_k={top_k} needs between 1 and {experts} experts"
     if not temperature > 0:
         return f"temperature must be positive, got {temperature}"
+    groups = -(-experts // TILE_EXPERTS)
+    expected = (
+        ("prototypes", prototypes, (experts, x.shape[1])),
+        ("panel", panel, (groups, x.shape[1], TILE_EXPERTS)),
+    )
     return _mismatch(x, expected)
 
 
 def check_lowrank(out, x, a_rows, b_rows, index, weights, rank) -> None:
     """Raise a ``RoutingError`` unless the arguments of ``lowrank_add_`` fit together."""
     problem = _factors_problem(out, x, a_rows, b_rows, rank) or _choice_problem(x, index, weights)
-    torch._check_with(RoutingError, problem is None, lambda: f"quiver::lowrank_add_: {problem}")
+    if problem is not None:
+        raise RoutingError(f"quiver::lowrank_add_: {problem}")
 
 
 def check_arrow(out, x, prototypes, panel, a_rows, b_rows, top_k, temperature, rank) -> None:
@@ -105,7 +105,8 @@ def check_arrow(out, x, prototypes, panel, a_rows, b_rows, top_k, temperature, r
     if problem is None:
         experts = a_rows.shape[0] // rank
         problem = _arrow_problem(x, prototypes, panel, experts, top_k, temperature)
-    torch._check_with(RoutingError, problem is None, lambda: f"quiver::arrow_add_: {problem}")
+    if problem is not None:
+        raise RoutingError(f"quiver::arrow_add_: {problem}")
 
 
 def _row_dots(x: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
