@@ -209,8 +209,9 @@ def write_readme(readme: Path, table: str) -> None:
     """Replace (or append) the README's routing-speed section with the latest table."""
     text = readme.read_text()
     intro = (
-        "Our Arrow over E experts against PEFT's `create_arrow_model`, side by side (Llama from "
-        "config, 6 layers, LoRA r=8 on all 7 projections, top-k 4, batch 4 x 128, CPU):"
+        "Our Arrow over E experts against PEFT's `create_arrow_model`, and our Arrow per sequence, "
+        "side by side with the base model (Llama from config, 6 layers, LoRA r=8 on all 7 "
+        "projections, top-k 4, batch 4 x 128, CPU):"
     )
     body = f"{SECTION}\n\n{textwrap.fill(intro, 100)}\n\n{table}\n"
     start = text.find(SECTION)
