@@ -67,7 +67,9 @@ class RoutedModel(nn.Module):
     def routed_layers(self) -> dict[str, RoutedLinear]:
         return {m.name: m for m in self.model.modules() if isinstance(m, RoutedLinear)}
 
-    def forward(self, *args: Any, prompt_lengths: Any = None, **kwargs: Any) -> Any:
+    def forward(
+        self, *args: Any, prompt_lengths: Sequence[int] | torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
         with self._sequence_routing(args, kwargs, prompt_lengths):
             return self.model(*args, **kwargs)
 
@@ -173,7 +175,9 @@ class RoutedModel(nn.Module):
         return strategy if sequence else None
 
     @contextmanager
-    def _sequence_routing(self, args: tuple, kwargs: dict, prompt_lengths: Any) -> Iterator[None]:
+    def _sequence_routing(
+        self, args: tuple, kwargs: dict, prompt_lengths: Sequence[int] | torch.Tensor | None
+    ) -> Iterator[None]:
         """For sequence-level Arrow: choose each row's experts from its prompt (the first
         positional argument or ``input_ids``/``inputs_embeds``), for this call only."""
         if self._sequence_arrow() is None:
