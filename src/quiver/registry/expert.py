@@ -7,7 +7,6 @@ local store or the Hub: LoRA only, safetensors only, weights that match the hash
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from quiver.errors import (
     InvalidAdapterError,
     NotFoundError,
 )
+from quiver.fs import sha256_file
 from quiver.registry.card import ExpertCard
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -30,14 +30,6 @@ WEIGHTS = "adapter_model.safetensors"
 CARD = "README.md"
 EXPERT_FILES = (ADAPTER_CONFIG, WEIGHTS, CARD)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_hash(what: str, *, expected: str, actual: str) -> None:
