@@ -26,8 +26,8 @@ from huggingface_hub.errors import (
 )
 
 from quiver.errors import NotFoundError
-from quiver.registry.server import HubServer
-from quiver.registry.server.storage import git_blob_sha1
+from quiver.server import HubServer
+from quiver.store import git_blob_sha1
 
 
 @pytest.fixture(scope="module")

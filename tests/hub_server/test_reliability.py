@@ -22,7 +22,7 @@ import pytest
 from huggingface_hub import CommitOperationAdd, HfApi, get_session, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from quiver.registry.server import HubServer, HubStore
+from quiver.server import HubServer, HubStore
 
 QUIVER = str(Path(sys.executable).with_name("quiver"))
 # `quiver hub serve` whose commits hold their transaction open for 30 s once recorded, so a test
@@ -30,9 +30,9 @@ QUIVER = str(Path(sys.executable).with_name("quiver"))
 PAUSED_IN_COMMIT = """
 import sys, time
 from quiver.cli import main
-from quiver.registry.server.storage import HubStore
+from quiver.store import RepoStore
 
-record = HubStore._record_commit
+record = RepoStore._record_commit
 
 
 def record_then_pause(*args, **kwargs):
@@ -41,7 +41,7 @@ def record_then_pause(*args, **kwargs):
     return sha
 
 
-HubStore._record_commit = record_then_pause
+RepoStore._record_commit = record_then_pause
 sys.exit(main())
 """
 
@@ -201,7 +201,7 @@ def test_server_killed_inside_a_commit_transaction_keeps_the_store_consistent(tm
         # The server holds SQLite's write lock only between BEGIN IMMEDIATE and COMMIT: once it
         # does, the commit is inside its transaction, its blobs already staged.
         deadline = time.monotonic() + 60
-        while not _write_locked(root / "hub.sqlite"):
+        while not _write_locked(root / "store.sqlite"):
             assert time.monotonic() < deadline, "the commit never reached its transaction"
             time.sleep(0.05)
         assert HubStore(root).blobs.has(hashlib.sha256(doomed).hexdigest())
@@ -217,7 +217,7 @@ def test_server_killed_inside_a_commit_transaction_keeps_the_store_consistent(tm
         _assert_consistent(
             endpoint, "kim/crash", {**committed, "after.txt": b"after"}, tmp_path / "cache2"
         )
-    with sqlite3.connect(root / "hub.sqlite") as db:
+    with sqlite3.connect(root / "store.sqlite") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
@@ -317,9 +317,9 @@ def victim(hub_server):
         "/api/models/vic/target/revision/a%2Fb",
         "/api/models/vic/target/tree/main/%2E%2E",
         "/api/models/vic/target/tree/main/%2Fetc",
-        "/api/models/vic/target/tree/main/sub%2F..%2F..%2Fhub.sqlite",
-        "/vic/target/resolve/main/..%2Fhub.sqlite",
-        "/vic/target/resolve/main/%2E%2E/%2E%2E/hub.sqlite",
+        "/api/models/vic/target/tree/main/sub%2F..%2F..%2Fstore.sqlite",
+        "/vic/target/resolve/main/..%2Fstore.sqlite",
+        "/vic/target/resolve/main/%2E%2E/%2E%2E/store.sqlite",
         "/vic/target/resolve/main//etc/passwd",
         "/vic/target/resolve/main/%2Fetc%2Fpasswd",
         "/vic/target/resolve/%2E%2E/ok.txt",
@@ -332,7 +332,7 @@ def test_traversal_in_urls_is_refused(hub_server, victim, path):
 
 
 @pytest.mark.parametrize(
-    "path", ["/vic/target/resolve/main/../../hub.sqlite", "/api/models/vic/../x"]
+    "path", ["/vic/target/resolve/main/../../store.sqlite", "/api/models/vic/../x"]
 )
 def test_literal_dot_segments_are_refused(hub_server, victim, path):
     connection = http.client.HTTPConnection("127.0.0.1", int(hub_server.endpoint.rsplit(":", 1)[1]))

@@ -27,7 +27,7 @@ def hub_serve(
     max_body_bytes: int = typer.Option(1 << 30, help="Refuse bigger request bodies with 413."),
 ) -> None:
     """Serve a Hub that huggingface_hub clients reach through HF_ENDPOINT=http://HOST:PORT."""
-    from quiver.registry.server import serve
+    from quiver.server import serve
 
     console.print(f"Serving {root} at http://{host}:{port} (HF_ENDPOINT=http://{host}:{port})")
     serve(
@@ -48,7 +48,7 @@ def hub_token_create(
     org: list[str] = typer.Option([], "--org", help="Make the user a member of this org."),
 ) -> None:
     """Print a new access token for USER (use it as HF_TOKEN)."""
-    from quiver.registry.server import HubStore
+    from quiver.server import HubStore
 
     print(HubStore(root).create_token(user, write=write, orgs=org))
 
@@ -59,7 +59,7 @@ def hub_token_revoke(
     root: Path = typer.Option(..., "--root", help="Folder holding the registry's data."),
 ) -> None:
     """Revoke an access token; the server refuses it from the next request on."""
-    from quiver.registry.server import HubStore
+    from quiver.server import HubStore
 
     HubStore(root).revoke_token(token)
     console.print("Token revoked.")

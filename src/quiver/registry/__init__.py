@@ -1,7 +1,7 @@
 """The registry: publish and pull LoRA experts and libraries, locally or on any Hub endpoint.
 
 Names are imported on first use, so that importing a subpackage (e.g. the self-hosted server in
-``quiver.registry.server``) does not pull in huggingface_hub and safetensors.
+``quiver.server``) does not pull in huggingface_hub and safetensors.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from urllib.parse import unquote
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from quiver.registry.server.errors import HubError, PayloadTooLarge, error_response
+from quiver.server.errors import HubError, PayloadTooLarge, error_response
 
 
 class _BodyTooLarge(Exception):

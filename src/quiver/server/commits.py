@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from quiver.registry.server.errors import HubError
-from quiver.registry.server.storage import Deletion, FileEntry, HubStore, Repo, check_path
+from quiver.errors import InvalidInputError
+from quiver.store import Deletion, FileEntry, RepoKey, RepoStore, Staging, check_path
 
 
 async def ndjson_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -38,7 +38,7 @@ class CommitBody:
     deletions: list[Deletion] = field(default_factory=list)
     lines_read: int = 0
 
-    def take(self, store: HubStore, line: bytes) -> None:
+    def take(self, staging: Staging, line: bytes) -> None:
         self.lines_read += 1
         if not line.strip():
             return
@@ -46,33 +46,35 @@ class CommitBody:
             item = json.loads(line)
             key, value = str(item["key"]), dict(item["value"])
         except (ValueError, KeyError, TypeError):
-            raise HubError(
+            raise InvalidInputError(
                 f"line {self.lines_read} of the commit is not a {{key, value}} object"
             ) from None
         if key == "header":
             self.header = value
         elif key == "file":
             if value.get("encoding", "base64") != "base64":
-                raise HubError(f"unsupported encoding {value.get('encoding')!r}")
+                raise InvalidInputError(f"unsupported encoding {value.get('encoding')!r}")
             try:
                 content = base64.b64decode(value["content"], validate=True)
             except (binascii.Error, ValueError):
-                raise HubError(f"content of {value.get('path')!r} is not base64") from None
-            self.additions.append(store.stage_bytes(value["path"], content))
+                raise InvalidInputError(f"content of {value.get('path')!r} is not base64") from None
+            self.additions.append(staging.add_bytes(value["path"], content))
         elif key == "lfsFile":
-            entry = store.stage_lfs(value["path"], str(value["oid"]), value.get("size"))
+            entry = staging.add_lfs(value["path"], str(value["oid"]), value.get("size"))
             self.additions.append(entry)
         elif key in ("deletedFile", "deletedFolder"):
             path = check_path(str(value["path"]).rstrip("/"))
             self.deletions.append(Deletion(path, folder=key == "deletedFolder"))
         else:
-            raise HubError(f"unknown commit operation {key!r}")
+            raise InvalidInputError(f"unknown commit operation {key!r}")
 
-    def commit(self, store: HubStore, repo: Repo, branch: str, author: str) -> str:
+    def commit(self, store: RepoStore, key: RepoKey, branch: str, author: str) -> str:
         if not self.header.get("summary"):
-            raise HubError("the commit has no summary", hint="send a header line with a summary")
+            raise InvalidInputError(
+                "the commit has no summary", hint="send a header line with a summary"
+            )
         return store.commit(
-            repo,
+            key,
             branch,
             additions=self.additions,
             deletions=self.deletions,

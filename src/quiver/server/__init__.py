@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 from quiver.errors import ConnectionFailedError
-from quiver.registry.server.app import HubOptions, create_app
-from quiver.registry.server.storage import HubStore
+from quiver.server.accounts import HubStore
+from quiver.server.app import create_app
+from quiver.server.options import HubOptions
 
 __all__ = ["HubOptions", "HubServer", "HubStore", "create_app", "serve"]
 

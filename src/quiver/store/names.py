@@ -1,0 +1,86 @@
+"""The naming rules of the store, the Hub's: repo ids, branch and tag names, file paths.
+
+Every name is checked here, once, whether it comes from an HTTP request or a local push, so a repo
+pushed to a local folder can always be served by ``quiver hub serve`` and pushed to the Hub.
+"""
+
+from __future__ import annotations
+
+import re
+
+from quiver.errors import InvalidInputError
+
+# The Hub's rule: letters, digits, '-', '_', '.'; at most 96; no '-' or '.' first or last.
+_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+_REF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME_HINT = "use letters, digits, '-', '_' and '.', not starting or ending with '-' or '.'"
+RESERVED_NAMESPACES = frozenset({"api", "models", "datasets", "spaces"})
+
+
+def is_name(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and bool(_NAME.match(value))
+        and ".." not in value
+        and "--" not in value
+    )
+
+
+def check_name(value: str, what: str) -> str:
+    """A namespace, repo name, user, org, or a name inside a repo (an expert, an artifact)."""
+    if not is_name(value):
+        raise InvalidInputError(f"invalid {what} {value!r}", hint=_NAME_HINT)
+    return value
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``namespace/name``, each part a valid name."""
+    namespace, _, name = repo_id.partition("/") if isinstance(repo_id, str) else ("", "", "")
+    if not (is_name(namespace) and is_name(name)):
+        raise InvalidInputError(
+            f"invalid repo id {repo_id!r}", hint=f"use 'namespace/name'; {_NAME_HINT}"
+        )
+    return repo_id
+
+
+def is_sha(value: str) -> bool:
+    """A full commit sha: 40 lowercase hexadecimal digits."""
+    return bool(_SHA.match(value))
+
+
+def is_sha256(value: str) -> bool:
+    return bool(_SHA256.match(value))
+
+
+def check_ref_name(value: str) -> str:
+    """Refuse names git refuses, and names shaped like a commit sha: such a ref would shadow the
+    commit it looks like, and every commit must stay addressable by its sha."""
+    if not _REF_NAME.match(value) or ".." in value or value.endswith((".", ".lock")):
+        raise InvalidInputError(
+            f"invalid branch or tag name {value!r}", hint="use letters, digits, '-', '_', '.'"
+        )
+    if is_sha(value.lower()):
+        raise InvalidInputError(
+            f"invalid branch or tag name {value!r}: it looks like a commit sha",
+            hint="pick a name that is not 40 hexadecimal digits",
+        )
+    return value
+
+
+def check_path(path: str) -> str:
+    """Refuse anything but a clean relative POSIX path: no '..', '.', empty or '.git' segments, no
+    absolute paths, backslashes or NUL bytes."""
+    parts = path.split("/")
+    if (
+        not path
+        or len(path) > 1000
+        or "\\" in path
+        or "\0" in path
+        or any(part in ("", ".", "..", ".git") for part in parts)
+    ):
+        raise InvalidInputError(
+            f"invalid file path {path!r}", hint="use a relative path without '..'"
+        )
+    return path
