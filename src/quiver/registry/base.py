@@ -8,7 +8,6 @@ those, once, here and in library.py, so both stores behave the same.
 from __future__ import annotations
 
 import dataclasses
-import re
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -19,18 +18,9 @@ from pathlib import Path
 from quiver.errors import ConflictError, IntegrityError, NotFoundError, QuiverError
 from quiver.registry.card import EXPERT_TAG, LIBRARY_TAG, base_model_tag, task_tag
 from quiver.registry.expert import EXPERT_FILES, Expert, check_hash
+from quiver.store import check_repo_id
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 KINDS = {"expert": EXPERT_TAG, "library": LIBRARY_TAG}
-
-
-def check_repo_id(repo_id: str) -> str:
-    if not _REPO_ID.match(repo_id) or ".." in repo_id:
-        raise QuiverError(
-            f"invalid repo id {repo_id!r}",
-            hint="use 'namespace/name' with letters, digits, '-', '_' or '.'",
-        )
-    return repo_id
 
 
 @dataclass(frozen=True)
