@@ -63,3 +63,30 @@ def hub_token_revoke(
 
     HubStore(root).revoke_token(token)
     console.print("Token revoked.")
+
+
+@hub_app.command("gc")
+def hub_gc(
+    root: Path = typer.Option(..., "--root", help="Folder holding the registry's data."),
+    delete: bool = typer.Option(False, "--delete", help="Remove them (default: only list them)."),
+    min_age: float = typer.Option(
+        3600.0, "--min-age", help="Spare blobs written or wanted less than this many seconds ago."
+    ),
+) -> None:
+    """Find blobs no commit references and snapshot folders of deleted commits; with --delete,
+    remove them. Safe while `quiver hub serve` or a push writes to the same folder."""
+    from quiver.store import RepoStore, delete_garbage, find_garbage
+
+    store = RepoStore(root)
+    garbage = find_garbage(store, min_age_s=min_age)
+    if delete:
+        with console.status("Waiting for the writes in flight, then deleting..."):
+            garbage = delete_garbage(store, garbage)
+    what = (
+        f"{len(garbage.blobs)} unreferenced blobs ({garbage.blob_bytes / 2**20:.1f} MiB) and "
+        f"{len(garbage.snapshots)} snapshot folders of deleted commits"
+    )
+    if garbage.deleted:
+        console.print(f"Removed {what}.")
+    else:
+        console.print(f"Found {what}; pass --delete to remove them.")

@@ -13,6 +13,7 @@ from quiver.store.errors import (
     RevisionNotFoundError,
     StaleParentError,
 )
+from quiver.store.gc import Garbage, delete_garbage, find_garbage
 from quiver.store.names import (
     check_name,
     check_path,
@@ -30,6 +31,7 @@ __all__ = [
     "Deletion",
     "EntryNotFoundError",
     "FileEntry",
+    "Garbage",
     "Repo",
     "RepoKey",
     "RepoNotFoundError",
@@ -42,6 +44,8 @@ __all__ = [
     "check_path",
     "check_ref_name",
     "check_repo_id",
+    "delete_garbage",
+    "find_garbage",
     "git_blob_sha1",
     "is_sha",
     "is_sha256",

@@ -293,6 +293,16 @@ class RepoStore:
     def _commit_exists(db: sqlite3.Connection, sha: str) -> bool:
         return db.execute("SELECT 1 FROM commits WHERE sha = ?", (sha,)).fetchone() is not None
 
+    def referenced_blobs(self) -> set[str]:
+        """The sha256 of every blob some commit of some repo references."""
+        with self._connect() as db:
+            return {row[0] for row in db.execute("SELECT DISTINCT sha256 FROM files")}
+
+    def commit_shas(self) -> set[str]:
+        """The sha of every commit of every repo."""
+        with self._connect() as db:
+            return {row[0] for row in db.execute("SELECT DISTINCT sha FROM commits")}
+
     # -- revisions and files -----------------------------------------------------------------
 
     def resolve(self, repo: Repo, revision: str) -> str:
