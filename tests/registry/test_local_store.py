@@ -20,6 +20,7 @@ from quiver.errors import (
     QuiverError,
 )
 from quiver.registry import Expert, LocalRegistry
+from quiver.store import StorageFullError
 from quiver.store.blobs import BlobWriter
 from quiver.testing import tiny_model
 
@@ -331,7 +332,7 @@ def test_a_push_that_fails_midway_leaves_nothing(local, make_expert, monkeypatch
         real_write(self, chunk)
 
     monkeypatch.setattr(BlobWriter, "write", write_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageFullError, match="no space left on the disk of the store"):
         local.push(make_expert(), "alice/half")
     assert len(calls) == 2
     assert store_state(local) == before

@@ -29,7 +29,9 @@ def hub_serve(
     """Serve a Hub that huggingface_hub clients reach through HF_ENDPOINT=http://HOST:PORT."""
     from quiver.server import serve
 
-    console.print(f"Serving {root} at http://{host}:{port} (HF_ENDPOINT=http://{host}:{port})")
+    def announce(endpoint: str) -> None:
+        console.print(f"Serving {root} at {endpoint} (HF_ENDPOINT={endpoint})")
+
     serve(
         root,
         host=host,
@@ -37,6 +39,7 @@ def hub_serve(
         latency_ms=latency_ms,
         lfs_threshold=lfs_threshold,
         max_body_bytes=max_body_bytes,
+        ready=announce,
     )
 
 

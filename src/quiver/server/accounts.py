@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from quiver.errors import AlreadyExistsError, NotFoundError
 from quiver.store import RepoStore, check_name, now_iso
 
+# User and org names compare case-insensitively, as repo names do.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, user TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, user TEXT NOT NULL COLLATE NOCASE,
     write INTEGER NOT NULL, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS members (user TEXT NOT NULL, org TEXT NOT NULL, PRIMARY KEY (user, org));
+CREATE TABLE IF NOT EXISTS members (user TEXT NOT NULL COLLATE NOCASE,
+    org TEXT NOT NULL COLLATE NOCASE, PRIMARY KEY (user, org));
 """
 
 
@@ -31,16 +33,13 @@ class Principal:
         return (self.user, *self.orgs)
 
     def owns(self, namespace: str) -> bool:
-        return namespace in self.namespaces
+        return namespace.casefold() in {name.casefold() for name in self.namespaces}
 
 
 class HubStore(RepoStore):
     """The repo store of a server root, plus its tokens and org memberships."""
 
-    def __init__(self, root) -> None:
-        super().__init__(root)
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
+    SCHEMA = RepoStore.SCHEMA + _SCHEMA
 
     def create_token(self, user: str, *, write: bool, orgs: Iterable[str] = ()) -> str:
         """A new access token for ``user`` (made a member of ``orgs``); only its hash is kept. A
@@ -49,12 +48,14 @@ class HubStore(RepoStore):
         orgs = [check_name(org, "organization name") for org in orgs]
         token = "hf_" + secrets.token_hex(20)
         with self._transaction() as db:
+            known = db.execute("SELECT user FROM tokens WHERE user = ?", (user,)).fetchone()
+            user = known["user"] if known else user  # one spelling per user
             if db.execute("SELECT 1 FROM members WHERE org = ?", (user,)).fetchone():
                 raise AlreadyExistsError(
                     f"{user!r} is an organization, not a user", hint="pick another name"
                 )
-            users = {row["user"] for row in db.execute("SELECT DISTINCT user FROM tokens")}
-            if clash := [org for org in orgs if org in users | {user}]:
+            users = {row["user"].casefold() for row in db.execute("SELECT user FROM tokens")}
+            if clash := [org for org in orgs if org.casefold() in users | {user.casefold()}]:
                 raise AlreadyExistsError(
                     f"{clash[0]!r} is a user, not an organization", hint="pick another org name"
                 )

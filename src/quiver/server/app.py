@@ -13,13 +13,14 @@ import secrets
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
-from quiver.errors import InvalidInputError, QuiverError
+from quiver.errors import QuiverError
 from quiver.server.accounts import HubStore
-from quiver.server.errors import error_response
+from quiver.server.errors import error_response, invalid_fields
 from quiver.server.gate import Gate
 from quiver.server.options import HubOptions
-from quiver.server.routes import account, commits, files, lfs, refs, repos
+from quiver.server.routes import account, commits, files, lfs, refs, repos, unsupported
 
 
 def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
@@ -32,6 +33,7 @@ def create_app(store: HubStore, options: HubOptions | None = None) -> FastAPI:
     app.add_middleware(Gate, latency_ms=options.latency_ms, max_body_bytes=options.max_body_bytes)
     app.add_exception_handler(QuiverError, _on_quiver_error)
     app.add_exception_handler(RequestValidationError, _on_bad_request)
+    app.add_exception_handler(HTTPException, unsupported.on_http_error)
     for module in (account, repos, files, commits, refs, lfs):  # whoami before /api/{kind}
         app.include_router(module.router)
     return app
@@ -44,5 +46,4 @@ async def _on_quiver_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _on_bad_request(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-    return error_response(InvalidInputError(f"malformed request: {problems}"))
+    return error_response(invalid_fields("request", list(error.errors())))

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from quiver.server.accounts import HubStore, Principal
-from quiver.server.errors import Forbidden, Unauthorized
+from quiver.server.errors import Forbidden, NotSupported, Unauthorized
 from quiver.server.options import HubOptions
 from quiver.store import Repo, RepoKey, RepoNotFoundError
 
@@ -36,7 +36,7 @@ def get_caller(request: Request, store: Store) -> Principal | None:
         return None
     found = store.authenticate(token.strip())
     if found is None:
-        raise Unauthorized(INVALID_TOKEN, hint="create a token with `quiver hub token create`")
+        raise Unauthorized(INVALID_TOKEN)  # verbatim: the client tells it from a missing repo
     return found
 
 
@@ -57,7 +57,7 @@ Writer = Annotated[Principal, Depends(get_writer)]
 
 def repo_key(kind: str, namespace: str, name: str) -> RepoKey:
     if kind not in PLURALS:
-        raise RepoNotFoundError(f"Unknown repo type {kind!r}")
+        raise NotSupported(f"the repo type {kind!r}")
     return RepoKey(PLURALS[kind], namespace, name)
 
 

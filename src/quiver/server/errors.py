@@ -9,6 +9,7 @@ from quiver.errors import (
     AlreadyExistsError,
     AuthenticationError,
     ConflictError,
+    InvalidInputError,
     NotFoundError,
     QuiverError,
 )
@@ -17,6 +18,7 @@ from quiver.store import (
     RepoNotFoundError,
     RevisionNotFoundError,
     StaleParentError,
+    StorageFullError,
 )
 
 
@@ -39,6 +41,25 @@ class PayloadTooLarge(HubError):
     status = 413
 
 
+class InternalError(HubError):
+    """A bug of the server, answered as JSON rather than with a reset connection."""
+
+    status = 500
+
+
+class NotSupported(HubError):
+    """A Hub feature this server does not have: said so, rather than a bare 404."""
+
+    status = 501
+
+    def __init__(self, feature: str) -> None:
+        super().__init__(
+            f"{feature} is not supported by quiver hub serve",
+            hint="quiver hub serve covers model and dataset repos: files, commits, branches, "
+            "tags, search and access tokens",
+        )
+
+
 # Most specific first: the first class an error is an instance of gives its status and code.
 _WIRE: tuple[tuple[type[QuiverError], int, str | None], ...] = (
     (RepoNotFoundError, 404, "RepoNotFound"),
@@ -48,6 +69,7 @@ _WIRE: tuple[tuple[type[QuiverError], int, str | None], ...] = (
     (StaleParentError, 412, None),
     (AlreadyExistsError, 409, None),
     (ConflictError, 409, None),
+    (StorageFullError, 507, None),  # not retried by the client, unlike a 500
 )
 
 
@@ -59,9 +81,20 @@ def wire_status(error: QuiverError) -> tuple[int, str | None]:
 
 
 def error_response(error: QuiverError, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The Hub's error shape: status, ``X-Error-Code``, ``X-Error-Message``, ``{"error": ...}``."""
+    """The Hub's error shape: status, ``X-Error-Code``, ``X-Error-Message``, ``{"error": ...}``
+    (the same text in both, which the client then shows once)."""
     status, code = wire_status(error)
-    out = {"X-Error-Message": error.message.encode("ascii", "replace").decode(), **(headers or {})}
+    message = " ".join(str(error).split())  # the message and the hint, on one line
+    out = {"X-Error-Message": message.encode("ascii", "replace").decode(), **(headers or {})}
     if code:
         out["X-Error-Code"] = code
     return JSONResponse({"error": str(error)}, status_code=status, headers=out)
+
+
+def invalid_fields(where: str, problems: list[dict], prefix: tuple = ()) -> InvalidInputError:
+    """A pydantic/FastAPI validation failure as one line that names each field at fault."""
+    fields = "; ".join(
+        f"{'.'.join(str(part) for part in (*prefix, *problem['loc'])) or 'body'}: {problem['msg']}"
+        for problem in problems
+    )
+    return InvalidInputError(f"malformed {where}: {fields}")

@@ -12,6 +12,7 @@ from quiver.store.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
     StaleParentError,
+    StorageFullError,
 )
 from quiver.store.gc import Garbage, delete_garbage, find_garbage
 from quiver.store.names import (
@@ -39,6 +40,7 @@ __all__ = [
     "RevisionNotFoundError",
     "Staging",
     "StaleParentError",
+    "StorageFullError",
     "card_tags",
     "check_name",
     "check_path",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from quiver.errors import InvalidInputError
 from quiver.fs import fsync_dir, publish
+from quiver.store.errors import typed_disk_errors
 
 READ_ONLY = 0o444
 
@@ -104,6 +105,7 @@ class BlobStore:
     """Files addressed by sha256 under ``blobs/ab/<sha256>``."""
 
     def __init__(self, root: Path) -> None:
+        self.store_root = root
         self.root = root / "blobs"
         self.tmp = root / "tmp"
         self.lock_path = root / "store.lock"
@@ -155,12 +157,14 @@ class BlobStore:
 
     @contextmanager
     def writer(self) -> Iterator[BlobWriter]:
-        """A blob written chunk by chunk, so no request body is ever held whole in memory."""
-        blob = BlobWriter(self)
-        try:
-            yield blob
-        finally:
-            blob.discard()
+        """A blob written chunk by chunk, so no request body is ever held whole in memory. A full
+        disk raises ``StorageFullError`` and leaves no temp file."""
+        with typed_disk_errors(self.store_root):
+            blob = BlobWriter(self)
+            try:
+                yield blob
+            finally:
+                blob.discard()
 
     def put(self, data: bytes) -> tuple[str, int]:
         """Store ``data``, return (sha256, size)."""

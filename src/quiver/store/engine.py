@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quiver.errors import AlreadyExistsError, IntegrityError, InvalidInputError
+from quiver.errors import AlreadyExistsError, IntegrityError, InvalidInputError, RegistryError
 from quiver.fs import fsync_dir
 from quiver.store.blobs import BlobStore, git_blob_sha1, lfs_pointer
 from quiver.store.cards import card_tags, read_card, search_text
@@ -32,6 +32,7 @@ from quiver.store.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
     StaleParentError,
+    typed_disk_errors,
 )
 from quiver.store.names import (
     RESERVED_NAMESPACES,
@@ -51,10 +52,11 @@ _HEADS = (
     "JOIN commits c ON c.repo = r.id AND c.sha = f.target "
     "JOIN cards s ON s.repo = r.id "
 )
-_SCHEMA = """
+# Repo names compare case-insensitively, as on the Hub: one repo per name, whatever its casing.
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (id INTEGER PRIMARY KEY, type TEXT NOT NULL,
-    namespace TEXT NOT NULL, name TEXT NOT NULL, private INTEGER NOT NULL, created_at TEXT NOT NULL,
-    UNIQUE (type, namespace, name));
+    namespace TEXT NOT NULL COLLATE NOCASE, name TEXT NOT NULL COLLATE NOCASE,
+    private INTEGER NOT NULL, created_at TEXT NOT NULL, UNIQUE (type, namespace, name));
 CREATE TABLE IF NOT EXISTS commits (repo INTEGER NOT NULL, sha TEXT NOT NULL, parent TEXT,
     author TEXT NOT NULL, date TEXT NOT NULL, title TEXT NOT NULL, message TEXT NOT NULL,
     card TEXT, PRIMARY KEY (repo, sha));
@@ -139,16 +141,31 @@ class Staging:
 class RepoStore:
     """Repos, commits, refs, files and card metadata of one folder."""
 
+    SCHEMA = SCHEMA
+
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.snapshots = self.root / "snapshots"
-        self.snapshots.mkdir(exist_ok=True)
-        self.blobs = BlobStore(self.root)
         self.db_path = self.root / "store.sqlite"
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        if self.root.exists() and not self.root.is_dir():
+            raise InvalidInputError(
+                f"the store root {self.root} is a file, not a folder",
+                hint="pass a folder (it is created if missing)",
+            )
+        try:
+            with typed_disk_errors(self.root):
+                self.root.mkdir(parents=True, exist_ok=True)
+                self.snapshots.mkdir(exist_ok=True)
+                self.blobs = BlobStore(self.root)
+                with self._connect() as db:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.executescript(self.SCHEMA)
+        except (OSError, sqlite3.DatabaseError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise RegistryError(
+                f"cannot open the store at {self.root}: {reason}",
+                hint="check the path and its permissions",
+            ) from error
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -162,15 +179,17 @@ class RepoStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, serialised with every other writer (BEGIN IMMEDIATE)."""
-        with self._connect() as db:
+        """One write transaction, serialised with every other writer (BEGIN IMMEDIATE); a full
+        disk rolls it back and raises ``StorageFullError``."""
+        with typed_disk_errors(self.root), self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     def staging(self) -> Staging:
         """Stage the files of one write: ``with store.staging() as staging:`` stage, then commit
@@ -207,10 +226,12 @@ class RepoStore:
                 (key.type, key.namespace, key.name, int(private), now_iso()),
             )
         except sqlite3.IntegrityError:
+            existing = self._repo_row(db, key)  # the same name, maybe in another casing
+            repo_id = existing.key.id if existing else key.id
             raise AlreadyExistsError(
-                f"You already created this {key.type} repo: {key.id}",
+                f"You already created this {key.type} repo: {repo_id}",
                 hint="pass exist_ok=True or pick another name",
-                repo_id=key.id,
+                repo_id=repo_id,
             ) from None
         return self._repo_row(db, key)
 
@@ -386,7 +407,7 @@ class RepoStore:
         if target.is_dir():
             return target
         files = self.files(repo, sha)
-        with self.blobs.lease():
+        with self.blobs.lease(), typed_disk_errors(self.root):
             staging = Path(tempfile.mkdtemp(dir=self.blobs.tmp))
             try:
                 self._link_files(staging, files, where=f"{repo.key.id}@{sha}")

@@ -70,17 +70,20 @@ def check_ref_name(value: str) -> str:
 
 
 def check_path(path: str) -> str:
-    """Refuse anything but a clean relative POSIX path: no '..', '.', empty or '.git' segments, no
-    absolute paths, backslashes or NUL bytes."""
+    """A clean relative POSIX path inside a repo; the error says what is wrong with any other."""
+    if not isinstance(path, str) or not path:
+        raise InvalidInputError(f"invalid file path {path!r}: a path is a non-empty string")
     parts = path.split("/")
-    if (
-        not path
-        or len(path) > 1000
-        or "\\" in path
-        or "\0" in path
-        or any(part in ("", ".", "..", ".git") for part in parts)
-    ):
-        raise InvalidInputError(
-            f"invalid file path {path!r}", hint="use a relative path without '..'"
-        )
+    problems = (
+        (len(path) > 1000, "it is longer than 1000 characters", "use a shorter path"),
+        ("\0" in path, "it contains a NUL byte", "remove it"),
+        ("\\" in path, "it contains a backslash", "separate folders with '/'"),
+        (path.startswith("/"), "it is absolute", "use a path relative to the repo's root"),
+        (any(p in (".", "..") for p in parts), "'.' and '..' segments are not allowed", None),
+        ("" in parts, "it has an empty segment ('//' or a trailing '/')", "drop the extra '/'"),
+        (".git" in parts, "'.git' is reserved", "rename that folder"),
+    )
+    for wrong, reason, hint in problems:
+        if wrong:
+            raise InvalidInputError(f"invalid file path {path!r}: {reason}", hint=hint)
     return path

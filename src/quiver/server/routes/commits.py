@@ -3,19 +3,21 @@ NDJSON commit itself."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from quiver.server.commits import CommitBody, ndjson_lines
 from quiver.server.deps import Options, ReadableRepo, Store, WritableRepo, Writer, repo_url
-from quiver.server.errors import HubError
+from quiver.server.errors import NotSupported, PayloadTooLarge
 from quiver.server.responses import flag_query, paginate
+from quiver.server.schemas import PreuploadBody
 from quiver.store import check_path, check_ref_name
 
 router = APIRouter(prefix="/api/{kind}/{namespace}/{name}")
+_LINE_OVERHEAD = 256  # the JSON around one inline file of the commit body, generously
 
 
 @router.get("/commits/{revision}")
@@ -37,18 +39,17 @@ def commits(
 
 @router.post("/preupload/{revision}")
 def preupload(
-    repo: WritableRepo,
-    store: Store,
-    options: Options,
-    revision: str,
-    body: Annotated[dict[str, Any], Body()],
+    repo: WritableRepo, store: Store, options: Options, revision: str, body: PreuploadBody
 ) -> dict[str, Any]:
+    """How each planned file is to be sent: inline in the commit, or (from ``lfs_threshold`` on)
+    through LFS; a file that cannot fit in one request body is refused here, by name."""
     sha = store.resolve(repo, revision)
     existing = store.files(repo, sha)
     answers = []
-    for item in body.get("files", []):
-        path = check_path(item["path"])
-        lfs = options.lfs_threshold is not None and item.get("size", 0) >= options.lfs_threshold
+    for planned in body.files:
+        path = check_path(planned.path)
+        lfs = options.lfs_threshold is not None and planned.size >= options.lfs_threshold
+        _check_fits(path, planned.size, lfs=lfs, limit=options.max_body_bytes)
         remote = existing.get(path)
         oid = None
         if remote is not None:
@@ -64,13 +65,29 @@ def preupload(
     return {"files": answers, "commitOid": sha}
 
 
+def _check_fits(path: str, size: int, *, lfs: bool, limit: int) -> None:
+    """Refuse a file bigger than one request body may be (inline files go base64-encoded)."""
+    sent = size if lfs else 4 * -(-size // 3) + len(path) + _LINE_OVERHEAD
+    if sent <= limit:
+        return
+    encoded = "" if lfs else f", {sent} bytes once base64-encoded in the commit"
+    raise PayloadTooLarge(
+        f"{path} is {size} bytes{encoded}; this server accepts request bodies of at most "
+        f"{limit} bytes",
+        hint="ask its admin to raise --max-body-bytes, or to set --lfs-threshold for clients "
+        "with HF_HUB_DISABLE_XET=1"
+        if not lfs
+        else "ask its admin to raise --max-body-bytes",
+    )
+
+
 @router.post("/commit/{revision}")
 async def commit(
     request: Request, repo: WritableRepo, writer: Writer, store: Store, revision: str
 ) -> dict[str, Any]:
     """Each file is staged as its line arrives; the commit is recorded once the body is read."""
     if flag_query(request, "create_pr"):
-        raise HubError("pull requests are not supported", hint="commit to a branch instead")
+        raise NotSupported("committing as a pull request (create_pr)")
     check_ref_name(revision)
     body = CommitBody()
     with await run_in_threadpool(store.staging) as staging:

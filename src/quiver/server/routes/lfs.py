@@ -6,14 +6,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from quiver.errors import InvalidInputError
 from quiver.server.deps import Store, WritableRepo, base_url
-from quiver.server.errors import Forbidden, HubError
+from quiver.server.errors import Forbidden, NotSupported
+from quiver.server.schemas import LfsBatchBody
 from quiver.store import is_sha256
 
 router = APIRouter()
@@ -27,17 +29,15 @@ def _signature(request: Request, oid: str, size: int, expires: int) -> str:
 
 @router.post("/{namespace}/{name}.git/info/lfs/objects/batch")
 @router.post("/datasets/{namespace}/{name}.git/info/lfs/objects/batch")
-def batch(
-    request: Request, repo: WritableRepo, store: Store, body: Annotated[dict[str, Any], Body()]
-) -> JSONResponse:
-    if body.get("operation") != "upload":
-        raise HubError("only the upload operation is served", hint="download through /resolve")
+def batch(request: Request, repo: WritableRepo, store: Store, body: LfsBatchBody) -> JSONResponse:
+    if body.operation != "upload":
+        raise NotSupported(f"the LFS {body.operation!r} operation (download through /resolve)")
     expires = int(time.time()) + URL_LIFETIME_S
     objects = []
-    for item in body.get("objects", []):
-        oid, size = str(item.get("oid", "")), int(item.get("size", -1))
-        if not is_sha256(oid) or size < 0:
-            raise HubError(f"invalid LFS object {oid!r} of size {size}")
+    for item in body.objects:
+        oid, size = item.oid, item.size
+        if not is_sha256(oid):
+            raise InvalidInputError(f"invalid LFS object id {oid!r}", hint="send its sha256")
         answer: dict[str, Any] = {"oid": oid, "size": size}
         if not store.blobs.claim(oid):  # a blob the store has is kept for the coming commit
             query = f"size={size}&expires={expires}&sig={_signature(request, oid, size, expires)}"
@@ -66,5 +66,5 @@ async def upload(
             await run_in_threadpool(blob.write, chunk)
         _, stored_size = await run_in_threadpool(blob.finish, oid)
     if stored_size != size:
-        raise HubError(f"LFS object {oid} has {stored_size} bytes, announced {size}")
+        raise InvalidInputError(f"LFS object {oid} has {stored_size} bytes, announced {size}")
     return {}

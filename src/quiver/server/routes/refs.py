@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter
 
 from quiver.server.deps import ReadableRepo, Store, WritableRepo
+from quiver.server.schemas import BranchBody, TagBody
 
 router = APIRouter(prefix="/api/{kind}/{namespace}/{name}")
 
@@ -31,12 +32,9 @@ def refs(repo: ReadableRepo, store: Store) -> dict[str, Any]:
 
 @router.post("/branch/{branch}")
 def create_branch(
-    repo: WritableRepo,
-    store: Store,
-    branch: str,
-    body: Annotated[dict[str, Any] | None, Body()] = None,
+    repo: WritableRepo, store: Store, branch: str, body: BranchBody | None = None
 ) -> dict:
-    store.create_ref(repo, "branch", branch, (body or {}).get("startingPoint") or "main")
+    store.create_ref(repo, "branch", branch, (body and body.startingPoint) or "main")
     return {}
 
 
@@ -47,10 +45,8 @@ def delete_branch(repo: WritableRepo, store: Store, branch: str) -> dict:
 
 
 @router.post("/tag/{revision}")
-def create_tag(
-    repo: WritableRepo, store: Store, revision: str, body: Annotated[dict[str, Any], Body()]
-) -> dict:
-    store.create_ref(repo, "tag", str(body.get("tag", "")), revision)
+def create_tag(repo: WritableRepo, store: Store, revision: str, body: TagBody) -> dict:
+    store.create_ref(repo, "tag", body.tag, revision)
     return {}
 
 

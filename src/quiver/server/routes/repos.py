@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from quiver.errors import AlreadyExistsError
@@ -15,14 +15,16 @@ from quiver.server.deps import (
     Options,
     ReadableRepo,
     Store,
+    WritableRepo,
     Writer,
     check_namespace,
     repo_url,
     writable_repo,
 )
-from quiver.server.errors import HubError
+from quiver.server.errors import NotSupported
 from quiver.server.responses import flag_query, int_query, paginate, repo_info
-from quiver.store import RepoKey, parse_front_matter
+from quiver.server.schemas import RepoBody, SettingsBody, YamlBody
+from quiver.store import REPO_TYPES, RepoKey, parse_front_matter
 
 router = APIRouter()
 _SORT_KEYS = ("createdAt", "lastModified", "downloads", "likes")
@@ -30,36 +32,39 @@ _GITATTRIBUTES = (
     b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
     b"*.bin filter=lfs diff=lfs merge=lfs -text\n"
 )
-# Routes that touch SQLite are plain functions, run in the thread pool, so a writer waiting for the
-# database lock never stalls the event loop; FastAPI parses their JSON bodies beforehand.
-JsonBody = Annotated[dict[str, Any], Body()]
 
 
-def _body_key(body: dict[str, Any], writer: Writer) -> RepoKey:
+def _body_key(body: RepoBody, writer: Writer) -> RepoKey:
     """The repo a create/delete body names (``organization`` defaults to the caller)."""
-    namespace = body.get("organization") or writer.user
-    return RepoKey(body.get("type") or "model", namespace, body.get("name") or "")
+    repo_type = body.type or "model"
+    if repo_type not in REPO_TYPES:
+        raise NotSupported(f"the repo type {repo_type!r}")
+    return RepoKey(repo_type, body.organization or writer.user, body.name)
 
 
+# Routes that touch SQLite are plain functions, run in the thread pool, so a writer waiting for the
+# database lock never stalls the event loop; FastAPI parses and validates their bodies beforehand.
 @router.post("/api/repos/create")
-def create_repo(request: Request, body: JsonBody, writer: Writer, store: Store) -> JSONResponse:
+def create_repo(request: Request, body: RepoBody, writer: Writer, store: Store) -> JSONResponse:
     """A new repo whose ``main`` starts with a ``.gitattributes`` commit, as on the Hub."""
     key = _body_key(body, writer)
     check_namespace(writer, key.namespace)
-    private = body.get("visibility") == "private" or bool(body.get("private"))
     url = repo_url(request, key)
     try:
         with store.staging() as staging:
             attributes = staging.add_bytes(".gitattributes", _GITATTRIBUTES)
+            private = body.visibility == "private" or bool(body.private)
             store.create_repo(key, private=private, author=writer.user, files=[attributes])
     except AlreadyExistsError as error:
         # exist_ok=True in the client relies on the url of the existing repo in the 409 answer.
+        existing = store.get_repo(key)
+        url = repo_url(request, existing.key) if existing else url
         return JSONResponse({"error": str(error), "url": url}, 409, {"X-Error-Message": str(error)})
     return JSONResponse({"url": url, "name": key.id, "id": key.id})
 
 
 @router.delete("/api/repos/delete")
-def delete_repo(body: JsonBody, writer: Writer, store: Store) -> dict[str, Any]:
+def delete_repo(body: RepoBody, writer: Writer, store: Store) -> dict[str, Any]:
     key = _body_key(body, writer)
     writable_repo(store, key, writer)
     store.delete_repo(key)
@@ -67,20 +72,32 @@ def delete_repo(body: JsonBody, writer: Writer, store: Store) -> dict[str, Any]:
 
 
 @router.put("/api/{kind}/{namespace}/{name}/settings")
-def update_settings(key: Key, caller: Caller, store: Store, body: JsonBody) -> dict:
+def update_settings(key: Key, caller: Caller, store: Store, body: SettingsBody) -> dict:
     writable_repo(store, key, caller)
-    private = body.get("private")
-    if body.get("visibility") is not None:
-        private = body["visibility"] == "private"
+    if body.gated not in (None, False):
+        raise NotSupported("gating a repo")
+    private = body.private if body.visibility is None else body.visibility == "private"
     if private is not None:
-        store.set_private(key, bool(private))
+        store.set_private(key, private)
+    return {}
+
+
+@router.get("/api/{kind}/{namespace}/{name}/auth-check")
+def auth_check(repo: ReadableRepo) -> dict:
+    """``HfApi.auth_check``: 200 if the caller may read the repo (else: not found)."""
+    return {}
+
+
+@router.get("/api/{kind}/{namespace}/{name}/auth-check/write")
+def auth_check_write(repo: WritableRepo) -> dict:
+    """``HfApi.auth_check(write=True)``: 200 if the caller may also write to it."""
     return {}
 
 
 @router.post("/api/validate-yaml")
-def validate_yaml(body: JsonBody) -> JSONResponse:
+def validate_yaml(body: YamlBody) -> JSONResponse:
     try:
-        parse_front_matter(str(body.get("content", "")))
+        parse_front_matter(body.content)
     except Exception as error:  # any YAML error is the user's, reported back as the Hub does
         return JSONResponse({"errors": [{"message": str(error)}], "warnings": []}, 400)
     return JSONResponse({"errors": [], "warnings": []})
@@ -90,7 +107,7 @@ def validate_yaml(body: JsonBody) -> JSONResponse:
 def list_repos(request: Request, kind: str, caller: Caller, store: Store, options: Options):
     """``list_models``/``list_datasets``: search, author and tag filters, sort, expand, pages."""
     if kind not in PLURALS:
-        raise HubError(f"Unknown listing {kind!r}")
+        raise NotSupported(f"the repo type {kind!r}")
     query = request.query_params
     wanted = query.getlist("filter") + (
         [query["pipeline_tag"]] if query.get("pipeline_tag") else []
