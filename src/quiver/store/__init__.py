@@ -6,7 +6,7 @@ It knows nothing of experts or HTTP: the registry and the server are built on it
 
 from quiver.store.blobs import BlobStore, git_blob_sha1, lfs_pointer
 from quiver.store.cards import card_tags, parse_front_matter
-from quiver.store.engine import RepoStore, Staging, now_iso
+from quiver.store.engine import RepoStore, now_iso
 from quiver.store.errors import (
     EntryNotFoundError,
     RepoNotFoundError,
@@ -24,6 +24,7 @@ from quiver.store.names import (
     is_sha256,
 )
 from quiver.store.records import REPO_TYPES, Commit, Deletion, FileEntry, Repo, RepoKey
+from quiver.store.staging import Staging
 
 __all__ = [
     "REPO_TYPES",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from quiver.errors import AlreadyExistsError, IntegrityError, InvalidInputError, RegistryError
 from quiver.fs import fsync_dir
-from quiver.store.blobs import BlobStore, git_blob_sha1, lfs_pointer
+from quiver.store.blobs import BlobStore
 from quiver.store.cards import card_tags, read_card, search_text
 from quiver.store.errors import (
     EntryNotFoundError,
@@ -36,12 +36,11 @@ from quiver.store.errors import (
 )
 from quiver.store.names import (
     RESERVED_NAMESPACES,
-    check_path,
     check_ref_name,
     is_sha,
-    is_sha256,
 )
 from quiver.store.records import Commit, Deletion, FileEntry, Repo, RepoKey
+from quiver.store.staging import Staging
 
 README = "README.md"
 SHORT_SHA = 7  # the shortest commit sha prefix that resolves, as git abbreviates
@@ -53,7 +52,7 @@ _HEADS = (
     "JOIN cards s ON s.repo = r.id "
 )
 # Repo names compare case-insensitively, as on the Hub: one repo per name, whatever its casing.
-SCHEMA = """
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (id INTEGER PRIMARY KEY, type TEXT NOT NULL,
     namespace TEXT NOT NULL COLLATE NOCASE, name TEXT NOT NULL COLLATE NOCASE,
     private INTEGER NOT NULL, created_at TEXT NOT NULL, UNIQUE (type, namespace, name));
@@ -77,71 +76,10 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-class Staging:
-    """The files one write stages before its commit, under the store's shared lease (so that a
-    garbage collection cannot take their blobs away before the commit records them). Use it as a
-    context manager around the staging and the commit."""
-
-    def __init__(self, blobs: BlobStore) -> None:
-        self.blobs = blobs
-        self._lease = blobs.lease()
-
-    def __enter__(self) -> Staging:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._lease.release()
-
-    def add_bytes(self, path: str, data: bytes) -> FileEntry:
-        """A regular (inline) file's content, stored and described."""
-        check_path(path)
-        sha256, size = self.blobs.put(data)
-        return FileEntry(path, size, sha256, git_blob_sha1(data), lfs=False)
-
-    def add_file(self, path: str, source: Path) -> FileEntry:
-        """A local file as a regular file; its content is copied only if the store lacks it."""
-        check_path(path)
-        size = source.stat().st_size
-        git, sha256, read = hashlib.sha1(b"blob %d\0" % size), hashlib.sha256(), 0
-        with open(source, "rb") as file:
-            for chunk in iter(lambda: file.read(1 << 20), b""):
-                git.update(chunk)
-                sha256.update(chunk)
-                read += len(chunk)
-        digest = sha256.hexdigest()
-        if read != size:
-            raise InvalidInputError(f"{source} changed while it was read", hint="push it again")
-        if not self.blobs.claim(digest):
-            with self.blobs.writer() as blob, open(source, "rb") as file:
-                for chunk in iter(lambda: file.read(1 << 20), b""):
-                    blob.write(chunk)
-                blob.finish(digest)
-        return FileEntry(path, size, digest, git.hexdigest(), lfs=False)
-
-    def add_lfs(self, path: str, sha256: str, size: int | None) -> FileEntry:
-        """An LFS file whose content was uploaded before the commit."""
-        check_path(path)
-        sha256 = sha256.lower()
-        if not is_sha256(sha256):
-            raise InvalidInputError(
-                f"invalid LFS oid {sha256!r} for {path!r}", hint="send the file's sha256"
-            )
-        if not self.blobs.claim(sha256):
-            raise InvalidInputError(
-                f"LFS object {sha256} of {path!r} was never uploaded",
-                hint="upload it through the LFS batch endpoint before committing",
-            )
-        actual = self.blobs.path(sha256).stat().st_size
-        if size is not None and size != actual:
-            raise InvalidInputError(f"LFS object {sha256} has {actual} bytes, not {size}")
-        pointer = lfs_pointer(sha256, actual)
-        return FileEntry(path, actual, sha256, git_blob_sha1(pointer), lfs=True)
-
-
 class RepoStore:
     """Repos, commits, refs, files and card metadata of one folder."""
 
-    SCHEMA = SCHEMA
+    SCHEMA = _SCHEMA  # a subclass may add its own tables
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -169,19 +107,21 @@ class RepoStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA synchronous=FULL")
-        try:
-            yield db
-        finally:
-            db.close()
+        """A connection that makes each commit durable; a full disk raises ``StorageFullError``."""
+        with typed_disk_errors(self.root):
+            db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            try:
+                db.execute("PRAGMA synchronous=FULL")
+                yield db
+            finally:
+                db.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, serialised with every other writer (BEGIN IMMEDIATE); a full
-        disk rolls it back and raises ``StorageFullError``."""
-        with typed_disk_errors(self.root), self._connect() as db:
+        """One write transaction, serialised with every other writer (BEGIN IMMEDIATE), rolled
+        back whole on any error."""
+        with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -215,7 +155,7 @@ class RepoStore:
         return repo
 
     def _insert_repo(self, db: sqlite3.Connection, key: RepoKey, *, private: bool) -> Repo:
-        if key.namespace in RESERVED_NAMESPACES:
+        if key.namespace.lower() in RESERVED_NAMESPACES:
             raise InvalidInputError(
                 f"{key.namespace!r} is a reserved namespace", hint="pick another one"
             )
@@ -239,7 +179,8 @@ class RepoStore:
         """Delete a repo, its history and (unless another repo shares them) its snapshots."""
         with self._transaction() as db:
             repo = self._require_repo(db, key)
-            commits = [row["sha"] for row in db.execute(_SHAS, (repo.rowid,))]
+            query = "SELECT sha FROM commits WHERE repo = ?"
+            commits = [row["sha"] for row in db.execute(query, (repo.rowid,))]
             for table in ("commits", "files", "refs", "cards"):
                 db.execute(f"DELETE FROM {table} WHERE repo = ?", (repo.rowid,))
             db.execute("DELETE FROM repos WHERE id = ?", (repo.rowid,))
@@ -587,9 +528,6 @@ class RepoStore:
             raise RevisionNotFoundError(
                 f"Invalid rev id: {name}", repo_id=repo.key.id, revision=name
             )
-
-
-_SHAS = "SELECT sha FROM commits WHERE repo = ?"
 
 
 def _apply(
