@@ -2,14 +2,26 @@
 and turn the clusters into a new library."""
 
 from quiver.training.data import DataSource, Example, load_examples
-from quiver.training.trainer import TrainConfig, evaluate, load_base, train_expert
+from quiver.training.fanout import TrainResult, train_experts
+from quiver.training.trainer import (
+    TrainConfig,
+    TrainingData,
+    evaluate,
+    load_base,
+    prepare_data,
+    train_expert,
+)
 
 __all__ = [
     "DataSource",
     "Example",
     "TrainConfig",
+    "TrainResult",
+    "TrainingData",
     "evaluate",
     "load_base",
     "load_examples",
+    "prepare_data",
     "train_expert",
+    "train_experts",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -118,9 +117,8 @@ def load_base(
     return model, tokenizer
 
 
-def context_length(model: Any, config: TrainConfig) -> int:
-    """The longest example the model takes: its positions, capped by ``config.max_length``."""
-    model_config = model.config
+def context_length(model_config: Any, config: TrainConfig) -> int:
+    """The longest example a model takes: its positions, capped by ``config.max_length``."""
     limit = getattr(model_config, "max_position_embeddings", None) or getattr(
         model_config, "n_positions", None
     )
@@ -221,7 +219,7 @@ def evaluate(
     max_length: int | None = None,
 ) -> dict[str, float]:
     """Mean loss (nats per response token) and token accuracy (greedy next token) on ``data``."""
-    limit = context_length(model, TrainConfig(max_length=max_length))
+    limit = context_length(model.config, TrainConfig(max_length=max_length))
     features = tokenize_examples(load_examples(data), tokenizer, max_length=limit)
     return _evaluate_features(model, features, _pad_id(tokenizer), batch_size)
 
@@ -282,7 +280,7 @@ def _final_loss(log_history: list[dict[str, Any]], window: int) -> float:
     return float(sum(tail) / len(tail))
 
 
-def _run_trainer(peft_model, features, tokenizer, config, seed, progress) -> dict[str, Any]:
+def _run_trainer(peft_model, features, pad_id: int, config, seed, progress) -> dict[str, Any]:
     from accelerate.utils.memory import clear_device_cache
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
@@ -292,7 +290,7 @@ def _run_trainer(peft_model, features, tokenizer, config, seed, progress) -> dic
             model=peft_model,
             args=_training_arguments(config, seed, progress, scratch),
             train_dataset=features,
-            data_collator=partial(collate, pad_id=_pad_id(tokenizer)),
+            data_collator=partial(collate, pad_id=pad_id),
         )
         trainer.remove_callback(PrinterCallback)  # no dict printed per step
         # train() starts by "freeing memory" with a full gc.collect(): 0.5 s here, seconds in a
@@ -344,34 +342,71 @@ def train_expert(
     caller's model is left without an adapter. ``progress=None`` shows a bar on a terminal only.
     """
     config = config or TrainConfig()
-    tasks = _tasks(data, task)
     model, tokenizer = load_base(base_model, tokenizer)
-    limit = context_length(model, config)
-    examples = _examples(data)
-    features = tokenize_examples(examples, tokenizer, max_length=limit)
+    limit = context_length(model.config, config)
+    prepared = prepare_data(data, tokenizer, max_length=limit, task=task, eval_data=eval_data)
+    folder = Path(output_dir or tempfile.mkdtemp(prefix=f"quiver-{prepared.tasks[0]}-"))
+    return train_prepared(
+        model, tokenizer, prepared, config, seed=seed, folder=folder, progress=progress
+    )
+
+
+@dataclass
+class TrainingData:
+    """One expert's examples, read, tokenised and checked: all a worker needs to train it."""
+
+    tasks: list[str]
+    features: list[dict[str, list[int]]]
+    eval_features: list[dict[str, list[int]]] | None = None
+
+
+def prepare_data(
+    data: DataSource | Mapping[str, DataSource],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    task: str | Sequence[str] | None = None,
+    eval_data: DataSource | None = None,
+) -> TrainingData:
+    """Read and tokenise ``data`` (and ``eval_data``); raise ``TrainingError`` on bad input."""
+    tasks = _tasks(data, task)
+    features = tokenize_examples(_examples(data), tokenizer, max_length=max_length)
     eval_features = None
     if eval_data is not None:
-        eval_features = tokenize_examples(load_examples(eval_data), tokenizer, max_length=limit)
-    progress = sys.stderr.isatty() if progress is None else progress
-    folder = Path(output_dir or tempfile.mkdtemp(prefix=f"quiver-{tasks[0]}-"))
+        eval_examples = load_examples(eval_data)
+        eval_features = tokenize_examples(eval_examples, tokenizer, max_length=max_length)
+    return TrainingData(tasks, features, eval_features)
 
+
+def train_prepared(
+    model: Any,
+    tokenizer: Any,
+    prepared: TrainingData,
+    config: TrainConfig,
+    *,
+    seed: int,
+    folder: Path,
+    progress: bool | None = None,
+) -> Expert:
+    """Train on checked data and write the expert, with its card, to ``folder``."""
+    progress = sys.stderr.isatty() if progress is None else progress
+    pad_id = _pad_id(tokenizer)
     with torch_threads(config.num_threads), lora_attached(model, config) as peft_model:
-        summary = _run_trainer(peft_model, features, tokenizer, config, seed, progress)
+        summary = _run_trainer(peft_model, prepared.features, pad_id, config, seed, progress)
         metrics = None
-        if eval_features is not None:
+        if prepared.eval_features is not None:
             metrics = _evaluate_features(
-                peft_model, eval_features, _pad_id(tokenizer), config.batch_size
+                peft_model, prepared.eval_features, pad_id, config.batch_size
             )
         peft_model.save_pretrained(str(folder), save_embedding_layers=False)
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card; ours replaces it
-    shutil.rmtree(folder / "runs", ignore_errors=True)
 
     expert = Expert.from_folder(
         folder,
-        tasks=tasks,
-        examples=len(examples),
+        tasks=prepared.tasks,
+        examples=len(prepared.features),
         hyperparameters={**config.hyperparameters(), "seed": seed},
-        eval_results=_eval_results(tasks, metrics) if metrics else [],
+        eval_results=_eval_results(prepared.tasks, metrics) if metrics else [],
         **summary,
     )
     expert.save(folder)
