@@ -3,6 +3,7 @@ and turn the clusters into a new library."""
 
 from quiver.training.data import DataSource, Example, load_examples
 from quiver.training.fanout import TrainResult, train_experts
+from quiver.training.mbc import Clustering, cluster_experts, suggest_k
 from quiver.training.trainer import (
     TrainConfig,
     TrainingData,
@@ -13,15 +14,18 @@ from quiver.training.trainer import (
 )
 
 __all__ = [
+    "Clustering",
     "DataSource",
     "Example",
     "TrainConfig",
     "TrainResult",
     "TrainingData",
+    "cluster_experts",
     "evaluate",
     "load_base",
     "load_examples",
     "prepare_data",
+    "suggest_k",
     "train_expert",
     "train_experts",
 ]
