@@ -165,6 +165,7 @@ class Registry(ABC):
         check_repo_id(repo_id)
         if not isinstance(expert, Expert):
             expert = Expert.from_folder(expert)
+        expert.check_finite()
         if tag and tag in self._refs_if_any(repo_id):  # refuse before anything is written
             raise tag_taken(repo_id, tag)
         with tempfile.TemporaryDirectory(prefix="quiver-push-") as staging:

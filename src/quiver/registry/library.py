@@ -271,6 +271,7 @@ class Library:
                 f"library {self.repo_id} already has an expert named {name!r}",
                 hint="remove it first, or pass another name",
             )
+        expert.check_finite()
         manifest = self.manifest
         expert.check_fits(
             base_model=manifest.base_model,
