@@ -97,10 +97,15 @@ def run_quiver(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path):
-    result = run_quiver("pull", "nobody/nothing", "-r", str(tmp_path / "store"))
-    assert result.returncode == 1
-    assert "error: no repo 'nobody/nothing'" in result.stderr
-    assert "Traceback" not in result.stderr
+    """The installed entry point: a typed error is one line on stderr, exit code 1."""
+    for command in (["pull", "nobody/nothing"], ["search", "--task", "math"]):
+        result = run_quiver(*command, "-r", str(tmp_path / "typo"))
+        assert result.returncode == 1
+        assert result.stderr == (
+            f"error: no Quiver store at {tmp_path / 'typo'} (check the path; pushing to a folder "
+            "(quiver push, quiver library create) makes it a store)\n"
+        )
+    assert not (tmp_path / "typo").exists()
 
 
 def test_registry_hf_is_huggingface_co():
@@ -108,3 +113,44 @@ def test_registry_hf_is_huggingface_co():
         result = run_quiver(*command, "-r", "hf", HF_HUB_OFFLINE="1")  # no request leaves
         assert result.returncode == 1, result.stderr
         assert "error:" in result.stderr and "cannot reach https://huggingface.co" in result.stderr
+
+
+def test_a_pull_returns_only_what_the_endpoint_it_asked_holds(hub_server, make_expert, tmp_path):
+    """After a pull from the self-hosted Hub, other endpoints (huggingface.co, a typo, a dead
+    port) must not answer with its files, online or with HF_HUB_OFFLINE=1."""
+    endpoint = hub_server.endpoint
+    token = hub_server.create_token("bytes")
+    quiver("push", make_expert(), "bytes/math", "-r", endpoint, "--token", token)
+    folder = quiver("pull", "bytes/math", "-r", endpoint).strip()
+    assert Path(folder, "adapter_model.safetensors").is_file()
+    dead = quiver_error("pull", "bytes/math", "-r", "http://127.0.0.1:9")  # nothing listens
+    assert dead.startswith("error: pull bytes/math@main: cannot reach http://127.0.0.1:9 and")
+    offline = run_quiver("pull", "bytes/math", "-r", "hf", HF_HUB_OFFLINE="1")
+    assert (offline.returncode, offline.stdout) == (1, "")
+    assert "cannot reach https://huggingface.co" in offline.stderr
+    offline = run_quiver("pull", "bytes/math", "-r", endpoint, HF_HUB_OFFLINE="1")
+    assert (offline.returncode, offline.stdout.strip()) == (0, folder)  # its own cache works
+
+
+def test_a_mistyped_registry_creates_no_store(tmp_path, make_expert, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in (
+        ["pull", "alice/math"],
+        ["search"],
+        ["library", "show", "alice/lib"],
+        ["library", "add", "alice/lib", "alice/math"],
+        ["library", "push", "alice/lib", "--from", "./does-not-exist", "-r", "./elsewhere"],
+    ):
+        if "--from" not in command:
+            command = [*command, "-r", "./does-not-exist"]
+        assert "error: no Quiver store at does-not-exist (" in quiver_error(*command)
+    for scheme in ("ftp://x", "s3://bucket/store"):
+        assert "is not an http(s) Hub endpoint" in quiver_error(
+            "push", make_expert(), "a/b", "-r", scheme
+        )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["experts"]
+    # Publishing commands make the store.
+    quiver("push", make_expert(), "alice/math", "-r", "./new-store")
+    quiver("library", "create", "alice/lib", "--base-model", BASE, "-r", "./other-store")
+    assert LocalRegistry("new-store", create=False).list()[0].repo_id == "alice/math"
+    assert LocalRegistry("other-store", create=False).list()[0].repo_id == "alice/lib"

@@ -43,7 +43,7 @@ def library_create(
     from quiver.registry import Library
 
     library = Library.create(
-        registry_from(registry, token),
+        registry_from(registry, token, create=True),
         repo_id,
         base_model=base_model,
         description=description,
@@ -104,11 +104,20 @@ def library_push(
     registry: str | None = RegistryOption,
     token: str | None = TokenOption,
 ) -> None:
-    """Publish a library, its bundled and its referenced experts to --registry."""
+    """Publish a library from --from, its bundled and its referenced experts, to --registry."""
+    from quiver.errors import NotFoundError
     from quiver.registry import Library
 
-    library = Library.open(registry_from(source, token), repo_id)
-    published = library.push(registry_from(registry, token), target_id)
+    try:
+        library = Library.open(registry_from(source, token), repo_id)
+    except NotFoundError as error:
+        raise NotFoundError(
+            error.message,
+            hint="pass --from with the registry that holds the library (default: the local "
+            "store); --registry is where it goes",
+            repo_id=repo_id,
+        ) from error
+    published = library.push(registry_from(registry, token, create=True), target_id)
     console.print(
         f"Pushed {published.repo_id}@{published.commit[:10]} to {published.registry.location}"
     )

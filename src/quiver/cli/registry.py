@@ -38,7 +38,7 @@ def push(
     card = dict(tasks=task, datasets=dataset, license=license, description=description)
     card.update(examples=examples, steps=steps)
     expert = Expert.from_folder(folder, **{k: v for k, v in card.items() if v})
-    target = registry_from(registry, token)
+    target = registry_from(registry, token, create=True)
     published = target.push(expert, repo_id, branch=branch, tag=tag)
     console.print(f"Pushed {repo_id}@{published.commit[:10]} to {target.location}")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from quiver.errors import ConflictError, IntegrityError, NotFoundError, QuiverError
+from quiver.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
 from quiver.registry.card import EXPERT_TAG, LIBRARY_TAG, base_model_tag, task_tag
 from quiver.registry.expert import EXPERT_FILES, Expert, check_hash
 
@@ -26,9 +26,10 @@ KINDS = {"expert": EXPERT_TAG, "library": LIBRARY_TAG}
 
 def check_repo_id(repo_id: str) -> str:
     if not _REPO_ID.match(repo_id) or ".." in repo_id:
-        raise QuiverError(
+        raise InvalidInputError(
             f"invalid repo id {repo_id!r}",
             hint="use 'namespace/name' with letters, digits, '-', '_' or '.'",
+            repo_id=repo_id,
         )
     return repo_id
 
@@ -67,6 +68,8 @@ def tag_taken(repo_id: str, tag: str) -> ConflictError:
     return ConflictError(
         f"{repo_id} already has a branch or tag named {tag!r}",
         hint="tags are immutable: pick a new tag name",
+        repo_id=repo_id,
+        revision=tag,
     )
 
 
@@ -138,7 +141,7 @@ class Registry(ABC):
         """Repos matching every given filter. Base model, task, tag and kind are Hub tags, so both
         stores filter alike; ``query`` is free text (the Hub matches it against repo ids only)."""
         if kind is not None and kind not in KINDS:
-            raise QuiverError(f"unknown kind {kind!r}", hint=f"use one of {sorted(KINDS)}")
+            raise InvalidInputError(f"unknown kind {kind!r}", hint=f"use one of {sorted(KINDS)}")
         tags = [base_model_tag(base_model)] if base_model else []
         tags += [task_tag(task)] if task else []
         tags += [tag] if tag else []

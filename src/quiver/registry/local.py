@@ -51,9 +51,15 @@ _COMMITS = "SELECT commit_id, parent, message, date FROM commits WHERE repo_id =
 class LocalRegistry(Registry):
     """A registry in a local folder (default: ``$QUIVER_HOME/registry``)."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, *, create: bool = True) -> None:
         self.root = Path(root) if root is not None else quiver_home() / "registry"
         self.location = str(self.root)
+        if not create and not (self.root / "index.sqlite").is_file():
+            raise NotFoundError(
+                f"no Quiver store at {self.root}",
+                hint="check the path; pushing to a folder (quiver push, quiver library create) "
+                "makes it a store",
+            )
         for sub in ("blobs", "snapshots", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         with self._db() as db:
