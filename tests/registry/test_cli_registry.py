@@ -154,3 +154,22 @@ def test_a_mistyped_registry_creates_no_store(tmp_path, make_expert, monkeypatch
     quiver("library", "create", "alice/lib", "--base-model", BASE, "-r", "./other-store")
     assert LocalRegistry("new-store", create=False).list()[0].repo_id == "alice/math"
     assert LocalRegistry("other-store", create=False).list()[0].repo_id == "alice/lib"
+
+
+def test_hints_name_the_cli_option_or_command(tmp_path, make_expert):
+    store, target = tmp_path / "store", tmp_path / "target"
+    quiver("push", make_expert(), "alice/math", "-r", store)
+    quiver("library", "create", "alice/lib", "--base-model", BASE, "-r", store)
+    assert quiver_error("library", "create", "alice/lib", "--base-model", BASE, "-r", store) == (
+        f"error: alice/lib already exists in {store} (change it with "
+        "`quiver library add|remove alice/lib ...`, or pick another name)\n"
+    )
+    error = quiver_error("library", "create", "alice/math", "--base-model", BASE, "-r", store)
+    assert error.startswith(f"error: alice/math already exists in {store} and holds a LoRA expert")
+    error = quiver_error("library", "push", "alice/other", "--from", store, "-r", target)
+    assert error.startswith("error: no repo 'alice/other' in the local registry at ")
+    assert error.endswith(
+        "(pass --from with the registry that holds the library (default: the local store); "
+        "--registry is where it goes)\n"
+    )
+    assert not target.exists()

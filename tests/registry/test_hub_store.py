@@ -212,10 +212,10 @@ def test_library_push_and_pull_on_the_hub(hub, user, make_expert):
 
 def test_library_moves_from_local_store_to_hub_and_back(hub, user, local, make_expert, tmp_path):
     library = _library(local, user, make_expert)
-    on_hub = library.push(hub)
+    on_hub = library.push(hub).library
     assert on_hub.experts[0].commit == hub.pull(f"{user}/math").commit
     back = Library.pull(hub, f"{user}/lib").push(open_registry(tmp_path / "copy", create=True))
-    assert [p.sha256 for p in back.experts] == [p.sha256 for p in library.experts]
+    assert [p.sha256 for p in back.library.experts] == [p.sha256 for p in library.experts]
 
 
 def test_truncated_file_in_the_hf_cache_is_caught(hub, user, make_expert, local):
@@ -229,7 +229,8 @@ def test_truncated_file_in_the_hf_cache_is_caught(hub, user, make_expert, local)
         Library.pull(hub, f"{user}/lib").push(local)
     assert store_state(local) == before  # nothing half-written lands in the local store
     # The bad file left the cache, so pulling again downloads a good copy.
-    assert list(Library.pull(hub, f"{user}/lib").push(local).expert_paths()) == ["math", "code"]
+    pushed = Library.pull(hub, f"{user}/lib").push(local).library
+    assert list(pushed.expert_paths()) == ["math", "code"]
 
 
 def test_tampered_blob_on_the_server_is_caught(hub_server, hub, user, make_expert, tmp_path):

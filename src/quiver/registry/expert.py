@@ -141,13 +141,18 @@ class Expert:
                     hint="a library's experts share one base model, rank and target modules",
                 )
 
-    def save(self, folder: str | Path, *, title: str | None = None) -> Path:
-        """Write the expert's files and a fresh card (with current hashes) into ``folder``."""
+    def save(self, folder: str | Path, *, title: str | None = None, link: bool = False) -> Path:
+        """Write the expert's files and a fresh card (with current hashes) into ``folder``.
+        ``link=True`` symlinks the config and weights instead of copying them: staging a push
+        then writes only the card, not a second copy of a multi-GB expert."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if folder.resolve() != self.path.resolve():  # saving in place only rewrites the card
             for name in (ADAPTER_CONFIG, WEIGHTS):
-                shutil.copyfile(self.path / name, folder / name)
+                if link:
+                    (folder / name).symlink_to((self.path / name).resolve())
+                else:
+                    shutil.copyfile(self.path / name, folder / name)
         card = dataclasses.replace(self.card, hashes=self.file_hashes())
         card.to_model_card(title or self.repo_id or self.name).save(folder / CARD)
         return folder

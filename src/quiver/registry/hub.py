@@ -159,7 +159,16 @@ class HubRegistry(Registry):
             return ConflictError(f"{what}: {message}", hint="pull again and retry", **about)
         return RegistryError(f"{what}: {self.endpoint} answered {status}: {message}", **about)
 
-    def upload(self, repo_id: str, folder: Path, *, message: str, branch: str = "main") -> str:
+    def upload(
+        self,
+        repo_id: str,
+        folder: Path,
+        *,
+        message: str,
+        branch: str = "main",
+        replace: bool = True,
+        parent_commit: str | None = None,
+    ) -> str:
         check_repo_id(repo_id)
         with self._translate_errors(f"push {repo_id}", repo_id, branch):
             created = self._create_repo(repo_id)
@@ -171,7 +180,8 @@ class HubRegistry(Registry):
                     folder_path=folder,
                     revision=branch,
                     commit_message=message,
-                    delete_patterns="*",  # the folder is the whole new snapshot
+                    delete_patterns="*" if replace else None,
+                    parent_commit=parent_commit,
                 )
             except BaseException:
                 if created:  # leave no empty repo behind a failed first push
@@ -210,6 +220,10 @@ class HubRegistry(Registry):
             if entry.is_symlink():  # a cache snapshot entry, pointing at a blob
                 entry.resolve().unlink(missing_ok=True)
                 entry.unlink()
+
+    def files(self, repo_id: str, *, revision: str) -> list[str]:
+        with self._translate_errors(f"files of {repo_id}@{revision}", repo_id, revision):
+            return self.api.list_repo_files(repo_id, revision=revision)
 
     def tag(self, repo_id: str, tag: str, *, revision: str) -> None:
         try:
