@@ -1,6 +1,9 @@
 """The registry commands of the ``quiver`` CLI, over a local store and the self-hosted Hub."""
 
+import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +12,7 @@ from typer.testing import CliRunner
 
 from quiver.cli import app
 from quiver.registry import HubRegistry, Library, LocalRegistry
+from quiver.testing import make_random_expert
 
 BASE = "quiver-testing/tiny-llama"
 
@@ -173,3 +177,41 @@ def test_hints_name_the_cli_option_or_command(tmp_path, make_expert):
         "--registry is where it goes)\n"
     )
     assert not target.exists()
+
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def readme_registry_commands() -> list[list[str]]:
+    """The ``quiver`` commands of the bash block in the README's Registry section, in order."""
+    section = README.read_text().split("\n## Registry\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL)[1]
+    commands = [shlex.split(line, comments=True) for line in block.splitlines()]
+    return [words for words in commands if words and words[0] != "export"]
+
+
+def test_the_readme_cli_block_runs_as_written(hub_server, base_model, tmp_path, monkeypatch):
+    """huggingface.co cannot be reached here: ``hf`` becomes our self-hosted Hub, and ``alice``
+    a user of its own there; everything else runs as written, from a fresh $QUIVER_HOME."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QUIVER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_TOKEN", hub_server.create_token("readme"))
+    for name in ("math", "code", "chat"):
+        folder = make_random_expert(base_model, Path("out", f"{name}-lora"), rank=4, seed=len(name))
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "meta-llama/Llama-3.2-1B"  # the README's base model
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    commands = readme_registry_commands()
+    assert all(words[0] == "quiver" for words in commands)
+    assert sum("hf" in words for words in commands) >= 5
+    for words in commands:
+        out = quiver(
+            *[
+                hub_server.endpoint if w == "hf" else w.replace("alice/", "readme/")
+                for w in words[1:]
+            ]
+        )
+    assert [line.split("\t")[0] for line in out.splitlines()] == ["code", "chat-lora", "math"]
+    assert Library.open(HubRegistry(hub_server.endpoint), "readme/skills").experts[0].repo_id == (
+        "readme/code"
+    )
