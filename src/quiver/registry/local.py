@@ -34,9 +34,15 @@ from quiver.store import (
 class LocalRegistry(Registry):
     """A registry in a local folder (default: ``$QUIVER_HOME/registry``)."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, *, create: bool = True) -> None:
         self.root = Path(root) if root is not None else quiver_home() / "registry"
         self.location = str(self.root)
+        if not create and not RepoStore.exists(self.root):
+            raise NotFoundError(
+                f"no Quiver store at {self.root}",
+                hint="check the path; pushing to a folder (quiver push, quiver library create) "
+                "makes it a store",
+            )
         self.store = RepoStore(self.root)
 
     @contextmanager
@@ -67,7 +73,16 @@ class LocalRegistry(Registry):
         return repo
 
     # -- writing --------------------------------------------------------------------------------
-    def upload(self, repo_id: str, folder: Path, *, message: str, branch: str = "main") -> str:
+    def upload(
+        self,
+        repo_id: str,
+        folder: Path,
+        *,
+        message: str,
+        branch: str = "main",
+        replace: bool = True,
+        parent_commit: str | None = None,
+    ) -> str:
         key = RepoKey.parse(repo_id)
         with self.store.staging() as staging:
             files = [
@@ -76,7 +91,13 @@ class LocalRegistry(Registry):
                 if path.is_file()
             ]
             return self.store.commit_snapshot(
-                key, branch, files, title=message, author=key.namespace
+                key,
+                branch,
+                files,
+                title=message,
+                author=key.namespace,
+                replace=replace,
+                parent_commit=parent_commit,
             )
 
     def tag(self, repo_id: str, tag: str, *, revision: str) -> None:
@@ -101,6 +122,11 @@ class LocalRegistry(Registry):
             repo = self._repo(repo_id)
             commit = self.store.resolve(repo, revision or "main")
         return self.store.snapshot(repo, commit), commit
+
+    def files(self, repo_id: str, *, revision: str) -> list[str]:
+        with self._errors(repo_id, revision):
+            repo = self._repo(repo_id)
+            return list(self.store.files(repo, self.store.resolve(repo, revision)))
 
     def refs(self, repo_id: str) -> dict[str, str]:
         with self._errors(repo_id):

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from quiver.errors import InvalidInputError
@@ -73,12 +73,14 @@ class BlobWriter:
     def write(self, chunk: bytes) -> None:
         self._digest.update(chunk)
         self.size += len(chunk)
-        self._file.write(chunk)
+        with self._naming_the_file():
+            self._file.write(chunk)
 
     def finish(self, expected_sha256: str | None = None) -> tuple[str, int]:
         """Store the blob, return (sha256, size); a wrong ``expected_sha256`` stores nothing."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with self._naming_the_file():
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self._file.close()
         sha256 = self._digest.hexdigest()
         if expected_sha256 is not None and sha256 != expected_sha256:
@@ -94,9 +96,20 @@ class BlobWriter:
             publish(self._tmp_name, target, mode=READ_ONLY)
         return sha256, self.size
 
+    @contextmanager
+    def _naming_the_file(self) -> Iterator[None]:
+        """A write error says which file it was about (a file object's errors do not)."""
+        try:
+            yield
+        except OSError as error:
+            if error.filename is not None:
+                raise
+            raise OSError(error.errno, error.strerror, self._tmp_name) from error
+
     def discard(self) -> None:
         """Forget whatever was not stored (the temp file of a finished blob included)."""
-        self._file.close()
+        with suppress(OSError):  # closing flushes what a failed write left in the buffer
+            self._file.close()
         if os.path.exists(self._tmp_name):
             os.unlink(self._tmp_name)
 

@@ -43,6 +43,7 @@ from quiver.store.records import Commit, Deletion, FileEntry, Repo, RepoKey
 from quiver.store.staging import Staging
 
 README = "README.md"
+_DATABASE = "store.sqlite"
 SHORT_SHA = 7  # the shortest commit sha prefix that resolves, as git abbreviates
 _FILE_COLUMNS = "path, size, sha256, oid, lfs"
 _HEADS = (
@@ -84,7 +85,7 @@ class RepoStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.snapshots = self.root / "snapshots"
-        self.db_path = self.root / "store.sqlite"
+        self.db_path = self.root / _DATABASE
         if self.root.exists() and not self.root.is_dir():
             raise InvalidInputError(
                 f"the store root {self.root} is a file, not a folder",
@@ -104,6 +105,11 @@ class RepoStore:
                 f"cannot open the store at {self.root}: {reason}",
                 hint="check the path and its permissions",
             ) from error
+
+    @staticmethod
+    def exists(root: str | os.PathLike) -> bool:
+        """Whether ``root`` holds a store already."""
+        return (Path(root) / _DATABASE).is_file()
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -417,18 +423,37 @@ class RepoStore:
             return self._record_commit(db, repo, branch, head, tree, title, message, author)
 
     def commit_snapshot(
-        self, key: RepoKey, branch: str, files: Sequence[FileEntry], *, title: str, author: str
+        self,
+        key: RepoKey,
+        branch: str,
+        files: Sequence[FileEntry],
+        *,
+        title: str,
+        author: str,
+        replace: bool = True,
+        parent_commit: str | None = None,
     ) -> str:
-        """Make ``files`` (staged) the whole snapshot of ``branch``, creating the repo (public)
-        and the branch (from ``main``) if need be; return the commit. Nothing changed: no new
+        """Commit ``files`` (staged) to ``branch``, creating the repo (public) and the branch
+        (from ``main``) if need be; return the commit. ``replace``: they are the whole snapshot,
+        else the branch's other files are kept. ``parent_commit``: refuse (``StaleParentError``)
+        unless the branch (or main, for a new branch) is still there. Nothing changed: no new
         commit, the head is returned."""
         with self._transaction() as db:
             repo = self._repo_row(db, key) or self._insert_repo(db, key, private=False)
             head = self._head(db, repo, branch)
             if head is None:
-                check_ref_name(branch)
+                check_ref_name(branch, "branch")
             parent = head or self._head(db, repo, "main")
-            tree = {entry.path: entry for entry in files}
+            if parent_commit is not None and parent != parent_commit:
+                raise StaleParentError(
+                    f"{repo.key.id}@{branch} moved to {parent} while committing onto "
+                    f"{parent_commit}",
+                    hint="pull again and retry",
+                    repo_id=repo.key.id,
+                    revision=branch,
+                )
+            tree = {} if replace or parent is None else self._files(db, repo, parent)
+            tree.update({entry.path: entry for entry in files})
             if head is not None and _same_tree(self._files(db, repo, head), tree):
                 return head
             return self._record_commit(db, repo, branch, parent, tree, title, "", author)

@@ -12,7 +12,8 @@ from quiver.errors import InvalidInputError
 
 # The Hub's rule: letters, digits, '-', '_', '.'; at most 96; no '-' or '.' first or last.
 _NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
-_REF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Git's rules for a branch or tag name (git check-ref-format), as the Hub applies them.
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|//|@\{|^[/.-]|[/.]$|\.lock$|/\.")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME_HINT = "use letters, digits, '-', '_' and '.', not starting or ending with '-' or '.'"
@@ -40,7 +41,9 @@ def check_repo_id(repo_id: str) -> str:
     namespace, _, name = repo_id.partition("/") if isinstance(repo_id, str) else ("", "", "")
     if not (is_name(namespace) and is_name(name)):
         raise InvalidInputError(
-            f"invalid repo id {repo_id!r}", hint=f"use 'namespace/name'; {_NAME_HINT}"
+            f"invalid repo id {repo_id!r}",
+            hint=f"use 'namespace/name'; {_NAME_HINT}",
+            repo_id=repo_id if isinstance(repo_id, str) else None,
         )
     return repo_id
 
@@ -54,19 +57,23 @@ def is_sha256(value: str) -> bool:
     return bool(_SHA256.match(value))
 
 
-def check_ref_name(value: str) -> str:
-    """Refuse names git refuses, and names shaped like a commit sha: such a ref would shadow the
-    commit it looks like, and every commit must stay addressable by its sha."""
-    if not _REF_NAME.match(value) or ".." in value or value.endswith((".", ".lock")):
+def check_ref_name(name: str, what: str = "branch or tag") -> str:
+    """Refuse a branch or tag name git (and so the Hub) would refuse, and one shaped like a
+    commit sha: it would shadow the commit it looks like, which must stay addressable."""
+    if not isinstance(name, str) or not name or name == "@" or _BAD_REF.search(name):
         raise InvalidInputError(
-            f"invalid branch or tag name {value!r}", hint="use letters, digits, '-', '_', '.'"
+            f"invalid {what} name {name!r}",
+            hint="use letters, digits, '-', '_', '.' and '/' (no spaces, '..', '~', '^', ':', "
+            "'?', '*', '[' or '\\'; not starting with '-', '.' or '/')",
+            revision=name if isinstance(name, str) else None,
         )
-    if is_sha(value.lower()):
+    if is_sha(name.lower()):
         raise InvalidInputError(
-            f"invalid branch or tag name {value!r}: it looks like a commit sha",
+            f"invalid {what} name {name!r}: it looks like a commit sha",
             hint="pick a name that is not 40 hexadecimal digits",
+            revision=name,
         )
-    return value
+    return name
 
 
 def check_path(path: str) -> str:
