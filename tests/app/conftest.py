@@ -1,9 +1,9 @@
-"""The app's fixtures: the demo library in this test session's local store, and one engine on it
-per module (tiny model, loaded in well under a second)."""
+"""The app's fixtures: the demo library in this test session's local store; per module, one engine
+on it (tiny model, loaded in well under a second) and the app served on 127.0.0.1 around it."""
 
 import pytest
 
-from quiver.app import ChatEngine, ensure_demo_library
+from quiver.app import ChatEngine, ensure_demo_library, serve
 from quiver.registry import LocalRegistry
 
 
@@ -20,3 +20,11 @@ def engine(local_registry):
     from quiver.app.demo import DEMO_LIBRARY
 
     return ChatEngine(local_registry, DEMO_LIBRARY)
+
+
+@pytest.fixture(scope="module")
+def app(engine):
+    """The app on a free port of 127.0.0.1; ``app.local_url`` is its address."""
+    served = serve(engine=engine)
+    yield served
+    served.close()

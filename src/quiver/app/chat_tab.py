@@ -65,7 +65,7 @@ class ChatTab:
         for pane in self.panes:
             controls = pane.controls
             updates[controls.expert] = gr.update(choices=names, value=names[0] if names else None)
-            updates[controls.top_k] = gr.update(maximum=max(1, len(names)))
+            updates[controls.top_k] = gr.update(**_top_k_range(len(names)))
         return updates
 
     @property
@@ -73,33 +73,49 @@ class ChatTab:
         return [self.info] + [c for p in self.panes for c in (p.controls.expert, p.controls.top_k)]
 
 
-def _strategy_controls(engine: ChatEngine, title: str, default: str) -> StrategyControls:
+def _top_k_range(experts: int) -> dict:
+    """Top-k from 1 to the number of experts (a slider needs two values to slide between)."""
+    return dict(maximum=max(2, experts), value=min(2, max(1, experts)))
+
+
+def _options_shown(strategy: str) -> tuple[bool, bool, bool, bool]:
+    """Which of top-k, router temperature, mixing and expert ``strategy`` uses."""
+    arrow = strategy == "arrow"
+    return arrow, arrow, strategy in ("arrow", "uniform"), strategy == "single"
+
+
+def _strategy_controls(engine: ChatEngine, title: str, default: str, key: str) -> StrategyControls:
     count = len(engine.expert_names)
+    shown = _options_shown(default)
     with gr.Group():
         name = gr.Radio(
-            [(label, key) for key, label in STRATEGIES.items()], value=default, label=title
+            [(label, name) for name, label in STRATEGIES.items()],
+            value=default,
+            label=title,
+            elem_id=f"strategy-{key}",
         )
         with gr.Row():
-            top_k = gr.Slider(1, max(1, count), value=min(2, max(1, count)), step=1, label="Top-k")
-            temperature = gr.Slider(0.05, 5.0, value=1.0, step=0.05, label="Router temperature")
+            top_k = gr.Slider(
+                minimum=1, step=1, label="Top-k", visible=shown[0], **_top_k_range(count)
+            )
+            temperature = gr.Slider(
+                0.05, 5.0, value=1.0, step=0.05, label="Router temperature", visible=shown[1]
+            )
         mixing = gr.Radio(
             [("Mix outputs", "outputs"), ("Mix parameters", "parameters")],
             value="outputs",
             label="Mixing",
+            visible=shown[2],
         )
         expert = gr.Dropdown(
             engine.expert_names,
             value=engine.expert_names[0] if count else None,
             label="Expert",
-            visible=default == "single",
+            visible=shown[3],
+            elem_id=f"expert-{key}",
         )
     name.change(
-        lambda chosen: [
-            gr.update(visible=chosen == "arrow"),
-            gr.update(visible=chosen == "arrow"),
-            gr.update(visible=chosen in ("arrow", "uniform")),
-            gr.update(visible=chosen == "single"),
-        ],
+        lambda chosen: [gr.update(visible=shown) for shown in _options_shown(chosen)],
         name,
         [top_k, temperature, mixing, expert],
         queue=False,
@@ -139,12 +155,12 @@ def chat_tab(engine: ChatEngine, concurrency: int) -> ChatTab:
         _, *pane_a = _answer_column("Answer", "a", True)
         second_answer, *pane_b = _answer_column("Second strategy", "b", False)
         with gr.Column(scale=2):
-            controls_a = _strategy_controls(engine, "Strategy", "arrow")
+            controls_a = _strategy_controls(engine, "Strategy", "arrow", "a")
             side_by_side = gr.Checkbox(
                 label="Side by side: answer with a second strategy too", elem_id="side-by-side"
             )
             with gr.Column(visible=False) as second_controls:
-                controls_b = _strategy_controls(engine, "Second strategy", "base")
+                controls_b = _strategy_controls(engine, "Second strategy", "base", "b")
             with gr.Accordion("Generation", open=False):
                 max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
                 temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)")

@@ -31,13 +31,12 @@ def _as_gradio_errors() -> Iterator[None]:
         raise
     except QuiverError as error:
         raise gr.Error(
-            html.escape(str(error)), title=_title(type(error)), print_exception=False
+            html.escape(str(error), quote=False), title=_title(type(error)), print_exception=False
         ) from error
     except Exception as error:  # a bug of ours: log it whole, show the user one line
         logger.exception("unexpected error in the app")
-        raise gr.Error(
-            html.escape(f"unexpected {type(error).__name__}: {error}"), print_exception=False
-        ) from error
+        message = html.escape(f"unexpected {type(error).__name__}: {error}", quote=False)
+        raise gr.Error(message, print_exception=False) from error
 
 
 def readable_errors(fn: Callable) -> Callable:

@@ -20,7 +20,7 @@ def compose(
     are the same registry, copied in otherwise). Every expert is pulled and checked against the
     first before anything is written."""
     if not expert_ids:
-        raise InvalidInputError("no experts chosen", hint="tick the experts to compose from")
+        raise InvalidInputError("no experts chosen", hint="choose the experts to compose from")
     experts = [source.pull(expert_id) for expert_id in expert_ids]
     first = experts[0].card
     for expert in experts[1:]:

@@ -37,7 +37,7 @@ def _view(library: Library) -> tuple:
 def library_tab(engine: ChatEngine, registries: RegistryTab, chat: ChatTab) -> None:
     gr.Markdown(
         "Open a library from the registry chosen in the Registry tab, or compose one from the "
-        "experts ticked there."
+        "experts chosen there."
     )
     with gr.Row():
         repo = gr.Textbox(label="Library", placeholder="namespace/name", scale=3)
@@ -50,11 +50,11 @@ def library_tab(engine: ChatEngine, registries: RegistryTab, chat: ChatTab) -> N
                 [LOCAL, "the registry of the Registry tab"], value=LOCAL, label="Create it in"
             )
         description = gr.Textbox(label="Description")
-        compose_button = gr.Button("Compose from the ticked experts")
+        compose_button = gr.Button("Compose from the chosen experts")
     summary = gr.Markdown()
     with gr.Row():
         experts = gr.Dataframe(headers=EXPERT_COLUMNS, interactive=False, label="Experts")
-        similarity = gr.Plot(label="Similarity")
+        similarity = gr.Plot(show_label=False)
     gr.Markdown(MBC_PENDING)
     with gr.Row():
         prototypes_button = gr.Button("Compute and store Arrow prototypes")

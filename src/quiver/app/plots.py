@@ -72,7 +72,8 @@ def similarity_figure(names: Sequence[str], similarity: Sequence[Sequence[float]
     if len(names) <= 12:
         for i, row in enumerate(similarity):
             for j, value in enumerate(row):
-                axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+                shown = f"{value:.2f}".replace("-0.00", "0.00")
+                axes.text(j, i, shown, ha="center", va="center", fontsize=7)
     axes.set_title("similarity of the experts' weight updates (cosine)", fontsize=10)
     figure.colorbar(image, ax=axes, fraction=0.04)
     return figure

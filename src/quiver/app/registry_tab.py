@@ -22,7 +22,7 @@ def registry_of(spec: str, token: str) -> Registry:
 class RegistryTab:
     spec: gr.Textbox
     token: gr.Textbox
-    chosen: gr.CheckboxGroup  # experts ticked for composing a library
+    chosen: gr.Dropdown  # experts chosen for composing a library
 
 
 def registry_tab(default_spec: str | None) -> RegistryTab:
@@ -41,7 +41,13 @@ def registry_tab(default_spec: str | None) -> RegistryTab:
         )
     search = gr.Button("Search", variant="primary")
     results = gr.Dataframe(headers=SEARCH_COLUMNS, interactive=False, label="Results")
-    chosen = gr.CheckboxGroup([], label="Experts to compose a library from (Library tab)")
+    chosen = gr.Dropdown(
+        [],
+        multiselect=True,
+        allow_custom_value=True,
+        label="Experts to compose a library from (Library tab)",
+        info="Pick from the results, or type repo ids.",
+    )
     with gr.Row():
         repo = gr.Textbox(label="Repo", placeholder="namespace/name, or pick a row above", scale=3)
         show = gr.Button("Show card", scale=1)
