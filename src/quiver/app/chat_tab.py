@@ -13,7 +13,7 @@ from quiver.app.engine import STRATEGIES, ChatEngine, GenerationSettings, Strate
 from quiver.app.errors import readable_errors
 from quiver.app.plots import MEAN, layer_choices, routing_figure, routing_summary
 
-FRAME_SECONDS = 0.05  # while an answer streams, the page is redrawn at most 20 times a second
+FRAME_SECONDS = 0.05  # a streaming answer is sent at most 20 times a second (page and API)
 MODEL = "model"  # the concurrency group of every event that uses the shared model
 
 
@@ -249,12 +249,13 @@ def _chat_endpoint(engine: ChatEngine, concurrency: int) -> None:
         top_p: float = 1.0,
         history: list | None = None,
     ) -> Iterator[tuple[str, dict]]:
-        """Answer a message with the routed model, streamed token by token. Each update is
-        [answer so far, routing]; routing is null until the answer is complete, then
-        {experts, tokens, mean: [token][expert], layers: {layer: [token][expert]}}."""
+        """Answer a message with the routed model, streamed as it is written (at most 20 updates
+        a second). Each update is [answer so far, routing]; routing is null until the answer is
+        complete, then {experts, tokens, mean: [token][expert], layers: {layer: [token][expert]}}.
+        """
         spec = _spec(strategy, top_k, router_temperature, mixing, expert)
         settings = GenerationSettings(max_new_tokens, temperature, top_p)
-        for text, routing in engine.stream(message, history or [], spec, settings):
+        for text, routing in _frames(engine.stream(message, history or [], spec, settings)):
             yield text, routing.to_dict() if routing else None
 
     gr.api(chat, api_name="chat", concurrency_limit=concurrency, concurrency_id=MODEL)
