@@ -119,6 +119,16 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_a_space_keeps_visitors_out_of_its_disk(client, local_registry, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPACE_ID", "acme/quiver")
+    search = ("", "", "", "", "expert")  # base model, task, tag, text, kind
+
+    with pytest.raises(AppError, match="is a folder, and this app runs on a shared Space"):
+        client.predict(str(tmp_path), "", *search, api_name="/search")
+    assert not any(tmp_path.iterdir())  # nothing was created there
+    assert client.predict(local_registry.location, "", *search, api_name="/search")[0]["data"]
+
+
 def test_errors_come_back_as_readable_messages(client, local_registry, hub_server, tmp_path):
     def refused(*args, api_name):
         with pytest.raises(AppError) as caught:

@@ -112,12 +112,13 @@ def library_markdown(library: Library) -> str:
     return "\n".join(lines)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    raise AssertionError("unreachable")
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
 
 
 def pull_expert(registry: Registry, repo_id: str) -> tuple[Expert, str, list[list[str]]]:

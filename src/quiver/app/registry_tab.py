@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import gradio as gr
 
 from quiver.app.browse import FILE_COLUMNS, SEARCH_COLUMNS, card_markdown, pull_expert, search_rows
 from quiver.app.errors import readable_errors
-from quiver.registry import Registry, open_registry
+from quiver.errors import InvalidInputError
+from quiver.registry import LocalRegistry, Registry, open_registry
 
 REGISTRY_INFO = "Empty: the local store ($QUIVER_HOME). Or 'hf', a Hub URL, a folder."
 
 
 def registry_of(spec: str, token: str) -> Registry:
-    """The registry a session chose (a Registry object is cheap: no request is made here)."""
-    return open_registry(spec.strip() or None, token=token.strip() or None)
+    """The registry a session chose (a Registry object is cheap: no request is made here). On a
+    shared Space, visitors may not open folders of the server's disk as registries."""
+    spec = spec.strip()
+    is_folder = spec and spec != "hf" and not spec.startswith(("http://", "https://"))
+    if is_folder and spec != LocalRegistry().location and os.environ.get("SPACE_ID"):
+        raise InvalidInputError(
+            f"{spec!r} is a folder, and this app runs on a shared Space",
+            hint="use 'hf', a Hub URL, or leave it empty for the Space's own store",
+        )
+    return open_registry(spec or None, token=token.strip() or None)
 
 
 @dataclass
