@@ -97,3 +97,14 @@ def test_the_per_layer_view_redraws_the_picture(page):
     )
 
     page.screenshot(path=ARTIFACTS / "chat-layer-0.png", full_page=True)
+
+
+def test_a_refused_prompt_is_explained_and_kept(page):
+    too_long = "x" * 600
+    send(page, too_long)
+
+    page.get_by_text("reads at most 512").first.wait_for()
+
+    assert page.locator("#message textarea").input_value() == too_long
+    page.wait_for_timeout(1000)  # let the toast finish fading in
+    page.screenshot(path=ARTIFACTS / "chat-error.png")

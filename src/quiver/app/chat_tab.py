@@ -183,22 +183,18 @@ def chat_tab(engine: ChatEngine, concurrency: int) -> ChatTab:
     def respond(message_text, history_a, history_b, both, *values):
         strategies = [_spec(*values[:5]), _spec(*values[5:10])][: 2 if both else 1]
         settings = GenerationSettings(int(values[10]), float(values[11]), float(values[12]))
-        yield {message: ""}
+        user = {"role": "user", "content": message_text}
         for pane, strategy, before in zip(panes, strategies, (history_a, history_b), strict=False):
-            user = {"role": "user", "content": message_text}
             stream = engine.stream(message_text, before or [], strategy, settings)
             for text, routing in _frames(stream):
                 history = [*(before or []), user, {"role": "assistant", "content": text}]
-                if routing is None:
-                    yield {pane.chatbot: history}
-                    continue
-                yield {
-                    pane.chatbot: history,
-                    pane.figure: routing_figure(routing, MEAN, strategy.label),
-                    pane.summary: routing_summary(routing),
-                    pane.routing: (strategy.label, routing),
-                    pane.view: gr.update(choices=layer_choices(routing), value=MEAN),
-                }
+                update = {message: "", pane.chatbot: history}  # the message stays if refused
+                if routing is not None:
+                    update[pane.figure] = routing_figure(routing, MEAN, strategy.label)
+                    update[pane.summary] = routing_summary(routing)
+                    update[pane.routing] = (strategy.label, routing)
+                    update[pane.view] = gr.update(choices=layer_choices(routing), value=MEAN)
+                yield update
 
     inputs = [message, panes[0].chatbot, panes[1].chatbot, side_by_side, *controls_a.inputs]
     inputs += [*controls_b.inputs, max_new_tokens, temperature, top_p]
@@ -211,6 +207,7 @@ def chat_tab(engine: ChatEngine, concurrency: int) -> ChatTab:
             api_visibility="private",
             concurrency_limit=concurrency,
             concurrency_id=MODEL,
+            show_progress="hidden",  # the streaming answer shows progress; errors come as a toast
         )
 
     def redraw(shown, view):

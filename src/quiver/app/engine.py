@@ -307,10 +307,9 @@ class ChatEngine:
     ) -> Iterator[tuple[str, TokenRouting | None]]:
         """Yield the answer so far whenever new tokens are ready (after every token while the
         reader keeps up, several at once when it lags), then the whole answer with its routing."""
-        input_ids, max_new_tokens = self.prompt_ids(message, history, settings.max_new_tokens)
         out: queue.Queue = queue.Queue()
         stop = threading.Event()
-        job = (input_ids, strategy, settings.generate_kwargs(max_new_tokens), out, stop)
+        job = (message, list(history), strategy, settings, out, stop)
         threading.Thread(target=self._generate, args=job, daemon=True).start()
         ids: list[int] = []
         try:
@@ -332,12 +331,16 @@ class ChatEngine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _generate(self, input_ids, strategy, generate_kwargs, out, stop) -> None:
-        """The worker: owns the model while it generates one answer and records its routing."""
+    def _generate(self, message, history, strategy, settings, out, stop) -> None:
+        """The worker: owns the model (and its tokenizer, which a library swap may replace) while
+        it reads the chat, generates one answer and records its routing."""
         try:
             with self._lock:
                 if stop.is_set():
                     return
+                input_ids, max_new_tokens = self.prompt_ids(
+                    message, history, settings.max_new_tokens
+                )
                 model = self._use(strategy)
                 tracing = model.trace() if isinstance(model, RoutedModel) else nullcontext()
                 with tracing as trace:
@@ -347,7 +350,7 @@ class ChatEngine:
                         streamer=_TokenQueue(out),
                         stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
                         pad_token_id=self._pad_token_id,
-                        **generate_kwargs,
+                        **settings.generate_kwargs(max_new_tokens),
                     )
                 new = output[0, input_ids.shape[1] :].tolist()
                 tokens = [self.tokenizer.decode([token]) for token in new]
