@@ -20,7 +20,7 @@ def registry_of(spec: str, token: str) -> Registry:
     shared Space, visitors may not open folders of the server's disk as registries."""
     spec = spec.strip()
     is_folder = spec and spec != "hf" and not spec.startswith(("http://", "https://"))
-    if is_folder and spec != LocalRegistry().location and os.environ.get("SPACE_ID"):
+    if os.environ.get("SPACE_ID") and is_folder and spec != LocalRegistry().location:
         raise InvalidInputError(
             f"{spec!r} is a folder, and this app runs on a shared Space",
             hint="use 'hf', a Hub URL, or leave it empty for the Space's own store",
