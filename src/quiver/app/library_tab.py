@@ -13,7 +13,7 @@ from quiver.app.engine import ChatEngine
 from quiver.app.errors import readable_errors
 from quiver.app.libraries import compose, expert_rows, library_similarity, store_prototypes
 from quiver.app.plots import similarity_figure
-from quiver.app.registry_tab import REGISTRY_INFO, RegistryTab, registry_of
+from quiver.app.registry_tab import REGISTRY_INFO, TQDM, RegistryTab, registry_of
 from quiver.registry import Library
 
 EXPERT_COLUMNS = ["expert", "source", "weights sha256"]
@@ -75,12 +75,12 @@ def library_tab(engine: ChatEngine, registries: RegistryTab, chat: ChatTab) -> N
         return chosen if chosen.location == where_spec else registry_of(where_spec, "")
 
     @readable_errors
-    def open_library(repo_id, spec, token):
+    def open_library(repo_id, spec, token, progress=TQDM):
         library = Library.pull(registry_of(spec, token), repo_id.strip())
         return library.registry.location, *_view(library)
 
     @readable_errors
-    def compose_library(new_id, into, text, chosen, spec, token):
+    def compose_library(new_id, into, text, chosen, spec, token, progress=TQDM):
         source = registry_of(spec, token)
         destination = registry_of("", "") if into == LOCAL else source
         library = compose(destination, new_id.strip(), source, list(chosen or []), text)
@@ -103,7 +103,7 @@ def library_tab(engine: ChatEngine, registries: RegistryTab, chat: ChatTab) -> N
         return f"Pushed **{pushed.repo_id}** @ `{pushed.commit[:10]}` to {pushed.registry.location}"
 
     @readable_errors
-    def use(repo_id, where_spec, spec, token):
+    def use(repo_id, where_spec, spec, token, progress=TQDM):
         engine.load_library(library_registry(where_spec, spec, token), repo_id.strip())
         gr.Info(f"The chat now uses {engine.library.repo_id}.")
         return chat.refresh(engine)

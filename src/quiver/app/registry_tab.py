@@ -13,6 +13,7 @@ from quiver.errors import InvalidInputError
 from quiver.registry import LocalRegistry, Registry, open_registry
 
 REGISTRY_INFO = "Empty: the local store ($QUIVER_HOME). Or 'hf', a Hub URL, a folder."
+TQDM = gr.Progress(track_tqdm=True)  # a handler's default: pulls show their progress in the page
 
 
 def registry_of(spec: str, token: str) -> Registry:
@@ -85,7 +86,7 @@ def registry_tab(default_spec: str | None) -> RegistryTab:
         return event.row_value[0]
 
     @readable_errors
-    def pull_files(spec_value, token_value, repo_id):
+    def pull_files(spec_value, token_value, repo_id, progress=TQDM):
         _, text, rows = pull_expert(registry_of(spec_value, token_value), repo_id)
         return text, rows
 
