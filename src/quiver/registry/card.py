@@ -62,18 +62,6 @@ def parse_card(text: str) -> ModelCard:
         ) from error
 
 
-def hub_tags(metadata: dict[str, Any]) -> list[str]:
-    """The tags the Hub derives from a card's front matter (what its ``filter=`` matches)."""
-    tags = list(metadata.get("tags") or [])
-    if metadata.get("library_name"):
-        tags.append(metadata["library_name"])
-    if metadata.get("license"):
-        tags.append(f"license:{metadata['license']}")
-    tags += [f"dataset:{name}" for name in _as_list(metadata.get("datasets"))]
-    tags += [base_model_tag(name) for name in _as_list(metadata.get("base_model"))]
-    return list(dict.fromkeys(tags))
-
-
 def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -99,6 +87,10 @@ class ExpertCard:
     tasks: list[str] = field(default_factory=list)
     examples: int | None = None
     steps: int | None = None
+    epochs: float | None = None
+    train_loss: float | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    merged_from: list[str] = field(default_factory=list)  # a merge of these experts, not trained
     library: str | None = None
     hashes: dict[str, str] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
@@ -147,6 +139,10 @@ class ExpertCard:
         card.tasks = list(tasks)
         card.examples = training.get("examples")
         card.steps = training.get("steps")
+        card.epochs = training.get("epochs")
+        card.train_loss = training.get("train_loss")
+        card.hyperparameters = dict(training.get("hyperparameters") or {})
+        card.merged_from = list(training.get("merged_from") or [])
         card.library = section.get("library")
         card.hashes = dict(hashes)
         card.datasets = _as_list(data.datasets)
@@ -167,6 +163,10 @@ class ExpertCard:
         training = {
             "examples": self.examples,
             "steps": self.steps,
+            "epochs": self.epochs,
+            "train_loss": self.train_loss,
+            "hyperparameters": self.hyperparameters or None,
+            "merged_from": self.merged_from or None,
             "rank": self.rank,
             "alpha": self.alpha,
             "target_modules": self.target_modules,
