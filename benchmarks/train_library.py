@@ -104,7 +104,7 @@ def main() -> None:
                 assert not failed, failed
                 hashes[label] = [r.sha256 for r in results]
                 if run:
-                    times[backend].append(elapsed)
+                    times[label].append(elapsed)
         ray.shutdown()
 
     medians = {label: statistics.median(runs) for label, runs in times.items()}

@@ -90,7 +90,7 @@ def train(
         f"final loss {card.train_loss:.4f}" + (f", {metrics}" if metrics else "")
     )
     if push:
-        target = registry_from(registry, token)
+        target = registry_from(registry, token, create=True)
         published = target.push(expert, push)
         err_console.print(f"Pushed {push}@{published.commit[:10]} to {target.location}")
     print(expert.path)
@@ -184,7 +184,7 @@ def library_build_mbc(
     from quiver.registry import Library
     from quiver.training import build_mbc_library
 
-    target = registry_from(registry, token)
+    target = registry_from(registry, token, create=True)
     library = Library.pull(registry_from(source, token) if source else target, repo_id)
     config = _config(rank, alpha, learning_rate, epochs, max_steps, batch_size, init_seed)
     built = build_mbc_library(
