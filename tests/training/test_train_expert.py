@@ -188,3 +188,31 @@ def test_other_bad_input_is_refused_before_training(model, tokenizer, tmp_path):
     chat = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
     with pytest.raises(TrainingError, match="the tokenizer has no chat template"):
         train_expert(model, chat, task="t", tokenizer=plain)
+
+
+def test_a_bf16_base_trains_and_its_expert_loads(tokenizer):
+    model = tiny_model("llama", seed=0, dtype=torch.bfloat16)
+    expert = train_expert(model, pairs("upper"), task="upper", config=FAST, tokenizer=tokenizer)
+    assert {t.dtype for t in _weights(expert).values()} == {torch.float32}  # PEFT's adapter dtype
+    assert next(model.parameters()).dtype == torch.bfloat16
+    base_loss = evaluate(model, tokenizer, pairs("upper"))["loss"]
+    loaded = PeftModel.from_pretrained(model, expert.path)
+    assert evaluate(loaded, tokenizer, pairs("upper"))["loss"] < base_loss
+
+
+def test_training_can_continue_from_an_adapter(model, tokenizer):
+    """ELREA's cluster experts start from the base adapter: ``init_adapter`` does that."""
+    first = train_expert(model, pairs("upper"), task="upper", config=FAST, tokenizer=tokenizer)
+    tiny_step = TrainConfig(dropout=0.0, learning_rate=1e-7, max_steps=1, batch_size=8)
+    fresh = train_expert(
+        model, pairs("reverse"), task="reverse", config=tiny_step, tokenizer=tokenizer
+    )
+    continued = train_expert(
+        model, pairs("reverse"), task="reverse", tokenizer=tokenizer,
+        config=TrainConfig(**{**vars(tiny_step), "init_adapter": str(first.path)}),
+    )  # fmt: skip
+    start, fresh, continued = _weights(first), _weights(fresh), _weights(continued)
+    b_key = next(key for key in start if "lora_B" in key)
+    assert fresh[b_key].abs().max() < 1e-5  # a fresh LoRA starts with B = 0
+    for key, tensor in start.items():
+        torch.testing.assert_close(continued[key], tensor, atol=1e-5, rtol=0)
