@@ -61,7 +61,6 @@ class TrainConfig:
     max_length: int | None = None  # default: the model's context
     use_rslora: bool = False
     init_seed: int = 0  # the LoRA init; one per library by default
-    init_adapter: str | None = None  # continue from this LoRA folder (rank, alpha, targets: its)
     num_threads: int | None = None  # torch CPU threads while training (None: leave as is)
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainingArguments
 
@@ -184,10 +183,9 @@ def target_module_names(model: Any, target_modules: str | list[str]) -> list[str
 
 @contextlib.contextmanager
 def lora_attached(model: Any, config: TrainConfig) -> Iterator[Any]:
-    """Wrap ``model`` in a fresh LoRA (initialised from ``config.init_seed``), or a copy of
-    ``config.init_adapter`` to continue training, for the block, then take it off again: the
-    caller's model leaves as it came (no adapter, same flags)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    """Wrap ``model`` in a fresh LoRA (initialised from ``config.init_seed``) for the block, then
+    take it off again: the caller's model leaves as it came (no adapter, same flags)."""
+    from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
         r=config.rank,
@@ -201,10 +199,7 @@ def lora_attached(model: Any, config: TrainConfig) -> Iterator[Any]:
     was_training = model.training
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed)
-        if config.init_adapter is not None:
-            peft_model = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
-        else:
-            peft_model = get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora)
     try:
         yield peft_model
     finally:
