@@ -12,8 +12,9 @@ number of experts, in ``expert_names`` order:
   averaged over layers: in ``generate`` the prompt's pass, then one pass per new token, so step
   ``i`` is the routing that produced generated token ``i``. ``trace.step_layer_weights()``: the
   same per layer, ``{layer: [batch, steps, E]}``.
-- ``trace.choices``: sequence-level Arrow's choice of each call (``SequenceChoice``: per row the
-  experts' indices and weights).
+- ``trace.choices``: the per-sequence choice of each call (sequence-level Arrow's
+  ``SequenceChoice``: per row the experts' indices and weights); ``trace.sequence_weights(row)``
+  reads them as ``{expert: weight}``.
 - ``trace.to_dict(row)``: all of it for one batch row as nested lists, ready for JSON or a
   heatmap.
 
@@ -22,17 +23,23 @@ prompt (including padding), then one position per decoding step (every generated
 last, which no forward pass reads). A trace can be read while a generation runs in another
 thread (a streamed chat): every view covers the ``trace.steps`` forward calls that all modules
 have finished.
+
+Recording is cheap, as it runs at every routed module on every token: a module's choice is kept as
+it came (``index, weights [N, k]``, on the model's device: no copy, no device sync). The dense
+``[.., E]`` views are built when read, one scatter per module.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
+from torch.nn import functional as F
 
-from quiver.routing.context import SequenceChoice
+from quiver.routing.context import SequenceChoice, batch_rows
 
 _LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -43,21 +50,35 @@ def layer_of(module: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+class _Call(NamedTuple):
+    """One module's choice in one forward call: ``index, weights [N, k]`` for the
+    ``N = prod(batch_shape)`` tokens, as the mixer returned them."""
+
+    batch_shape: torch.Size
+    index: torch.Tensor
+    weights: torch.Tensor
+
+    def rows(self, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``index, weights [batch, tokens, k]`` (only the last position with ``last``)."""
+        rows = batch_rows(self.batch_shape)
+        index = self.index.reshape(rows, -1, self.index.shape[-1])
+        weights = self.weights.reshape(rows, -1, self.weights.shape[-1])
+        return (index[:, -1:], weights[:, -1:]) if last else (index, weights)
+
+
 class RoutingTrace:
     """Filled by a routed model inside ``with routed.trace() as trace:``."""
 
     def __init__(self, expert_names: tuple[str, ...]) -> None:
         self.expert_names = expert_names
         self.choices: list[SequenceChoice] = []
-        self._calls: dict[str, list[torch.Tensor]] = {}  # per module: [batch, tokens, E] a call
+        self._calls: dict[str, list[_Call]] = {}  # per module, one entry per forward call
 
     def record(
         self, module: str, shape: torch.Size, index: torch.Tensor, weights: torch.Tensor
     ) -> None:
-        dense = torch.zeros(index.shape[0], len(self.expert_names))
-        dense.scatter_(1, index.detach().cpu(), weights.detach().float().cpu())
-        batch_shape = shape if len(shape) > 1 else (1, *shape)
-        self._calls.setdefault(module, []).append(dense.view(*batch_shape, -1))
+        """Keep ``module``'s choice ``index, weights [N, k]`` for tokens of ``shape`` as is."""
+        self._calls.setdefault(module, []).append(_Call(shape, index.detach(), weights.detach()))
 
     def record_choice(self, choice: SequenceChoice) -> None:
         self.choices.append(choice)
@@ -72,13 +93,13 @@ class RoutingTrace:
         return min((len(calls) for calls in list(self._calls.values())), default=0)
 
     def module_weights(self, module: str) -> torch.Tensor:
-        return torch.cat(self._calls[module][: self.steps], dim=1)
+        return self._dense(self._calls[module][: self.steps], last=False)
 
     def layer_weights(self) -> dict[int, torch.Tensor]:
-        return self._by_layer(lambda calls: torch.cat(calls, dim=1))
+        return self._by_layer(lambda calls: self._dense(calls, last=False))
 
     def step_layer_weights(self) -> dict[int, torch.Tensor]:
-        return self._by_layer(lambda calls: torch.stack([call[:, -1] for call in calls], dim=1))
+        return self._by_layer(lambda calls: self._dense(calls, last=True))
 
     def step_weights(self) -> torch.Tensor:
         layers = list(self.step_layer_weights().values())
@@ -86,7 +107,17 @@ class RoutingTrace:
             return torch.zeros(0, 0, len(self.expert_names))
         return torch.stack(layers).mean(0)
 
-    def _by_layer(self, per_module: Callable[[list[torch.Tensor]], torch.Tensor]) -> dict:
+    def _dense(self, calls: Sequence[_Call], *, last: bool) -> torch.Tensor:
+        """``[batch, positions, E]`` weights of ``calls``, concatenated along the positions: all
+        the choices are moved to the CPU at once and scattered into dense rows there."""
+        chosen = [call.rows(last) for call in calls]
+        k = max(index.shape[-1] for index, _ in chosen)
+        index = torch.cat([F.pad(i, (0, k - i.shape[-1])) for i, _ in chosen], dim=1)
+        weights = torch.cat([F.pad(w.float(), (0, k - w.shape[-1])) for _, w in chosen], dim=1)
+        dense = torch.zeros(*index.shape[:2], len(self.expert_names))
+        return dense.scatter_add_(2, index.cpu(), weights.cpu())  # padding adds weight 0
+
+    def _by_layer(self, per_module: Callable[[list[_Call]], torch.Tensor]) -> dict:
         steps, by_layer = self.steps, defaultdict(list)
         if not steps:
             return {}
@@ -94,13 +125,19 @@ class RoutingTrace:
             by_layer[layer_of(module)].append(per_module(calls[:steps]))
         return {layer: torch.stack(ws).mean(0) for layer, ws in sorted(by_layer.items())}
 
+    def sequence_weights(self, row: int = 0) -> list[dict[str, float]]:
+        """For each call with a per-sequence choice, the experts batch row ``row`` used for its
+        whole sequence, as ``{expert: weight}``."""
+        recorded = next(iter(list(self._calls.values())), None)
+        batch = batch_rows(recorded[0].batch_shape) if recorded else 1
+        return [self._chosen(choice, row, batch) for choice in self.choices]
+
     def to_dict(self, row: int = 0) -> dict:
         """One batch row: ``layers`` (per layer, per position), ``steps`` (per forward call,
         mean over layers), ``step_layers`` (the same per layer) as ``[..][E]`` lists; and for
         sequence-level Arrow, ``sequence``: the experts each call chose for the row, with
         weights."""
         steps = self.step_weights()  # [batch, steps, E]
-        batch = max(len(steps), 1)
         return {
             "experts": list(self.expert_names),
             "layers": {str(layer): w[row].tolist() for layer, w in self.layer_weights().items()},
@@ -108,7 +145,7 @@ class RoutingTrace:
             "step_layers": {
                 str(layer): w[row].tolist() for layer, w in self.step_layer_weights().items()
             },
-            "sequence": [self._chosen(choice, row, batch) for choice in self.choices],
+            "sequence": self.sequence_weights(row),
         }
 
     def _chosen(self, choice: SequenceChoice, row: int, batch: int) -> dict[str, float]:
