@@ -1,6 +1,9 @@
 """The app served on 127.0.0.1, driven through gradio_client as any API user would."""
 
+import itertools
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -49,24 +52,44 @@ def test_predict_returns_the_final_answer(client):
     assert all(row == [0.0, 1.0, 0.0, 0.0] for row in routing["mean"])
 
 
-def test_two_chats_at_once_each_get_their_own_routing(client):
-    alone = {
-        strategy: chat(client, "Same prompt", strategy, 2, expert="dune")[-1]
-        for strategy in ("arrow", "single")
-    }
+def test_chats_at_once_run_side_by_side_each_with_its_own_answer_and_routing(client):
+    """Two chats with different strategies (the app's queue runs two at a time): the answers and
+    routings each would get alone, streamed at the same time (updates of each arrive while the
+    other is streaming)."""
+    asked = {"arrow": dict(top_k=2), "single": dict(expert="dune")}
 
-    jobs = {
-        strategy: client.submit("Same prompt", strategy, 2, expert="dune", api_name="/chat")
-        for strategy in ("arrow", "single", "arrow", "single")
-    }
-    together = {strategy: job.result(timeout=TIMEOUT) for strategy, job in jobs.items()}
+    def run(strategy):
+        job = client.submit(
+            "Same prompt", strategy, max_new_tokens=160, api_name="/chat", **asked[strategy]
+        )
+        arrivals = [time.monotonic() for _ in job]
+        return job.outputs()[-1], arrivals
 
-    for strategy, (text, routing) in together.items():
-        assert text == alone[strategy][0]
-        assert routing == alone[strategy][1]
+    alone = {strategy: run(strategy)[0] for strategy in asked}
+    with ThreadPoolExecutor(len(asked)) as pool:
+        together = dict(zip(asked, pool.map(run, asked), strict=True))
+
+    for strategy, (final, _) in together.items():
+        assert final == alone[strategy]
     dune = DEMO_EXPERTS.index("dune")
-    assert all(row[dune] == 1.0 for row in together["single"][1]["mean"])
-    assert any(row[dune] < 1.0 for row in together["arrow"][1]["mean"])
+    assert all(row[dune] == 1.0 for row in together["single"][0][1]["mean"])
+    assert any(row[dune] < 1.0 for row in together["arrow"][0][1]["mean"])
+    for (_, mine), (_, other) in itertools.permutations(together.values(), 2):
+        assert len(mine) > 3
+        assert any(other[0] < arrival < other[-1] for arrival in mine)
+
+
+def test_arrow_per_sequence_routes_the_whole_answer_once(client):
+    _, routing = client.predict(
+        "Hello", "arrow", 2, 0.5, granularity="sequence", max_new_tokens=16, api_name="/chat"
+    )
+
+    sequence = torch.tensor(routing["sequence"])
+    assert (sequence > 0).sum() == 2
+    torch.testing.assert_close(sequence.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(torch.tensor(routing["mean"]), sequence.expand(16, -1))
+    _, per_token = client.predict("Hello", "arrow", 2, 0.5, max_new_tokens=16, api_name="/chat")
+    assert per_token["sequence"] is None
 
 
 def test_search_card_and_pull(client):
@@ -91,17 +114,21 @@ def test_search_card_and_pull(client):
 
 def test_compose_prototypes_and_chat_with_the_new_library(client, engine):
     chosen = ["quiver-demo/cobalt", "quiver-demo/amber"]
-    repo, where, summary, experts, _ = client.predict(
+    repo, where, summary, experts, _, clusters = client.predict(
         "acme/duo", "local store", "a pair", chosen, "", "", api_name="/compose"
     )
     assert repo == "acme/duo" and "2 experts" in summary
     assert [row[0] for row in experts["data"]] == ["cobalt", "amber"]
+    assert clusters["data"] == [["cluster-0", "cobalt, amber"]]  # 2 experts: 1 cluster suggested
 
     summary = client.predict(repo, where, "", "", api_name="/store_prototypes")
     assert "arrow_prototypes" in summary
 
-    _, _, experts, similarity = client.predict(repo, "", "", api_name="/open_library")
+    _, _, experts, similarity, _ = client.predict(repo, "", "", api_name="/open_library")
     assert similarity is not None and len(experts["data"]) == 2
+    similarity, clusters = client.predict(repo, where, "", "", 2, api_name="/cluster")
+    assert similarity is not None
+    assert clusters["data"] == [["cluster-0", "cobalt"], ["cluster-1", "amber"]]
 
     try:
         info, *_ = client.predict(repo, where, "", "", api_name="/use_library")

@@ -76,6 +76,18 @@ def test_switching_the_strategy_to_one_expert(page):
     page.screenshot(path=ARTIFACTS / "chat-one-expert.png", full_page=True)
 
 
+def test_arrow_per_sequence_shows_the_weights_of_the_whole_answer(page):
+    page.click("#strategy-a input[value='arrow']")
+    page.click("#granularity-a input[value='sequence']")
+    send(page, "One choice for the whole answer")
+
+    line = wait_for_routing(page, "a", "chosen for the whole answer")
+
+    assert line.count("%") == 2  # top-2: two experts share the answer
+    page.screenshot(path=ARTIFACTS / "chat-arrow-per-sequence.png", full_page=True)
+    page.click("#granularity-a input[value='token']")
+
+
 def test_side_by_side_answers_with_two_strategies(page):
     page.click("#strategy-a input[value='arrow']")
     page.check("#side-by-side input")
@@ -97,6 +109,19 @@ def test_the_per_layer_view_redraws_the_picture(page):
     )
 
     page.screenshot(path=ARTIFACTS / "chat-layer-0.png", full_page=True)
+
+
+def test_the_library_tab_shows_the_experts_mbc_clusters(page):
+    page.get_by_role("tab", name="Library").click()
+    page.get_by_label("Library", exact=True).fill("quiver-demo/random-experts")
+    page.get_by_role("button", name="Open", exact=True).click()
+
+    page.locator("#similarity img").wait_for()
+    page.get_by_text("cluster-1").first.wait_for()
+
+    assert "cluster-0" in page.content()
+    page.screenshot(path=ARTIFACTS / "library-clusters.png", full_page=True)
+    page.get_by_role("tab", name="Chat").click()
 
 
 def test_a_refused_prompt_is_explained_and_kept(page):

@@ -4,18 +4,17 @@ import pytest
 import torch
 
 from quiver.app.demo import DEMO_BASE_MODEL, DEMO_EXPERTS, DEMO_LIBRARY
-from quiver.app.libraries import compose, expert_similarity, library_similarity, store_prototypes
-from quiver.errors import IncompatibleExpertError, InvalidInputError, NotFoundError
+from quiver.app.libraries import cluster_library, cluster_rows, compose, store_prototypes
+from quiver.errors import IncompatibleExpertError, InvalidInputError, NotFoundError, TrainingError
 from quiver.registry import Expert, Library, LocalRegistry
 from quiver.routing import compute_arrow_prototypes, load_experts, load_prototypes
 from quiver.routing.arrow import ARTIFACT_NAME
 from quiver.testing import make_random_expert, tiny_model
 
 
-def test_similarity_is_the_cosine_of_the_full_weight_updates(local_registry):
+def test_clusters_and_heat_map_come_from_the_cosine_of_the_full_weight_updates(local_registry):
     library = Library.pull(local_registry, DEMO_LIBRARY)
     experts = load_experts(library, dtype=torch.float64)
-
     dense = torch.stack(
         [
             torch.cat([(s.scaled_B()[e] @ s.A[e]).flatten() for s in experts.modules.values()])
@@ -23,10 +22,25 @@ def test_similarity_is_the_cosine_of_the_full_weight_updates(local_registry):
         ]
     )
     unit = dense / dense.norm(dim=1, keepdim=True)
-    expected = (unit @ unit.T).float()
 
-    torch.testing.assert_close(expert_similarity(experts), expected, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(library_similarity(library), expected, atol=1e-5, rtol=1e-4)
+    clustering = cluster_library(library, k=2)
+
+    assert clustering.names == tuple(DEMO_EXPERTS) and clustering.k == 2
+    torch.testing.assert_close(
+        torch.from_numpy(clustering.similarity), unit @ unit.T, atol=1e-6, rtol=1e-5
+    )
+    rows = cluster_rows(clustering)
+    assert [name for name, _ in rows] == ["cluster-0", "cluster-1"]
+    assert sorted(e for _, names in rows for e in names.split(", ")) == sorted(DEMO_EXPERTS)
+    shown = [t.get_text() for t in clustering.figure().axes[0].get_yticklabels()]
+    assert shown == [e for _, names in rows for e in names.split(", ")]  # ordered by cluster
+    assert 2 <= cluster_library(library).k <= 3  # k suggested by the silhouette
+
+    with pytest.raises(TrainingError, match="cannot make 5 clusters of 4 experts"):
+        cluster_library(library, k=5)
+    single = compose(local_registry, "acme/solo", local_registry, ["quiver-demo/amber"])
+    with pytest.raises(InvalidInputError, match="fewer than two experts: nothing to compare"):
+        cluster_library(single)
 
 
 def test_compose_references_experts_of_the_same_registry(local_registry):
