@@ -1,12 +1,14 @@
-"""The app's overhead on a chat: time to first token and tokens per second on the embedded default,
-against calling the routed model directly, side by side in one process.
+"""The app's overhead on a chat: time to first token and tokens per second on the embedded default
+(or on a bigger model), against calling the routed model directly, side by side in one process.
 
-Four ways to answer the same prompt with the same routed model (the demo library, Arrow top-2,
-greedy, so all produce the same 64 tokens):
+Four ways to answer the same prompt with the same routed model (Arrow top-2, greedy, so all
+produce the same tokens; ``--model demo`` the embedded default, ``--model llama-512`` random
+experts on a ``quiver.testing`` Llama of hidden size 512 and 6 layers, 20M parameters):
 
 - direct: ``route(model, library, Arrow(top_k=2)).generate(..., streamer=...)``, the reference;
-- direct, traced: the same inside ``routed.trace()``, the recording the routing picture needs;
-- engine: ``ChatEngine.stream`` (lock, worker thread, decoding, the routing of the answer);
+- direct, traced: the same inside ``routed.trace()``, and the per-token routing read from it (what
+  the routing picture needs);
+- engine: ``ChatEngine.stream`` (``routed.using``, worker thread, decoding, the routing);
 - app (HTTP): the app served on 127.0.0.1, its ``/chat`` endpoint called through Gradio's HTTP API
   (POST the call, read its server-sent events): queue, JSON, HTTP, what any client sees.
   (``gradio_client`` adds its own waits on top: it polls for messages every 50 ms.)
@@ -19,6 +21,7 @@ every round after a warm-up; medians are reported with their ratio to direct (go
 and the extra CPU per token each layer adds.
 
     python benchmarks/app.py --rounds 9
+    python benchmarks/app.py --model llama-512 --rounds 5
 """
 
 from __future__ import annotations
@@ -64,9 +67,11 @@ def _measure(start: float, times: list[float]) -> tuple[float, float]:
 
 
 def direct(routed, input_ids, tokens: int, *, traced: bool = False) -> tuple[float, float, int]:
+    """The routed model's own ``generate``; ``traced``: inside ``routed.trace()``, reading the
+    per-token routing the picture shows once the answer is complete."""
     clock = _Clock()
     start = time.perf_counter()
-    with routed.trace() if traced else nullcontext():
+    with routed.trace() if traced else nullcontext() as trace:
         routed.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -75,6 +80,9 @@ def direct(routed, input_ids, tokens: int, *, traced: bool = False) -> tuple[flo
             streamer=clock,
             pad_token_id=0,
         )
+    if traced:
+        trace.step_layer_weights()
+        clock.times[-1] = time.perf_counter()  # the answer is complete with its routing
     return (*_measure(start, clock.times), len(clock.times))
 
 
@@ -93,7 +101,7 @@ def app_stream(http: httpx.Client, url: str, tokens: int) -> tuple[float, float,
     events), every update timed as it arrives."""
     times, count = [], 0
     start = time.perf_counter()
-    data = [MESSAGE, "arrow", 2, 1.0, "outputs", "", tokens, 0.0, 1.0, None]
+    data = [MESSAGE, "arrow", 2, 1.0, "outputs", "token", "", tokens, 0.0, 1.0, None]
     event = http.post(f"{url}gradio_api/call/chat", json={"data": data}).json()["event_id"]
     with http.stream("GET", f"{url}gradio_api/call/chat/{event}") as events:
         for line in events.iter_lines():
@@ -112,8 +120,26 @@ def app_stream(http: httpx.Client, url: str, tokens: int) -> tuple[float, float,
     return ttft, (count - 1) / (times[-1] - times[0]), count
 
 
+def open_bench_engine(model: str, tokens: int):
+    """The engine on the embedded default, or on random experts over a bigger Llama."""
+    from quiver.app import ChatEngine, open_engine
+    from quiver.app.demo import install_random_library
+    from quiver.registry import LocalRegistry
+    from quiver.testing import tiny_model, tiny_tokenizer
+
+    if model == "demo":
+        return open_engine()  # installed into the fresh $QUIVER_HOME
+    base = tiny_model("llama", hidden=512, layers=6, heads=8, max_position_embeddings=1024)
+    base.name_or_path = "bench/llama-512"
+    base.generation_config.min_new_tokens = tokens  # a random model may end early otherwise
+    registry = LocalRegistry()
+    library = install_random_library(registry, "bench/llama-512-experts", base, tiny_tokenizer())
+    return ChatEngine(registry, library.repo_id)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("demo", "llama-512"), default="demo")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
@@ -122,11 +148,11 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     torch.set_num_threads(args.threads)
 
-    from quiver.app import GenerationSettings, StrategySpec, open_engine, serve
+    from quiver.app import GenerationSettings, StrategySpec, serve
     from quiver.routing import Arrow, route
     from quiver.routing.base_model import load_base_model
 
-    engine = open_engine()  # the embedded default, installed into the fresh $QUIVER_HOME
+    engine = open_bench_engine(args.model, args.tokens)
     app = serve(engine=engine)
     http = httpx.Client(timeout=60)
     library = engine.library
@@ -161,7 +187,7 @@ def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace
         for name, runs in results.items()
     }
     ttft0, rate0, _, cpu0 = median["direct"]
-    table = Table(title=f"Chat on the embedded default: medians of {args.rounds} rounds")
+    table = Table(title=f"Chat on {args.model}: medians of {args.rounds} rounds")
     columns = ("way", "TTFT", "/ direct", "tokens/s", "direct / ours", "CPU", "/ direct", "tokens")
     for column in columns:
         table.add_column(column, justify="right")
@@ -179,7 +205,7 @@ def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace
     Console(width=120).print(table)
     tokens = median["direct"][2]
     cpus = [median[name][3] for name in ("direct", "direct, traced", "engine", "app (HTTP)")]
-    steps = ("recording the routing", "the engine (worker thread, decoding)", "Gradio and HTTP")
+    steps = ("recording the routing", "the engine (using, thread, decoding)", "Gradio and HTTP")
     for step, before, after in zip(steps, cpus, cpus[1:], strict=False):
         print(f"extra CPU per token for {step}: {(after - before) / tokens * 1000:.2f} ms")
     print(f"direct: {cpu0 / tokens * 1000:.2f} ms CPU per token")

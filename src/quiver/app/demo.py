@@ -24,8 +24,7 @@ DEMO_BASE_MODEL = "quiver-demo/tiny-llama"
 DEMO_LIBRARY = "quiver-demo/random-experts"
 DEMO_EXPERTS = ("amber", "birch", "cobalt", "dune")
 _DESCRIPTION = (
-    "A random LoRA expert of Quiver's built-in demo (not trained: it changes the tiny random "
-    "base model's outputs, nothing more)."
+    "A random LoRA expert (not trained: it changes the base model's outputs, nothing more)."
 )
 
 
@@ -58,23 +57,43 @@ def _demo_base_model():
 
 def ensure_demo_library(registry: Registry) -> str:
     """The demo library's repo id in ``registry``, installing it (and its base model) if needed."""
-    if _installed(registry):
-        return DEMO_LIBRARY
-    model, tokenizer = _demo_base_model()
-    push_base_model(registry, DEMO_BASE_MODEL, model, tokenizer)
+    if not _installed(registry):
+        model, tokenizer = _demo_base_model()
+        install_random_library(
+            registry,
+            DEMO_LIBRARY,
+            model,
+            tokenizer,
+            description="Quiver's built-in demo: random LoRA experts on a tiny random Llama.",
+        )
+    return DEMO_LIBRARY
+
+
+def install_random_library(
+    registry: Registry,
+    library_id: str,
+    model,
+    tokenizer,
+    *,
+    experts: tuple[str, ...] = DEMO_EXPERTS,
+    rank: int = 4,
+    description: str = "",
+) -> Library:
+    """Push ``model`` (as the repo its ``name_or_path`` names), a random LoRA expert per name of
+    ``experts`` (beside the library, in its namespace) and the library of them with its Arrow
+    prototypes, written last: a library of random experts on any model, e.g. to measure the app
+    on a model of a given size."""
+    push_base_model(registry, model.name_or_path, model, tokenizer)
     library = Library.create(
-        registry,
-        DEMO_LIBRARY,
-        base_model=DEMO_BASE_MODEL,
-        description="Quiver's built-in demo: random LoRA experts on a tiny random Llama.",
+        registry, library_id, base_model=model.name_or_path, description=description
     )
+    namespace = library_id.split("/")[0]
     with tempfile.TemporaryDirectory(prefix="quiver-demo-") as scratch:
-        for seed, name in enumerate(DEMO_EXPERTS):
-            folder = make_random_expert(model, Path(scratch) / name, rank=4, seed=seed)
+        for seed, name in enumerate(experts):
+            folder = make_random_expert(model, Path(scratch) / name, rank=rank, seed=seed)
             expert = Expert.from_folder(folder, tasks=["demo"], description=_DESCRIPTION)
-            library.add(registry.push(expert, f"quiver-demo/{name}"))
+            library.add(registry.push(expert, f"{namespace}/{name}"))
         prototypes = save_prototypes(
             compute_arrow_prototypes(library), Path(scratch) / "prototypes.safetensors"
         )
-        library.add_artifact(ARTIFACT_NAME, prototypes)
-    return DEMO_LIBRARY
+        return library.add_artifact(ARTIFACT_NAME, prototypes)

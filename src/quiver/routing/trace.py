@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
 
+from quiver.errors import RoutingError
 from quiver.routing.context import SequenceChoice, batch_rows
 
 _LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -58,12 +59,30 @@ class _Call(NamedTuple):
     index: torch.Tensor
     weights: torch.Tensor
 
-    def rows(self, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``index, weights [batch, tokens, k]`` (only the last position with ``last``)."""
-        rows = batch_rows(self.batch_shape)
-        index = self.index.reshape(rows, -1, self.index.shape[-1])
-        weights = self.weights.reshape(rows, -1, self.weights.shape[-1])
-        return (index[:, -1:], weights[:, -1:]) if last else (index, weights)
+
+def _widened(choice: torch.Tensor, k: int) -> torch.Tensor:
+    """A choice of fewer than ``k`` experts padded to ``k`` (expert 0, weight 0)."""
+    return choice if choice.shape[-1] == k else F.pad(choice, (0, k - choice.shape[-1]))
+
+
+def _positions(calls: Sequence[_Call], *, last: bool) -> torch.Tensor:
+    """Where each batch row's positions are in the calls' choices concatenated: ``[rows, P]``,
+    the positions of every call in order (``P`` = all of them, or the last of each call)."""
+    rows = {batch_rows(call.batch_shape) for call in calls}
+    if len(rows) > 1:
+        raise RoutingError(
+            f"the trace recorded calls of {sorted(rows)} batch rows",
+            hint="trace calls of one batch size at a time (one `with routed.trace()` each)",
+        )
+    batch = rows.pop()
+    tokens = torch.tensor([call.index.shape[0] // batch for call in calls])
+    starts = (tokens * batch).cumsum(0) - tokens * batch  # each call's first row, flattened
+    if last:
+        call, offset = torch.arange(len(calls)), tokens - 1
+    else:
+        call = torch.repeat_interleave(torch.arange(len(calls)), tokens)
+        offset = torch.arange(len(call)) - (tokens.cumsum(0) - tokens)[call]
+    return starts[call] + torch.arange(batch)[:, None] * tokens[call] + offset
 
 
 class RoutingTrace:
@@ -93,13 +112,13 @@ class RoutingTrace:
         return min((len(calls) for calls in list(self._calls.values())), default=0)
 
     def module_weights(self, module: str) -> torch.Tensor:
-        return self._dense(self._calls[module][: self.steps], last=False)
+        return self._dense({module: self._calls[module][: self.steps]}, last=False)[module]
 
     def layer_weights(self) -> dict[int, torch.Tensor]:
-        return self._by_layer(lambda calls: self._dense(calls, last=False))
+        return self._by_layer(last=False)
 
     def step_layer_weights(self) -> dict[int, torch.Tensor]:
-        return self._by_layer(lambda calls: self._dense(calls, last=True))
+        return self._by_layer(last=True)
 
     def step_weights(self) -> torch.Tensor:
         layers = list(self.step_layer_weights().values())
@@ -107,23 +126,38 @@ class RoutingTrace:
             return torch.zeros(0, 0, len(self.expert_names))
         return torch.stack(layers).mean(0)
 
-    def _dense(self, calls: Sequence[_Call], *, last: bool) -> torch.Tensor:
-        """``[batch, positions, E]`` weights of ``calls``, concatenated along the positions: all
-        the choices are moved to the CPU at once and scattered into dense rows there."""
-        chosen = [call.rows(last) for call in calls]
-        k = max(index.shape[-1] for index, _ in chosen)
-        index = torch.cat([F.pad(i, (0, k - i.shape[-1])) for i, _ in chosen], dim=1)
-        weights = torch.cat([F.pad(w.float(), (0, k - w.shape[-1])) for _, w in chosen], dim=1)
-        dense = torch.zeros(*index.shape[:2], len(self.expert_names))
-        return dense.scatter_add_(2, index.cpu(), weights.cpu())  # padding adds weight 0
-
-    def _by_layer(self, per_module: Callable[[list[_Call]], torch.Tensor]) -> dict:
-        steps, by_layer = self.steps, defaultdict(list)
+    def _by_layer(self, *, last: bool) -> dict[int, torch.Tensor]:
+        steps = self.steps
         if not steps:
             return {}
-        for module, calls in list(self._calls.items()):
-            by_layer[layer_of(module)].append(per_module(calls[:steps]))
+        recorded = {module: calls[:steps] for module, calls in list(self._calls.items())}
+        by_layer = defaultdict(list)
+        for module, weights in self._dense(recorded, last=last).items():
+            by_layer[layer_of(module)].append(weights)
         return {layer: torch.stack(ws).mean(0) for layer, ws in sorted(by_layer.items())}
+
+    def _dense(self, recorded: dict[str, list[_Call]], *, last: bool) -> dict[str, torch.Tensor]:
+        """Each module's ``[batch, positions, E]`` weights of its calls in order (only each
+        call's last position with ``last``). Modules whose calls saw the same numbers of tokens
+        (all of a model's, usually) are done together: their choices joined and gathered at once
+        on their device, then scattered into dense rows on the CPU."""
+        alike = defaultdict(list)
+        for module, calls in recorded.items():
+            alike[tuple(call.index.shape[0] for call in calls)].append(module)
+        dense = {}
+        for modules in alike.values():
+            calls = [call for module in modules for call in recorded[module]]
+            k = max({call.index.shape[-1] for call in calls})
+            index = torch.cat([_widened(call.index, k) for call in calls])
+            weights = torch.cat([_widened(call.weights, k) for call in calls])
+            positions = _positions(recorded[modules[0]], last=last)  # [rows, P], in one module
+            every = torch.arange(len(modules))[:, None, None] * (len(index) // len(modules))
+            positions = (positions + every).to(index.device)  # [modules, rows, P]
+            chosen = torch.zeros(*positions.shape, len(self.expert_names))
+            # scatter_add: widened slots add weight 0
+            chosen.scatter_add_(3, index[positions].cpu(), weights[positions].float().cpu())
+            dense.update(zip(modules, chosen, strict=True))
+        return {module: dense[module] for module in recorded}
 
     def sequence_weights(self, row: int = 0) -> list[dict[str, float]]:
         """For each call with a per-sequence choice, the experts batch row ``row`` used for its
