@@ -99,6 +99,10 @@ class ExpertCard:
     tasks: list[str] = field(default_factory=list)
     examples: int | None = None
     steps: int | None = None
+    epochs: float | None = None
+    train_loss: float | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    merged_from: list[str] = field(default_factory=list)  # a merge of these experts, not trained
     library: str | None = None
     hashes: dict[str, str] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
@@ -147,6 +151,10 @@ class ExpertCard:
         card.tasks = list(tasks)
         card.examples = training.get("examples")
         card.steps = training.get("steps")
+        card.epochs = training.get("epochs")
+        card.train_loss = training.get("train_loss")
+        card.hyperparameters = dict(training.get("hyperparameters") or {})
+        card.merged_from = list(training.get("merged_from") or [])
         card.library = section.get("library")
         card.hashes = dict(hashes)
         card.datasets = _as_list(data.datasets)
@@ -167,6 +175,10 @@ class ExpertCard:
         training = {
             "examples": self.examples,
             "steps": self.steps,
+            "epochs": self.epochs,
+            "train_loss": self.train_loss,
+            "hyperparameters": self.hyperparameters or None,
+            "merged_from": self.merged_from or None,
             "rank": self.rank,
             "alpha": self.alpha,
             "target_modules": self.target_modules,

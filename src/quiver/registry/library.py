@@ -16,6 +16,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import SafetensorError, safe_open
@@ -88,6 +89,7 @@ class LibraryManifest:
     description: str = ""
     experts: list[ExpertPin] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> sha256
+    build: dict[str, Any] | None = None  # how the library was made (e.g. MBC: method, k, clusters)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **dataclasses.asdict(self)}, indent=2) + "\n"
@@ -140,16 +142,24 @@ class Library:
     # -- opening ------------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, registry: Registry, repo_id: str, *, base_model: str, description: str = ""
+        cls,
+        registry: Registry,
+        repo_id: str,
+        *,
+        base_model: str,
+        description: str = "",
+        build: dict[str, Any] | None = None,
     ) -> Library:
-        """Publish a new, empty library for ``base_model``."""
+        """Publish a new, empty library for ``base_model`` (``build``: how it is being made)."""
         check_repo_id(repo_id)
         if _exists(registry, repo_id):
             raise QuiverError(
                 f"library {repo_id} already exists in {registry.location}",
                 hint="open it with Library.open, or pick another name",
             )
-        manifest = LibraryManifest(name=repo_id, base_model=base_model, description=description)
+        manifest = LibraryManifest(
+            name=repo_id, base_model=base_model, description=description, build=build
+        )
         return _publish(registry, repo_id, manifest, {}, {}, message=f"Create library {repo_id}")
 
     @classmethod
@@ -394,7 +404,12 @@ def _library_card(repo_id: str, manifest: LibraryManifest) -> ModelCard:
     data = ModelCardData(
         base_model=manifest.base_model,
         tags=[QUIVER_TAG, LIBRARY_TAG, base_model_tag(manifest.base_model)],
-        quiver={"library": {"experts": [pin.name for pin in manifest.experts]}},
+        quiver={
+            "library": {
+                "experts": [pin.name for pin in manifest.experts],
+                **({"build": manifest.build} if manifest.build else {}),
+            }
+        },
     )
     return ModelCard.from_template(
         data,

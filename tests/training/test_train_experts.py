@@ -1,0 +1,88 @@
+"""Many experts in one call: the local and Ray backends, failures, pushing from the workers."""
+
+import socket
+
+import pytest
+from training_helpers import FAST, pairs
+
+from quiver.errors import ConnectionFailedError, TrainingError
+from quiver.registry import LocalRegistry, open_registry
+from quiver.training import train_experts
+
+DATA = {
+    "upper": pairs("upper"),
+    "reverse": pairs("reverse"),
+    "cluster": {"double": pairs("double"), "upper": pairs("upper")[:4]},
+}
+
+
+def test_local_backend_trains_each_expert_and_reports_a_failure(model, tokenizer, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "reverse").write_text("a file where the expert's folder should go")
+    results = train_experts(
+        model, DATA, config=FAST, tokenizer=tokenizer, output_dir=tmp_path / "out"
+    )
+    assert [r.name for r in results] == ["upper", "reverse", "cluster"]
+    upper, reverse, cluster = results
+    assert upper.ok and cluster.ok and not reverse.ok
+    assert "FileExistsError" in reverse.error
+    with pytest.raises(TrainingError, match="'reverse' failed"):
+        reverse.expert  # noqa: B018
+    assert upper.expert.card.tasks == ["upper"]
+    assert cluster.expert.card.tasks == ["double", "upper"]
+    assert cluster.expert.card.examples == 14
+
+
+def test_ray_gives_the_same_experts_as_local_and_workers_push(
+    local_ray, hub_server, model, tokenizer, tmp_path
+):
+    hub = open_registry(hub_server.endpoint, token=hub_server.create_token("ray", write=True))
+    data = {name: DATA[name] for name in ("upper", "cluster")}
+    local = train_experts(model, data, config=FAST, tokenizer=tokenizer)
+    model.save_pretrained(tmp_path / "base")  # workers load the base model by path
+    tokenizer.save_pretrained(tmp_path / "base")
+    remote = train_experts(
+        tmp_path / "base", data, config=FAST, backend="ray", registry=hub, namespace="ray"
+    )
+    assert all(r.ok for r in local + remote), [r.error for r in local + remote]
+    assert [r.sha256 for r in remote] == [r.sha256 for r in local]
+    assert [r.repo_id for r in remote] == ["ray/upper", "ray/cluster"]
+    pulled = hub.pull("ray/cluster", revision=remote[1].commit)
+    assert pulled.weights_sha256 == local[1].sha256
+    assert pulled.card.tasks == ["double", "upper"]
+
+
+def test_bad_input_is_refused_before_any_training(model, tokenizer, tmp_path):
+    with pytest.raises(TrainingError, match="expert 'empty': data holds no examples"):
+        train_experts(
+            model,
+            {"upper": pairs("upper"), "empty": []},
+            tokenizer=tokenizer,
+            output_dir=tmp_path / "out",
+        )
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(TrainingError, match="unknown backend"):
+        train_experts(model, DATA, tokenizer=tokenizer, backend="dask")
+    with pytest.raises(TrainingError, match="share no filesystem"):
+        train_experts(model, DATA, tokenizer=tokenizer, backend="ray", address="10.0.0.1:6379")
+    with pytest.raises(TrainingError, match="namespace"):
+        train_experts(model, DATA, tokenizer=tokenizer, registry=LocalRegistry(tmp_path / "r"))
+
+
+def test_an_unreachable_ray_cluster_is_a_typed_error(model, tokenizer, tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(
+        ConnectionFailedError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"
+    ):
+        train_experts(
+            model,
+            DATA,
+            config=FAST,
+            tokenizer=tokenizer,
+            backend="ray",
+            address=f"127.0.0.1:{port}",
+            registry=LocalRegistry(tmp_path / "r"),
+            namespace="n",
+        )
