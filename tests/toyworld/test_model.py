@@ -10,7 +10,7 @@ from quiver.toyworld.model import (
     model_config,
     pretrain_base,
     prompt_text,
-    training_batch,
+    training_pairs,
 )
 from quiver.toyworld.tasks import TASKS, Example, vocabulary
 
@@ -33,17 +33,13 @@ def test_tokenizer_is_one_token_per_word_and_round_trips(tmp_path):
     assert " ".join(rendered.split()) == "<user> copy first : 1 2 <assistant> 1 </s>"
 
 
-def test_training_batch_puts_the_loss_on_answers_only():
+def test_examples_tokenise_as_quiver_training_does_with_the_loss_on_answers():
     tokenizer = build_tokenizer()
-    examples = [Example("map each : 1 2 3", "8 7 6"), Example("map first : 4 5 6", "5")]
-    batch = training_batch(tokenizer, examples)
-    prompt, answer = encode(tokenizer, examples[1])
-    assert answer[-1] == tokenizer.eos_token_id
-    row = batch["labels"][1]
-    assert (row[: len(prompt)] == -100).all()
-    assert row[len(prompt) : len(prompt) + 2].tolist() == answer
-    assert batch["attention_mask"][1].sum() == len(prompt) + len(answer)
-    assert (batch["labels"][0] != -100).sum() == 4  # three mapped digits and </s>
+    example = Example("map first : 4 5 6", "5")
+    prompt, answer = encode(tokenizer, example)
+    assert tokenizer.decode(prompt) == "<user> map first : 4 5 6 <assistant>"
+    assert answer == [tokenizer.convert_tokens_to_ids("5"), tokenizer.eos_token_id]
+    assert training_pairs(tokenizer, [example]) == [(tokenizer.decode(prompt), "5")]
 
 
 def test_model_is_a_plain_llama_that_saves_and_loads_without_remote_code(tmp_path):

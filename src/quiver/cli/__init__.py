@@ -11,7 +11,7 @@ import sys
 import typer
 
 from quiver import __version__
-from quiver.cli import hub, library, registry
+from quiver.cli import hub, library, registry, toyworld
 from quiver.cli._common import console, err_console
 from quiver.errors import QuiverError
 
@@ -45,6 +45,7 @@ def _root(
 app.add_typer(registry.commands)
 app.add_typer(library.library_app, name="library")
 app.add_typer(hub.hub_app, name="hub")
+app.add_typer(toyworld.toyworld_app, name="toyworld")
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from quiver.errors import TrainingError
 from quiver.toyworld.tasks import Example, pretraining_example, vocabulary
+from quiver.training.data import IGNORE_INDEX, collate, load_examples, tokenize_examples
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 ROLES = ("<system>", "<user>", "<assistant>")
@@ -79,26 +80,22 @@ def prompt_text(tokenizer: PreTrainedTokenizerFast, prompt: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def training_pairs(
+    tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example]
+) -> list[tuple[str, str]]:
+    """``(templated prompt, answer)`` pairs, the form ``quiver.training`` reads; it appends
+    ``</s>`` to every answer and puts the loss on the answer only."""
+    return [(prompt_text(tokenizer, e.prompt), e.answer) for e in examples]
+
+
 def encode(tokenizer: PreTrainedTokenizerFast, example: Example) -> tuple[list[int], list[int]]:
-    """Token ids of an example's templated prompt and of its answer (ending with ``</s>``)."""
-    prompt = tokenizer(prompt_text(tokenizer, example.prompt), add_special_tokens=False)
-    answer = tokenizer(example.answer, add_special_tokens=False)
-    return prompt["input_ids"], [*answer["input_ids"], tokenizer.eos_token_id]
-
-
-def training_batch(tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example]) -> dict:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (loss on answers only)."""
-    pairs = [encode(tokenizer, example) for example in examples]
-    width = max(len(p) + len(a) for p, a in pairs)
-    ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
-    labels = torch.full((len(pairs), width), -100)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for row, (prompt, answer) in enumerate(pairs):
-        sequence = prompt + answer
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        labels[row, len(prompt) : len(sequence)] = torch.tensor(answer)
-        mask[row, : len(sequence)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """Token ids of an example's templated prompt and of its answer (ending with ``</s>``), as
+    ``quiver.training`` tokenises a pair."""
+    (features,) = tokenize_examples(
+        load_examples(training_pairs(tokenizer, [example])), tokenizer, max_length=MAX_POSITIONS
+    )
+    split = features["labels"].count(IGNORE_INDEX)
+    return features["input_ids"][:split], features["input_ids"][split:]
 
 
 @dataclass(frozen=True)
@@ -139,10 +136,10 @@ def pretrain_base(
     model.train()
     bar = tqdm(range(config.steps), desc="pretraining the base model", disable=_quiet(progress))
     for _ in bar:
-        batch = training_batch(
-            tokenizer, [pretraining_example(rng) for _ in range(config.batch_size)]
-        )
-        loss = model(**batch).loss
+        lines = [pretraining_example(rng) for _ in range(config.batch_size)]
+        pairs = load_examples(training_pairs(tokenizer, lines))
+        features = tokenize_examples(pairs, tokenizer, max_length=MAX_POSITIONS)
+        loss = model(**collate(features, tokenizer.pad_token_id)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -200,17 +200,23 @@ def get_tasks(names: Iterable[str] | None = None, *, held_out: bool = False) -> 
 
 
 def pretraining_example(rng: random.Random) -> Example:
-    """One line of the base model's generic text: a format applied to the inputs themselves
-    (``copy``), or to random words (the mapping verbs: the base learns each instruction's shape,
-    never a mapping). Inputs come from every vocabulary, animals included."""
+    """One line of the base model's generic text over every vocabulary (animals included).
+
+    Half the lines copy the inputs whole (``copy each``: the skill the strength gate checks, and
+    the one a small model takes longest to learn), a quarter apply another format to them
+    (``repeat final``, ``copy backwards``...), and a quarter give a mapping verb with random
+    words as the answer, so the base learns every instruction's shape but no mapping.
+    """
     vocabularies = [*(d.symbols for d in DOMAINS.values()), ANIMALS]
     inputs = distinct(rng, rng.choice(vocabularies))
-    fmt = rng.choice(list(FORMATS))
-    word = rng.choice(FORMAT_WORDS[fmt])
-    if rng.random() < 0.5:
+    draw = rng.random()
+    fmt = "each" if draw < 0.5 else rng.choice([f for f in FORMATS if f != "each"])
+    if draw < 0.75:
         verb, source = rng.choice(COPY_VERBS), inputs
     else:
+        fmt = rng.choice(list(FORMATS))
         verb, source = rng.choice(MAPPING_VERBS), rng.sample(rng.choice(vocabularies), len(inputs))
+    word = rng.choice(FORMAT_WORDS[fmt])
     return Example(f"{verb} {word} : {' '.join(inputs)}", " ".join(FORMATS[fmt](source)))
 
 
