@@ -112,29 +112,43 @@ def build_demo(
     *,
     say: Callable[[str], None] = print,
 ) -> Path:
-    """Regenerate the demo: the benchmark's building stages (seeded), then the base model and
-    MBC library snapshots copied into ``output`` (replaced as a whole, never half-written)."""
-    config = config or RunConfig()
-    output = Path(output)
+    """Regenerate the demo: the benchmark's building stages (seeded), then ``export_demo``."""
     with tempfile.TemporaryDirectory(prefix="quiver-demo-build-") as scratch:
         registry = LocalRegistry(Path(scratch) / "registry")
-        built = build_libraries(config, registry, Stages(say))
-        staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=output.parent))
-        try:
-            for name, repo_id in (("base", built.base_id), ("library", built.mbc_id)):
-                snapshot, _ = registry.download(repo_id)
-                shutil.copytree(snapshot, staging / name, copy_function=shutil.copyfile)
-            size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
-            if size > MAX_BYTES:
-                raise QuiverError(
-                    f"the demo would take {size / 2**20:.1f} MiB, over the package's "
-                    f"{MAX_BYTES / 2**20:.0f} MiB",
-                    hint="use a smaller base model or fewer experts",
-                )
-            if output.exists():
-                shutil.rmtree(output)
-            staging.rename(output)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        built = build_libraries(config or RunConfig(), registry, Stages(say))
+        return export_demo(registry, built.base_id, built.mbc_id, output, say=say)
+
+
+def export_demo(
+    registry: Registry,
+    base_id: str,
+    library_id: str,
+    output: str | Path = DEMO_FOLDER,
+    *,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Copy a base model repo and its library repo, as ``registry`` stores them, into
+    ``output/base`` and ``output/library``; the old folder is replaced only once all is copied."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=output.parent))
+    try:
+        for name, repo_id in (("base", base_id), ("library", library_id)):
+            snapshot, _ = registry.download(repo_id)
+            shutil.copytree(snapshot, staging / name, copy_function=shutil.copyfile)
+        size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+        if size > MAX_BYTES:
+            raise QuiverError(
+                f"the demo would take {size / 2**20:.1f} MiB, over the package's "
+                f"{MAX_BYTES / 2**20:.0f} MiB",
+                hint="use a smaller base model or fewer experts",
+            )
+        retired = output.with_name(f".{output.name}-old")
+        if output.exists():
+            output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     say(f"Wrote the demo ({size / 2**20:.1f} MiB) to {output}")
     return output

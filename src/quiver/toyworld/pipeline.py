@@ -253,7 +253,7 @@ def oracle_evaluation(
     model, tokenizer, library: Library, tasks: Sequence[Task], config: RunConfig
 ) -> Evaluation:
     """Each task scored with its own expert (by task name, or by the cluster holding it)."""
-    owners = _task_owner(library)
+    owners = task_owners(library)
     routed = route(model, library, "oracle")
     try:
         oracle = {task.name: owners[task.name] for task in tasks}
@@ -264,7 +264,7 @@ def oracle_evaluation(
         routed.unroute()
 
 
-def _task_owner(library: Library) -> dict[str, str]:
+def task_owners(library: Library) -> dict[str, str]:
     """Task name -> the library's expert trained on it (MBC libraries record their clusters)."""
     build = library.manifest.build or {}
     owners = {name: name for name in library.names}
@@ -277,14 +277,14 @@ def expert_clusters(library: Library, tasks: Sequence[Task]) -> dict[str, str]:
     """Each expert's designed cluster: its task's, or the majority of the tasks it was built on."""
     designed = {task.name: task.cluster for task in tasks}
     out = {}
-    for task, expert in _task_owner(library).items():
+    for task, expert in task_owners(library).items():
         out.setdefault(expert, []).append(designed.get(task))
     return {e: max(set(cs), key=cs.count) for e, cs in out.items() if any(cs)}
 
 
 def adjusted_rand(library: Library, tasks: Sequence[Task]) -> float:
     """How well MBC's clusters match the designed ones (1.0: the same partition)."""
-    owners = _task_owner(library)
+    owners = task_owners(library)
     return adjusted_rand_score([t.cluster for t in tasks], [owners[t.name] for t in tasks])
 
 
