@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi, constants, get_session
@@ -23,9 +24,11 @@ from quiver.errors import (
     ConnectionFailedError,
     IntegrityError,
     InvalidAdapterError,
+    InvalidInputError,
     NotFoundError,
 )
 from quiver.registry import Expert, HubRegistry, Library, open_registry
+from quiver.registry.hub import endpoint_cache
 from quiver.testing import make_random_expert, tiny_model
 
 BASE = "quiver-testing/tiny-llama"
@@ -54,11 +57,26 @@ def _dead_endpoint() -> str:
 
 def test_open_registry_specs(hub_server, tmp_path):
     assert isinstance(open_registry(hub_server.endpoint), HubRegistry)
-    assert all(isinstance(open_registry(spec), quiver.Registry) for spec in ("hf", tmp_path))
     assert (quiver.Expert, quiver.Library) == (Expert, Library)  # the top-level Python API
     assert open_registry("hf").endpoint == "https://huggingface.co"
-    assert open_registry(tmp_path / "store").root == tmp_path / "store"
-    assert open_registry().root.parent == open_registry(os.environ["QUIVER_HOME"]).root
+    assert open_registry("HTTP://LocalHost:8000/hub/").endpoint == "http://localhost:8000/hub"
+    assert open_registry(tmp_path / "store", create=True).root == tmp_path / "store"
+    assert open_registry(str(tmp_path / "store")).root == tmp_path / "store"  # a store now
+    assert open_registry().root == Path(os.environ["QUIVER_HOME"]) / "registry"
+
+
+def test_a_mistyped_registry_is_refused_and_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NotFoundError, match=r"^no Quiver store at does-not-exist") as error:
+        open_registry("./does-not-exist")
+    assert "push" in error.value.hint
+    (tmp_path / "a-file").write_text("not a store")
+    with pytest.raises(NotFoundError, match="no Quiver store at a-file"):
+        open_registry("a-file")
+    for spec in ("ftp://x", "s3://bucket/store", "file:///tmp/store", "http://"):
+        with pytest.raises(InvalidInputError, match="not an http"):
+            open_registry(spec, create=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_quiver_push_loads_with_plain_peft_with_same_logits(hub, user, make_expert, base_model):
@@ -194,10 +212,10 @@ def test_library_push_and_pull_on_the_hub(hub, user, make_expert):
 
 def test_library_moves_from_local_store_to_hub_and_back(hub, user, local, make_expert, tmp_path):
     library = _library(local, user, make_expert)
-    on_hub = library.push(hub)
+    on_hub = library.push(hub).library
     assert on_hub.experts[0].commit == hub.pull(f"{user}/math").commit
-    back = Library.pull(hub, f"{user}/lib").push(open_registry(tmp_path / "copy"))
-    assert [p.sha256 for p in back.experts] == [p.sha256 for p in library.experts]
+    back = Library.pull(hub, f"{user}/lib").push(open_registry(tmp_path / "copy", create=True))
+    assert [p.sha256 for p in back.library.experts] == [p.sha256 for p in library.experts]
 
 
 def test_truncated_file_in_the_hf_cache_is_caught(hub, user, make_expert, local):
@@ -211,7 +229,8 @@ def test_truncated_file_in_the_hf_cache_is_caught(hub, user, make_expert, local)
         Library.pull(hub, f"{user}/lib").push(local)
     assert store_state(local) == before  # nothing half-written lands in the local store
     # The bad file left the cache, so pulling again downloads a good copy.
-    assert list(Library.pull(hub, f"{user}/lib").push(local).expert_paths()) == ["math", "code"]
+    pushed = Library.pull(hub, f"{user}/lib").push(local).library
+    assert list(pushed.expert_paths()) == ["math", "code"]
 
 
 def test_tampered_blob_on_the_server_is_caught(hub_server, hub, user, make_expert, tmp_path):
@@ -260,25 +279,34 @@ def test_a_second_pull_is_served_from_the_hf_cache(hub, user, make_expert, sent_
     ]
 
 
-def test_a_dead_endpoint_with_nothing_cached(user, tmp_path):
-    with pytest.raises(ConnectionFailedError, match="cannot reach"):
-        Library.pull(HubRegistry(_dead_endpoint(), cache_dir=tmp_path / "empty"), f"{user}/lib")
-
-
-def test_hf_hub_offline_works_after_a_pull(hub_server, user, make_expert):
-    hub = HubRegistry(hub_server.endpoint, token=hub_server.create_token(user))  # the HF cache
+def test_each_endpoint_pulls_from_its_own_cache_also_offline(hub_server, user, make_expert):
+    hub = HubRegistry(hub_server.endpoint, token=hub_server.create_token(user))  # default cache
     _library(hub, user, make_expert)
     Library.pull(hub, f"{user}/lib")
     expert = hub.pull(f"{user}/math")
-    assert expert.path.is_relative_to(constants.HF_HUB_CACHE)
+    assert expert.path.is_relative_to(endpoint_cache(hub_server.endpoint))
+    assert not expert.path.is_relative_to(constants.HF_HUB_CACHE)  # huggingface.co's cache
+    assert HubRegistry("https://huggingface.co/").cache_dir is None  # shared with transformers
+    # Another endpoint has none of it cached: it must fail, not serve this Hub's copy.
+    with pytest.raises(ConnectionFailedError, match="cannot reach") as error:
+        HubRegistry(_dead_endpoint()).pull(f"{user}/math")
+    assert error.value.repo_id == f"{user}/math"
+    with pytest.raises(ConnectionFailedError, match="cannot reach"):
+        Library.pull(HubRegistry(_dead_endpoint()), f"{user}/lib")
     script = textwrap.dedent(
         f"""
         from huggingface_hub import hf_hub_download
-        from quiver.registry import HubRegistry, Library
+        from quiver.errors import ConnectionFailedError
+        from quiver.registry import HubRegistry, Library, open_registry
         hub = HubRegistry({hub_server.endpoint!r})
         library = Library.pull(hub, "{user}/lib")
         print(list(library.expert_paths()), hub.pull("{user}/math").card.rank)
-        print(hf_hub_download("{user}/math", "adapter_model.safetensors"))  # plain huggingface_hub
+        # plain huggingface_hub finds the files in that endpoint's cache
+        print(hf_hub_download("{user}/math", "adapter_model.safetensors", cache_dir=hub.cache_dir))
+        try:
+            open_registry("hf").pull("{user}/math")
+        except ConnectionFailedError as error:
+            print(error.message)
         """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -287,7 +315,12 @@ def test_hf_hub_offline_works_after_a_pull(hub_server, user, make_expert):
     )
     assert result.returncode == 0, result.stderr
     weights = str(expert.path / "adapter_model.safetensors")
-    assert result.stdout.splitlines() == ["['math', 'code'] 4", weights]
+    assert result.stdout.splitlines() == [
+        "['math', 'code'] 4",
+        weights,
+        f"pull {user}/math@main: cannot reach https://huggingface.co and the files are not in "
+        "its local cache",
+    ]
 
 
 def test_unknown_repo_revision_and_missing_files(hub, user, make_expert, tmp_path):

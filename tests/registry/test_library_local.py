@@ -170,7 +170,9 @@ def test_name_clash_unknown_expert_and_malformed_manifest(library, local, make_e
 
 def test_push_library_to_another_registry_copies_referenced_experts(library, tmp_path):
     other = LocalRegistry(tmp_path / "other")
-    pushed = library.push(other)
+    report = library.push(other)
+    pushed = report.library
+    assert (report.pushed, report.already_there) == (("alice/math",), ())
     assert pushed.registry is other
     assert [pin.sha256 for pin in pushed.experts] == [pin.sha256 for pin in library.experts]
     assert pushed.experts[0].commit == other.pull("alice/math").commit
@@ -180,7 +182,8 @@ def test_push_library_to_another_registry_copies_referenced_experts(library, tmp
     assert {hit.repo_id for hit in other.search(kind="library", base_model=BASE)} == {"alice/lib"}
     # Pushing again reuses the experts already there.
     again = library.push(other)
-    assert again.experts[0].commit == pushed.experts[0].commit
+    assert (again.pushed, again.already_there) == ((), ("alice/math",))
+    assert again.library.experts[0].commit == pushed.experts[0].commit
 
 
 def test_create_refuses_an_existing_library(library, local):

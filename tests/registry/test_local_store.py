@@ -18,6 +18,7 @@ from quiver.errors import (
     InvalidAdapterError,
     NotFoundError,
     QuiverError,
+    RegistryError,
 )
 from quiver.registry import Expert, LocalRegistry
 from quiver.testing import tiny_model
@@ -329,7 +330,7 @@ def test_a_push_that_fails_midway_leaves_nothing(local, make_expert, monkeypatch
         real_link(source, destination)
 
     monkeypatch.setattr(os, "link", link_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RegistryError, match="push alice/half: cannot write: disk full"):
         local.push(make_expert(), "alice/half")
     assert len(calls) == 2
     assert store_state(local) == before

@@ -6,17 +6,37 @@ imported inside the commands so that ``quiver --help`` stays fast.
 
 from __future__ import annotations
 
-import sys
-
 import typer
+from rich.text import Text
+from typer.core import TyperGroup
 
 from quiver import __version__
 from quiver.cli import hub, library, registry, toyworld
 from quiver.cli._common import console, err_console
 from quiver.errors import QuiverError
 
+
+class _OneLineErrors(TyperGroup):
+    """Every expected failure (a ``QuiverError``, or the system refusing a file operation) ends
+    as one line on stderr and exit code 1, whether run as ``quiver`` or in a ``CliRunner``."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (QuiverError, OSError) as error:
+            message = str(error) if isinstance(error, QuiverError) else _os_error_line(error)
+            err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+            raise typer.Exit(1) from error
+
+
+def _os_error_line(error: OSError) -> str:
+    where = f": {error.filename}" if error.filename else ""
+    return f"{error.strerror or error}{where}"
+
+
 app = typer.Typer(
     name="quiver",
+    cls=_OneLineErrors,
     help="Publish, pull and route libraries of LoRA experts.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -49,9 +69,5 @@ app.add_typer(toyworld.toyworld_app, name="toyworld")
 
 
 def main() -> None:
-    """Run the app; a ``QuiverError`` becomes a one-line message and exit code 1."""
-    try:
-        app()
-    except QuiverError as error:
-        err_console.print(f"[bold red]error:[/] {error}")
-        sys.exit(1)
+    """Run the app (the ``quiver`` console script)."""
+    app()

@@ -18,7 +18,9 @@ TokenOption = typer.Option(
 )
 
 
-def registry_from(spec: str | None, token: str | None):
+def registry_from(spec: str | None, token: str | None, *, create: bool = False):
+    """The registry ``-r`` names. Only commands that publish pass ``create=True``: a mistyped
+    folder given to any other command is an error, not a new, empty store."""
     from quiver.registry import open_registry
 
-    return open_registry(spec, token=token)
+    return open_registry(spec, token=token, create=create)

@@ -40,14 +40,22 @@ def library_create(
     token: str | None = TokenOption,
 ) -> None:
     """Create an empty library."""
+    from quiver.errors import AlreadyExistsError
     from quiver.registry import Library
 
-    library = Library.create(
-        registry_from(registry, token),
-        repo_id,
-        base_model=base_model,
-        description=description,
-    )
+    try:
+        library = Library.create(
+            registry_from(registry, token, create=True),
+            repo_id,
+            base_model=base_model,
+            description=description,
+        )
+    except AlreadyExistsError as error:
+        raise AlreadyExistsError(
+            error.message,
+            hint=f"change it with `quiver library add|remove {repo_id} ...`, or pick another name",
+            repo_id=repo_id,
+        ) from error
     console.print(f"Created {library.repo_id}@{library.commit[:10]}")
 
 
@@ -101,17 +109,43 @@ def library_push(
     repo_id: str = typer.Argument(..., help="The library: namespace/name."),
     source: str | None = typer.Option(None, "--from", help=f"Where it is now. {REGISTRY_HELP}"),
     target_id: str | None = typer.Option(None, "--as", help="Publish under another name."),
+    overwrite: bool = typer.Option(
+        False, help="Move the main of expert repos on the target that hold other weights."
+    ),
     registry: str | None = RegistryOption,
     token: str | None = TokenOption,
 ) -> None:
-    """Publish a library, its bundled and its referenced experts to --registry."""
+    """Publish a library from --from, its bundled and its referenced experts, to --registry."""
+    from quiver.errors import NotFoundError
     from quiver.registry import Library
 
-    library = Library.open(registry_from(source, token), repo_id)
-    published = library.push(registry_from(registry, token), target_id)
+    try:
+        library = Library.open(registry_from(source, token), repo_id)
+    except NotFoundError as error:
+        raise NotFoundError(
+            error.message,
+            hint="pass --from with the registry that holds the library (default: the local "
+            "store); --registry is where it goes",
+            repo_id=repo_id,
+        ) from error
+    report = library.push(
+        registry_from(registry, token, create=True), target_id, overwrite=overwrite
+    )
+    published = report.library
     console.print(
         f"Pushed {published.repo_id}@{published.commit[:10]} to {published.registry.location}"
     )
+    for label, repos in (
+        ("experts pushed", report.pushed),
+        ("already there", report.already_there),
+        (
+            "overwritten (their main held sha256)",
+            [f"{r} {s[:16]}…" for r, s in report.overwritten.items()],
+        ),
+        ("artifacts replaced", report.replaced_artifacts),
+    ):
+        if repos:
+            console.print(f"  {label}: {', '.join(repos)}", soft_wrap=True)
 
 
 @library_app.command("pull")

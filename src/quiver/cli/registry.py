@@ -29,17 +29,21 @@ def push(
     description: str = typer.Option("", help="One paragraph for the model card."),
     branch: str = typer.Option("main", help="Branch to commit to."),
     tag: str | None = typer.Option(None, help="Tag the new version."),
+    replace: bool = typer.Option(
+        False, help="Delete the repo's files that a push does not write (kept by default)."
+    ),
     registry: str | None = RegistryOption,
     token: str | None = TokenOption,
 ) -> None:
-    """Publish a LoRA expert with its model card."""
+    """Publish a LoRA expert with its model card (onto a new repo or an expert's, never over a
+    model or a library)."""
     from quiver.registry import Expert
 
     card = dict(tasks=task, datasets=dataset, license=license, description=description)
     card.update(examples=examples, steps=steps)
     expert = Expert.from_folder(folder, **{k: v for k, v in card.items() if v})
-    target = registry_from(registry, token)
-    published = target.push(expert, repo_id, branch=branch, tag=tag)
+    target = registry_from(registry, token, create=True)
+    published = target.push(expert, repo_id, branch=branch, tag=tag, replace=replace)
     console.print(f"Pushed {repo_id}@{published.commit[:10]} to {target.location}")
 
 

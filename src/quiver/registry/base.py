@@ -11,26 +11,73 @@ import dataclasses
 import re
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from quiver.errors import ConflictError, IntegrityError, NotFoundError, QuiverError
+from quiver.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidAdapterError,
+    InvalidInputError,
+    NotFoundError,
+    RegistryError,
+)
+from quiver.registry.adapter import ADAPTER_CONFIG, read_adapter_config
 from quiver.registry.card import EXPERT_TAG, LIBRARY_TAG, base_model_tag, task_tag
 from quiver.registry.expert import EXPERT_FILES, Expert, check_hash
 
+LIBRARY_MANIFEST = "library.json"
+HUB_FILES = (".gitattributes",)  # files a Hub adds to every repo on its own
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# Git's rules for a branch or tag name (git check-ref-format), as the Hub applies them.
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|//|@\{|^[/.-]|[/.]$|\.lock$|/\.")
 KINDS = {"expert": EXPERT_TAG, "library": LIBRARY_TAG}
+HOLDINGS = {
+    "library": "a Quiver library",
+    "expert": "a LoRA expert",
+    "adapter": "an adapter that is not a plain LoRA",
+    "model": "a model (config.json and weights)",
+    "files": "files that are not a LoRA expert",
+}
 
 
 def check_repo_id(repo_id: str) -> str:
     if not _REPO_ID.match(repo_id) or ".." in repo_id:
-        raise QuiverError(
+        raise InvalidInputError(
             f"invalid repo id {repo_id!r}",
             hint="use 'namespace/name' with letters, digits, '-', '_' or '.'",
+            repo_id=repo_id,
         )
     return repo_id
+
+
+def check_ref_name(name: str, what: str) -> str:
+    """Refuse a branch or tag name that git (and so the Hub) would refuse, before any write."""
+    if not name or name == "@" or _BAD_REF.search(name):
+        raise InvalidInputError(
+            f"invalid {what} name {name!r}",
+            hint="use letters, digits, '-', '_', '.' and '/' (no spaces, '..', '~', '^', ':', "
+            "'?', '*', '[' or '\\'; not starting with '-', '.' or '/')",
+            revision=name,
+        )
+    return name
+
+
+@contextmanager
+def writing(what: str, repo_id: str) -> Iterator[None]:
+    """Turn the system refusing a write (a full disk, a read-only folder) into a RegistryError."""
+    try:
+        yield
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise RegistryError(
+            f"{what}: cannot write{where}: {error.strerror or error}",
+            hint="free some disk space or fix the folder's permissions, then push again",
+            repo_id=repo_id,
+        ) from error
 
 
 @dataclass(frozen=True)
@@ -67,6 +114,8 @@ def tag_taken(repo_id: str, tag: str) -> ConflictError:
     return ConflictError(
         f"{repo_id} already has a branch or tag named {tag!r}",
         hint="tags are immutable: pick a new tag name",
+        repo_id=repo_id,
+        revision=tag,
     )
 
 
@@ -92,8 +141,24 @@ class Registry(ABC):
 
     # -- store primitives -------------------------------------------------------------------
     @abstractmethod
-    def upload(self, repo_id: str, folder: Path, *, message: str, branch: str = "main") -> str:
-        """Make ``folder``'s files the snapshot of ``repo_id`` on ``branch``; return the commit."""
+    def upload(
+        self,
+        repo_id: str,
+        folder: Path,
+        *,
+        message: str,
+        branch: str = "main",
+        replace: bool = True,
+        parent_commit: str | None = None,
+    ) -> str:
+        """Commit ``folder``'s files to ``repo_id`` on ``branch`` (a new branch starts from main);
+        return the commit. ``replace``: the folder is the whole new snapshot; otherwise the files
+        it does not hold are kept. ``parent_commit``: refuse with ``ConflictError`` unless the
+        branch (or main, for a new branch) is still at that commit."""
+
+    @abstractmethod
+    def files(self, repo_id: str, *, revision: str) -> list[str]:
+        """The path of every file of ``repo_id`` at ``revision``, without downloading them."""
 
     @abstractmethod
     def download(
@@ -138,7 +203,7 @@ class Registry(ABC):
         """Repos matching every given filter. Base model, task, tag and kind are Hub tags, so both
         stores filter alike; ``query`` is free text (the Hub matches it against repo ids only)."""
         if kind is not None and kind not in KINDS:
-            raise QuiverError(f"unknown kind {kind!r}", hint=f"use one of {sorted(KINDS)}")
+            raise InvalidInputError(f"unknown kind {kind!r}", hint=f"use one of {sorted(KINDS)}")
         tags = [base_model_tag(base_model)] if base_model else []
         tags += [task_tag(task)] if task else []
         tags += [tag] if tag else []
@@ -160,28 +225,87 @@ class Registry(ABC):
         branch: str = "main",
         tag: str | None = None,
         message: str | None = None,
+        replace: bool = False,
     ) -> Expert:
-        """Publish an expert (a validated PEFT folder) with its card; return it, pinned."""
+        """Publish an expert (a validated PEFT folder) with its card; return it, pinned.
+
+        Everything is checked before anything is written: the names, the expert (its config
+        against its tensors, finite weights) and the target. An existing repo must hold an
+        expert (a library or a model is never replaced); the files of it that a push does not
+        write (a user's notes, say) are kept, unless ``replace=True``."""
         check_repo_id(repo_id)
+        check_ref_name(branch, "branch")
+        if tag is not None:
+            check_ref_name(tag, "tag")
         if not isinstance(expert, Expert):
             expert = Expert.from_folder(expert)
-        if tag and tag in self._refs_if_any(repo_id):  # refuse before anything is written
+        expert.check_finite()
+        refs = self._refs_if_any(repo_id)
+        if tag and tag in refs:
             raise tag_taken(repo_id, tag)
-        with tempfile.TemporaryDirectory(prefix="quiver-push-") as staging:
-            expert.save(staging, title=repo_id)
+        head = refs.get(branch) or refs.get("main")  # a new branch starts from main
+        if head is not None:
+            self.require_kind(repo_id, head, "expert")
+        with (
+            writing(f"push {repo_id}", repo_id),
+            tempfile.TemporaryDirectory(prefix="quiver-push-") as staging,
+        ):
+            expert.save(staging, title=repo_id, link=True)
             commit = self.upload(
-                repo_id, Path(staging), message=message or f"Upload expert {repo_id}", branch=branch
+                repo_id,
+                Path(staging),
+                message=message or f"Upload expert {repo_id}",
+                branch=branch,
+                replace=replace,
+                parent_commit=head,
             )
         if tag:
             self.tag(repo_id, tag, revision=commit)
         card = dataclasses.replace(expert.card, hashes=expert.file_hashes())
         return dataclasses.replace(expert, card=card, repo_id=repo_id, commit=commit)
 
+    def holding(self, repo_id: str, commit: str) -> str:
+        """What ``repo_id`` holds at ``commit``: "empty", "expert", "library", or (not Quiver's)
+        "adapter", "model" or "files". Reads the file list and at most adapter_config.json."""
+        files = set(self.files(repo_id, revision=commit))
+        others = files - {*EXPERT_FILES, *HUB_FILES}
+        if LIBRARY_MANIFEST in files:
+            return "library"
+        if ADAPTER_CONFIG in files:
+            folder, _ = self.download(repo_id, revision=commit, patterns=[ADAPTER_CONFIG])
+            try:
+                read_adapter_config(folder, repo_id)
+            except InvalidAdapterError:
+                return "adapter"
+            return "expert"
+        if not others:
+            return "empty"  # nothing, or only a card
+        return "model" if "config.json" in files else "files"
+
+    def require_kind(self, repo_id: str, commit: str, kind: str) -> str:
+        """Refuse to write ``kind`` over a repo that holds something else (empty ones are fine);
+        return what it holds."""
+        holds = self.holding(repo_id, commit)
+        if holds not in (kind, "empty"):
+            raise ConflictError(
+                f"{repo_id} in {self.location} holds {HOLDINGS[holds]}, not {HOLDINGS[kind]}: "
+                "refusing to replace it",
+                hint=f"publish under another name, or delete {repo_id} first",
+                repo_id=repo_id,
+                revision=commit,
+            )
+        return holds
+
     def _refs_if_any(self, repo_id: str) -> dict[str, str]:
         try:
             return self.refs(repo_id)
         except NotFoundError:
             return {}
+
+    def head(self, repo_id: str, branch: str = "main") -> str | None:
+        """The commit ``branch`` of ``repo_id`` points at; None if there is no such repo or
+        branch."""
+        return self._refs_if_any(repo_id).get(branch)
 
     def pull(self, repo_id: str, *, revision: str | None = None) -> Expert:
         """Fetch an expert at ``revision`` (branch, tag or commit; default main) and validate it."""

@@ -1,21 +1,19 @@
 """An expert: a plain PEFT LoRA folder (adapter_config.json, adapter_model.safetensors, README.md).
 
 ``Expert.from_folder`` is the one gate every expert passes, whether it comes from a user's disk, the
-local store or the Hub: LoRA only, safetensors only, weights that match the hashes the card pins.
+local store or the Hub: LoRA only, safetensors only, a config that describes its tensors (the one
+check of ``adapter.py``, which routing uses too), weights that match the hashes the card pins.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
-
-from safetensors import SafetensorError, safe_open
 
 from quiver.errors import (
     IncompatibleExpertError,
@@ -23,10 +21,15 @@ from quiver.errors import (
     InvalidAdapterError,
     NotFoundError,
 )
+from quiver.registry.adapter import (
+    ADAPTER_CONFIG,
+    WEIGHTS,
+    check_finite,
+    lora_modules,
+    read_adapter_config,
+)
 from quiver.registry.card import ExpertCard
 
-ADAPTER_CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 CARD = "README.md"
 EXPERT_FILES = (ADAPTER_CONFIG, WEIGHTS, CARD)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -48,56 +51,6 @@ def check_hash(what: str, *, expected: str, actual: str) -> None:
             f"{actual[:12]}…)",
             hint="the file was tampered with or truncated: pull it again from a trusted registry",
         )
-
-
-def _read_config(folder: Path, label: str) -> dict[str, Any]:
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file():
-        raise InvalidAdapterError(
-            f"{label} has no {ADAPTER_CONFIG}",
-            hint="point at a folder written by PEFT's save_pretrained "
-            "(libraries are pulled with `quiver library pull`)",
-        )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidAdapterError(
-            f"{label}: {ADAPTER_CONFIG} is not valid JSON: {error}"
-        ) from error
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise InvalidAdapterError(
-            f"{label} holds a {peft_type or 'non-PEFT'} adapter, not a LoRA",
-            hint="Quiver experts are plain LoRA adapters (peft_type LORA)",
-        )
-    if config.get("use_dora"):
-        raise InvalidAdapterError(
-            f"{label} holds a DoRA adapter", hint="train the expert with use_dora=False"
-        )
-    missing = [key for key in ("r", "lora_alpha", "target_modules") if not config.get(key)]
-    if missing:
-        raise InvalidAdapterError(f"{label}: {ADAPTER_CONFIG} misses {', '.join(missing)}")
-    return config
-
-
-def _check_weights(path: Path, label: str) -> None:
-    """Parse the safetensors header (cheap) so truncated or foreign files fail here, not later."""
-    if not path.is_file():
-        raise InvalidAdapterError(
-            f"{label} has no {WEIGHTS}",
-            hint="Quiver loads safetensors only and never unpickles .bin files; "
-            "re-save the adapter with safe_serialization=True",
-        )
-    try:
-        with safe_open(str(path), framework="pt") as weights:
-            keys = list(weights.keys())
-    except (SafetensorError, OSError) as error:
-        raise IntegrityError(
-            f"{label}: {WEIGHTS} is not a readable safetensors file ({error})",
-            hint="the weights are truncated or corrupt: pull or re-save them",
-        ) from error
-    if not any(".lora_A." in key for key in keys):
-        raise InvalidAdapterError(f"{label}: {WEIGHTS} holds no lora_A/lora_B tensors")
 
 
 @dataclass
@@ -130,7 +83,7 @@ class Expert:
                 f"{label} contains pickle files ({', '.join(pickles)})",
                 hint="Quiver never unpickles: keep only adapter_model.safetensors",
             )
-        config = _read_config(path, label)
+        config = read_adapter_config(path, label)
         card_path = path / CARD
         text = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
         card = ExpertCard.from_text(text, config)
@@ -139,8 +92,8 @@ class Expert:
             raise TypeError(f"unknown card fields: {', '.join(sorted(unknown))}")
         card = dataclasses.replace(card, **card_fields)
         expert = cls(path=path, config=config, card=card, repo_id=repo_id, commit=commit)
-        expert.verify()
-        _check_weights(path / WEIGHTS, label)
+        expert.verify()  # a pinned hash first: tampering is an IntegrityError, whatever it broke
+        lora_modules(path, config, label)
         return expert
 
     @property
@@ -171,6 +124,10 @@ class Expert:
                 actual = self.weights_sha256 if name == WEIGHTS else sha256_file(path)
             check_hash(f"{self.repo_id or self.path}: {name}", expected=expected, actual=actual)
 
+    def check_finite(self) -> None:
+        """Refuse NaN or infinite weights (streams the tensors: run before publishing)."""
+        check_finite(self.path, str(self.repo_id or self.path))
+
     def check_fits(self, *, base_model: str, rank: int, target_modules: list[str]) -> None:
         """Raise ``IncompatibleExpertError`` unless this expert shares the given LoRA geometry."""
         mine = (self.card.base_model, self.card.rank, self.card.target_modules)
@@ -184,13 +141,18 @@ class Expert:
                     hint="a library's experts share one base model, rank and target modules",
                 )
 
-    def save(self, folder: str | Path, *, title: str | None = None) -> Path:
-        """Write the expert's files and a fresh card (with current hashes) into ``folder``."""
+    def save(self, folder: str | Path, *, title: str | None = None, link: bool = False) -> Path:
+        """Write the expert's files and a fresh card (with current hashes) into ``folder``.
+        ``link=True`` symlinks the config and weights instead of copying them: staging a push
+        then writes only the card, not a second copy of a multi-GB expert."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if folder.resolve() != self.path.resolve():  # saving in place only rewrites the card
             for name in (ADAPTER_CONFIG, WEIGHTS):
-                shutil.copyfile(self.path / name, folder / name)
+                if link:
+                    (folder / name).symlink_to((self.path / name).resolve())
+                else:
+                    shutil.copyfile(self.path / name, folder / name)
         card = dataclasses.replace(self.card, hashes=self.file_hashes())
         card.to_model_card(title or self.repo_id or self.name).save(folder / CARD)
         return folder

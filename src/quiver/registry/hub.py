@@ -1,15 +1,21 @@
 """The Hub registry: every call through huggingface_hub, against huggingface.co or any endpoint.
 
-Downloads go through the normal Hugging Face cache (``snapshot_download``), so a second pull of a
-pinned commit makes no request and ``HF_HUB_OFFLINE=1`` works after a pull. huggingface_hub's
-errors become Quiver's typed errors, each with a hint.
+Downloads go through a Hugging Face cache (``snapshot_download``), so a second pull of a pinned
+commit makes no request and ``HF_HUB_OFFLINE=1`` works after a pull. The cache is kept apart per
+endpoint, because it is keyed by repo id only: huggingface.co uses the normal Hugging Face cache
+(shared with transformers and PEFT), any other endpoint one of its own under
+``$QUIVER_HOME/hub-cache``, so a pull only ever returns bytes that came from the endpoint it asked.
+huggingface_hub's errors become Quiver's typed errors, each with a hint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import HfApi, snapshot_download
@@ -29,9 +35,11 @@ from quiver.errors import (
     CardError,
     ConflictError,
     ConnectionFailedError,
+    InvalidInputError,
     NotFoundError,
-    QuiverError,
+    RegistryError,
 )
+from quiver.home import quiver_home
 from quiver.registry.base import (
     Registry,
     RepoSummary,
@@ -44,6 +52,30 @@ from quiver.registry.base import (
 from quiver.registry.local import LocalRegistry
 
 HF_HUB_URL = "https://huggingface.co"
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def normalize_endpoint(endpoint: str) -> str:
+    """``endpoint`` with a lowercase scheme and host and no trailing slash."""
+    parts = urlsplit(endpoint.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise InvalidInputError(
+            f"{endpoint!r} is not an http(s) Hub endpoint",
+            hint="use a URL such as http://127.0.0.1:8000, 'hf' for huggingface.co, or a folder",
+        )
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+
+
+def endpoint_cache(endpoint: str) -> Path | None:
+    """The Hugging Face cache for pulls from ``endpoint``: None (the normal one) for
+    huggingface.co, else a folder of its own, named after the URL and a hash of it."""
+    endpoint = normalize_endpoint(endpoint)
+    if endpoint == HF_HUB_URL:
+        return None
+    parts = urlsplit(endpoint)
+    readable = re.sub(r"[^A-Za-z0-9.]+", "-", f"{parts.netloc}{parts.path}").strip("-")
+    digest = hashlib.sha256(endpoint.encode()).hexdigest()[:8]
+    return quiver_home() / "hub-cache" / f"{readable}-{digest}"
 
 
 class HubRegistry(Registry):
@@ -56,43 +88,51 @@ class HubRegistry(Registry):
         token: str | None = None,
         cache_dir: str | Path | None = None,
     ) -> None:
-        self.endpoint = endpoint.rstrip("/")
+        self.endpoint = normalize_endpoint(endpoint)
         self.location = self.endpoint
         self.token = token  # None: huggingface_hub's own (HF_TOKEN, or `hf auth login`)
-        self.cache_dir = cache_dir  # None: the normal Hugging Face cache
+        # None: the normal Hugging Face cache, which is huggingface.co's (see endpoint_cache)
+        self.cache_dir = cache_dir if cache_dir is not None else endpoint_cache(self.endpoint)
         self.api = HfApi(endpoint=self.endpoint, token=token)
 
     @contextmanager
-    def _translate_errors(self, what: str) -> Iterator[None]:
+    def _translate_errors(
+        self, what: str, repo_id: str | None = None, revision: str | None = None
+    ) -> Iterator[None]:
         """Turn huggingface_hub's and httpx2's exceptions into Quiver's typed errors."""
         where = f"on {self.endpoint}"
+        about = {"repo_id": repo_id, "revision": revision}
         try:
             yield
         except GatedRepoError as error:
             raise AuthenticationError(
                 f"{what}: the repo is gated {where}",
                 hint="accept its conditions on the Hub, then pass a --token of that account",
+                **about,
             ) from error
         except RepositoryNotFoundError as error:
             raise NotFoundError(
                 f"{what}: no such repo {where}",
                 hint="check the name with `quiver search`; private repos need a --token",
+                **about,
             ) from error
         except RevisionNotFoundError as error:
             raise NotFoundError(
                 f"{what}: no such revision {where}",
                 hint="use a branch, a tag or a commit id listed by `versions`",
+                **about,
             ) from error
         except RemoteEntryNotFoundError as error:
-            raise NotFoundError(f"{what}: a file is missing {where}") from error
+            raise NotFoundError(f"{what}: a file is missing {where}", **about) from error
         except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError) as error:
             raise ConnectionFailedError(
-                f"{what}: cannot reach {self.endpoint} and the files are not in the local cache",
+                f"{what}: cannot reach {self.endpoint} and the files are not in its local cache",
                 hint="check the endpoint URL and your network, or unset HF_HUB_OFFLINE",
+                **about,
             ) from error
         except LocalTokenNotFoundError as error:
             raise AuthenticationError(
-                f"{what}: no access token", hint="pass --token or run `hf auth login`"
+                f"{what}: no access token", hint="pass --token or run `hf auth login`", **about
             ) from error
         except ValueError as error:
             if not str(error).startswith("Invalid metadata in README.md"):
@@ -100,23 +140,37 @@ class HubRegistry(Registry):
             raise CardError(
                 f"{what}: {self.endpoint} refused the model card: {error}",
                 hint="fix the front matter between the '---' lines of README.md",
+                **about,
             ) from error
         except HfHubHTTPError as error:
-            status = error.response.status_code
-            message = (error.server_message or str(error)).splitlines()[0]
-            if status in (401, 403):
-                raise AuthenticationError(
-                    f"{what}: {self.endpoint} refused the token ({status}: {message})",
-                    hint="pass a valid --token (or none, for public repos); "
-                    "pushing needs one with write access to the namespace",
-                ) from error
-            if status in (409, 412):
-                raise ConflictError(f"{what}: {message}", hint="pull again and retry") from error
-            raise QuiverError(f"{what}: {self.endpoint} answered {status}: {message}") from error
+            raise self._http_error(what, error, about) from error
 
-    def upload(self, repo_id: str, folder: Path, *, message: str, branch: str = "main") -> str:
+    def _http_error(self, what: str, error: HfHubHTTPError, about: dict) -> Exception:
+        status = error.response.status_code
+        message = (error.server_message or str(error)).splitlines()[0]
+        if status in (401, 403):
+            return AuthenticationError(
+                f"{what}: {self.endpoint} refused the token ({status}: {message})",
+                hint="pass a valid --token (or none, for public repos); "
+                "pushing needs one with write access to the namespace",
+                **about,
+            )
+        if status in (409, 412):
+            return ConflictError(f"{what}: {message}", hint="pull again and retry", **about)
+        return RegistryError(f"{what}: {self.endpoint} answered {status}: {message}", **about)
+
+    def upload(
+        self,
+        repo_id: str,
+        folder: Path,
+        *,
+        message: str,
+        branch: str = "main",
+        replace: bool = True,
+        parent_commit: str | None = None,
+    ) -> str:
         check_repo_id(repo_id)
-        with self._translate_errors(f"push {repo_id}"):
+        with self._translate_errors(f"push {repo_id}", repo_id, branch):
             created = self._create_repo(repo_id)
             try:
                 if branch != "main":
@@ -126,7 +180,8 @@ class HubRegistry(Registry):
                     folder_path=folder,
                     revision=branch,
                     commit_message=message,
-                    delete_patterns="*",  # the folder is the whole new snapshot
+                    delete_patterns="*" if replace else None,
+                    parent_commit=parent_commit,
                 )
             except BaseException:
                 if created:  # leave no empty repo behind a failed first push
@@ -149,7 +204,7 @@ class HubRegistry(Registry):
         self, repo_id: str, *, revision: str | None = None, patterns: Sequence[str] | None = None
     ) -> tuple[Path, str]:
         check_repo_id(repo_id)
-        with self._translate_errors(f"pull {repo_id}@{revision or 'main'}"):
+        with self._translate_errors(f"pull {repo_id}@{revision or 'main'}", repo_id, revision):
             folder = snapshot_download(
                 repo_id,
                 revision=revision,
@@ -166,21 +221,25 @@ class HubRegistry(Registry):
                 entry.resolve().unlink(missing_ok=True)
                 entry.unlink()
 
+    def files(self, repo_id: str, *, revision: str) -> list[str]:
+        with self._translate_errors(f"files of {repo_id}@{revision}", repo_id, revision):
+            return self.api.list_repo_files(repo_id, revision=revision)
+
     def tag(self, repo_id: str, tag: str, *, revision: str) -> None:
         try:
-            with self._translate_errors(f"tag {repo_id}@{revision} as {tag!r}"):
+            with self._translate_errors(f"tag {repo_id}@{revision} as {tag!r}", repo_id, tag):
                 self.api.create_tag(repo_id, tag=tag, revision=revision)
         except ConflictError as error:
             raise tag_taken(repo_id, tag) from error
 
     def refs(self, repo_id: str) -> dict[str, str]:
-        with self._translate_errors(f"refs of {repo_id}"):
+        with self._translate_errors(f"refs of {repo_id}", repo_id):
             refs = self.api.list_repo_refs(repo_id)
         return {ref.name: ref.target_commit for ref in [*refs.branches, *refs.tags]}
 
     def versions(self, repo_id: str, *, branch: str = "main") -> list[Version]:
         refs = commits_to_refs(self.refs(repo_id))
-        with self._translate_errors(f"versions of {repo_id}@{branch}"):
+        with self._translate_errors(f"versions of {repo_id}@{branch}", repo_id, branch):
             commits = self.api.list_repo_commits(repo_id, revision=branch)
         return [
             Version(c.commit_id, c.created_at, c.title, refs.get(c.commit_id, ())) for c in commits
@@ -211,18 +270,21 @@ class HubRegistry(Registry):
         return hits
 
     def delete(self, repo_id: str) -> None:
-        with self._translate_errors(f"delete {repo_id}"):
+        with self._translate_errors(f"delete {repo_id}", repo_id):
             self.api.delete_repo(repo_id)
 
 
-def open_registry(spec: str | Path | None = None, *, token: str | None = None) -> Registry:
+def open_registry(
+    spec: str | Path | None = None, *, token: str | None = None, create: bool = False
+) -> Registry:
     """A registry from a spec: a folder path, an http(s) endpoint URL, "hf" for huggingface.co,
-    or None for the local store under ``$QUIVER_HOME``."""
+    or None for the local store under ``$QUIVER_HOME``. A folder must already be a store unless
+    ``create=True`` (as for a push), so that a mistyped path fails instead of making a new one."""
     if spec is None or str(spec) == "":
         return LocalRegistry()
     spec = str(spec)
     if spec == "hf":
         return HubRegistry(HF_HUB_URL, token=token)
-    if spec.startswith(("http://", "https://")):
-        return HubRegistry(spec, token=token)
-    return LocalRegistry(Path(spec).expanduser())
+    if _URL_SCHEME.match(spec):
+        return HubRegistry(spec, token=token)  # refuses schemes other than http(s)
+    return LocalRegistry(Path(spec).expanduser(), create=create)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -22,12 +21,26 @@ from huggingface_hub import ModelCard, ModelCardData
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from quiver.errors import CardError, NotFoundError, QuiverError
-from quiver.registry.base import Registry, Version, check_repo_id
+from quiver.errors import (
+    AlreadyExistsError,
+    CardError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    QuiverError,
+)
+from quiver.registry.base import (
+    HOLDINGS,
+    LIBRARY_MANIFEST,
+    Registry,
+    Version,
+    check_repo_id,
+    writing,
+)
 from quiver.registry.card import LIBRARY_TAG, QUIVER_TAG, base_model_tag
 from quiver.registry.expert import CARD, EXPERT_FILES, Expert, check_hash, sha256_file
 
-MANIFEST = "library.json"
+MANIFEST = LIBRARY_MANIFEST
 FORMAT = "quiver-library/1"
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -54,7 +67,7 @@ Pull it with `quiver library pull {{ title }}`.
 
 def _check_name(name: str, what: str) -> str:
     if not _NAME.match(name):
-        raise QuiverError(
+        raise InvalidInputError(
             f"invalid {what} name {name!r}", hint="use letters, digits, '-', '_' or '.'"
         )
     return name
@@ -152,10 +165,15 @@ class Library:
     ) -> Library:
         """Publish a new, empty library for ``base_model`` (``build``: how it is being made)."""
         check_repo_id(repo_id)
-        if _exists(registry, repo_id):
-            raise QuiverError(
-                f"library {repo_id} already exists in {registry.location}",
-                hint="open it with Library.open, or pick another name",
+        head = registry.head(repo_id)
+        if head is not None:
+            holds = registry.holding(repo_id, head)
+            raise AlreadyExistsError(
+                f"{repo_id} already exists in {registry.location}"
+                + (f" and holds {HOLDINGS[holds]}" if holds != "library" else ""),
+                hint="change it with Library.open(registry, repo_id).add/remove, "
+                "or pick another name",
+                repo_id=repo_id,
             )
         manifest = LibraryManifest(
             name=repo_id, base_model=base_model, description=description, build=build
@@ -165,17 +183,9 @@ class Library:
     @classmethod
     def open(cls, registry: Registry, repo_id: str, *, revision: str | None = None) -> Library:
         """Fetch a library's manifest, card and artifacts (not its experts) and verify them."""
-        check_repo_id(repo_id)
-        folder, commit = registry.download(
-            repo_id, revision=revision, patterns=[MANIFEST, CARD, "artifacts/*"]
+        manifest, folder, commit = _read_manifest(
+            registry, repo_id, revision, patterns=[MANIFEST, CARD, "artifacts/*"]
         )
-        if not (folder / MANIFEST).is_file():
-            raise NotFoundError(
-                f"{repo_id}@{commit[:10]} has no {MANIFEST}: it is not a Quiver library",
-                hint="pull experts with `quiver pull`, or create the library first",
-            )
-        text = (folder / MANIFEST).read_text(encoding="utf-8")
-        manifest = LibraryManifest.from_json(text, source=f"{repo_id}@{commit[:10]}")
         library = cls(registry, repo_id, manifest, commit=commit, folder=folder)
         for name, expected in manifest.artifacts.items():
             path = library._artifact_file(name)
@@ -277,10 +287,13 @@ class Library:
             expert = Expert.from_folder(expert)
         name = _check_name(name or expert.name, "expert")
         if name in self.names:
-            raise QuiverError(
+            raise AlreadyExistsError(
                 f"library {self.repo_id} already has an expert named {name!r}",
                 hint="remove it first, or pass another name",
+                repo_id=self.repo_id,
+                expert=name,
             )
+        expert.check_finite()
         manifest = self.manifest
         expert.check_fits(
             base_model=manifest.base_model,
@@ -323,7 +336,7 @@ class Library:
             with safe_open(str(path), framework="pt"):
                 pass
         except (SafetensorError, OSError) as error:
-            raise QuiverError(
+            raise InvalidInputError(
                 f"artifact {path} is not a readable safetensors file ({error})",
                 hint="save routing artifacts with safetensors.torch.save_file",
             ) from error
@@ -349,6 +362,7 @@ class Library:
             {**kept_experts, **(experts or {})},
             {**kept_artifacts, **(artifacts or {})},
             message=message,
+            parent_commit=self.commit,  # refuse, rather than undo, a change made since
         )
         # Experts fetched before keep their (identical, pinned) files; new ones are fetched anew.
         fetched = {n: e for n, e in self._experts.items() if n in published.names}
@@ -357,47 +371,117 @@ class Library:
         return self
 
     def push(
-        self, registry: Registry, repo_id: str | None = None, *, message: str | None = None
-    ) -> Library:
-        """Publish this library (and the experts it references) to another registry."""
+        self,
+        registry: Registry,
+        repo_id: str | None = None,
+        *,
+        overwrite: bool = False,
+        message: str | None = None,
+    ) -> LibraryPush:
+        """Publish this library, and the experts it references, to another registry.
+
+        Everything is checked before anything is written: the target repo must be a library (or
+        not exist), and an expert repo there whose main holds other weights is refused, naming
+        both hashes, unless ``overwrite=True`` moves its main to the library's weights."""
         repo_id = check_repo_id(repo_id or self.repo_id)
         experts = self.fetch()
-        pins = []
+        head = registry.head(repo_id)
+        replaced: tuple[str, ...] = ()
+        if head is not None and registry.require_kind(repo_id, head, "library") == "library":
+            before, _, _ = _read_manifest(registry, repo_id, head, patterns=[MANIFEST])
+            ours = self.manifest.artifacts
+            replaced = tuple(n for n, sha in before.artifacts.items() if ours.get(n) != sha)
+        referenced = [pin for pin in self.manifest.experts if not pin.bundled]
+        found = {pin.name: _find_on(registry, pin) for pin in referenced}
+        clashes = {pin.repo_id: found[pin.name][1] for pin in referenced if found[pin.name][1]}
+        if clashes and not overwrite:
+            raise _clash_error(registry, clashes, self.manifest.experts)
+        pins, pushed, already_there = [], [], []
         for pin in self.manifest.experts:
             if not pin.bundled:
-                commit = _published_commit(registry, pin)
-                commit = commit or registry.push(experts[pin.name], pin.repo_id).commit
+                commit = found[pin.name][0]
+                if commit is None:
+                    commit = registry.push(experts[pin.name], pin.repo_id).commit
+                    pushed.append(pin.repo_id)
+                else:
+                    already_there.append(pin.repo_id)
                 pin = dataclasses.replace(pin, commit=commit)
             pins.append(pin)
         manifest = dataclasses.replace(self.manifest, name=repo_id, experts=pins)
         bundled = {pin.name: experts[pin.name] for pin in pins if pin.bundled}
         artifacts = {name: self._artifact_file(name) for name in manifest.artifacts}
-        return _publish(
-            registry, repo_id, manifest, bundled, artifacts, message=message or "Push library"
+        library = _publish(
+            registry,
+            repo_id,
+            manifest,
+            bundled,
+            artifacts,
+            message=message or "Push library",
+            parent_commit=head,
         )
+        return LibraryPush(library, tuple(pushed), tuple(already_there), clashes, replaced)
 
     def __repr__(self) -> str:
         return f"Library({self.repo_id!r}@{self.commit[:10]}, experts={self.names})"
 
 
-def _exists(registry: Registry, repo_id: str) -> bool:
-    try:
-        registry.download(repo_id, patterns=[MANIFEST])
-    except NotFoundError:
-        return False
-    return True
+@dataclass(frozen=True)
+class LibraryPush:
+    """What ``Library.push`` did."""
+
+    library: Library  # the library as published on the target
+    pushed: tuple[str, ...]  # expert repos this push committed to
+    already_there: tuple[str, ...]  # expert repos that held the pinned weights already
+    overwritten: dict[str, str]  # expert repo -> sha256 of the weights its main held before
+    replaced_artifacts: tuple[str, ...]  # the target library's artifacts this version changed
 
 
-def _published_commit(registry: Registry, pin: ExpertPin) -> str | None:
-    """The commit of ``pin``'s weights in ``registry``: the pinned one or an identical head."""
-    for revision in (pin.commit, None):
+def _read_manifest(
+    registry: Registry, repo_id: str, revision: str | None, *, patterns: list[str]
+) -> tuple[LibraryManifest, Path, str]:
+    check_repo_id(repo_id)
+    folder, commit = registry.download(repo_id, revision=revision, patterns=patterns)
+    if not (folder / MANIFEST).is_file():
+        raise NotFoundError(
+            f"{repo_id}@{commit[:10]} has no {MANIFEST}: it is not a Quiver library",
+            hint="pull experts with `quiver pull`, or create the library first",
+            repo_id=repo_id,
+            revision=revision,
+        )
+    text = (folder / MANIFEST).read_text(encoding="utf-8")
+    return LibraryManifest.from_json(text, source=f"{repo_id}@{commit[:10]}"), folder, commit
+
+
+def _find_on(registry: Registry, pin: ExpertPin) -> tuple[str | None, str | None]:
+    """Where ``pin``'s weights already are in ``registry``: the commit holding them (the pinned
+    one, or main's) or None; and, when main holds another expert, the sha256 of its weights."""
+    head = registry.head(pin.repo_id)
+    if head is None or registry.require_kind(pin.repo_id, head, "expert") == "empty":
+        return None, None
+    for revision in (pin.commit, head):
         try:
             expert = registry.pull(pin.repo_id, revision=revision)
         except NotFoundError:
-            continue
+            continue  # the pinned commit is another registry's
         if expert.weights_sha256 == pin.sha256:
-            return expert.commit
-    return None
+            return expert.commit, None
+    return None, expert.weights_sha256
+
+
+def _clash_error(
+    registry: Registry, clashes: dict[str, str], pins: list[ExpertPin]
+) -> ConflictError:
+    ours = {pin.repo_id: pin.sha256 for pin in pins}
+    each = "; ".join(
+        f"{repo} holds sha256 {theirs[:16]}…, the library pins {ours[repo][:16]}…"
+        for repo, theirs in clashes.items()
+    )
+    return ConflictError(
+        f"expert repos in {registry.location} already hold other weights: {each}",
+        hint="pass overwrite=True (quiver library push --overwrite) to move their main to the "
+        "library's weights",
+        repo_id=next(iter(clashes)),
+    )
 
 
 def _library_card(repo_id: str, manifest: LibraryManifest) -> ModelCard:
@@ -428,21 +512,25 @@ def _publish(
     artifacts: dict[str, Path],
     *,
     message: str,
+    parent_commit: str | None = None,
 ) -> Library:
     """Stage the library's full snapshot in a temporary folder and commit it as one version."""
-    with tempfile.TemporaryDirectory(prefix="quiver-library-") as staging_dir:
+    with (
+        writing(f"publish library {repo_id}", repo_id),
+        tempfile.TemporaryDirectory(prefix="quiver-library-") as staging_dir,
+    ):
         staging = Path(staging_dir)
         for pin in manifest.experts:
             if pin.bundled:
                 expert = experts[pin.name]
                 member = dataclasses.replace(expert.card, library=repo_id)
                 dataclasses.replace(expert, card=member).save(
-                    staging / pin.subfolder, title=f"{repo_id}/{pin.subfolder}"
+                    staging / pin.subfolder, title=f"{repo_id}/{pin.subfolder}", link=True
                 )
         for name, path in artifacts.items():
             (staging / "artifacts").mkdir(exist_ok=True)
-            shutil.copyfile(path, staging / "artifacts" / f"{name}.safetensors")
+            (staging / "artifacts" / f"{name}.safetensors").symlink_to(Path(path).resolve())
         (staging / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
         _library_card(repo_id, manifest).save(staging / CARD)
-        commit = registry.upload(repo_id, staging, message=message)
+        commit = registry.upload(repo_id, staging, message=message, parent_commit=parent_commit)
     return Library.open(registry, repo_id, revision=commit)

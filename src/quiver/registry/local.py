@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quiver.errors import NotFoundError, QuiverError
+from quiver.errors import ConflictError, NotFoundError, QuiverError
 from quiver.home import quiver_home
 from quiver.registry.base import (
     Registry,
@@ -51,9 +51,15 @@ _COMMITS = "SELECT commit_id, parent, message, date FROM commits WHERE repo_id =
 class LocalRegistry(Registry):
     """A registry in a local folder (default: ``$QUIVER_HOME/registry``)."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, *, create: bool = True) -> None:
         self.root = Path(root) if root is not None else quiver_home() / "registry"
         self.location = str(self.root)
+        if not create and not (self.root / "index.sqlite").is_file():
+            raise NotFoundError(
+                f"no Quiver store at {self.root}",
+                hint="check the path; pushing to a folder (quiver push, quiver library create) "
+                "makes it a store",
+            )
         for sub in ("blobs", "snapshots", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         with self._db() as db:
@@ -101,7 +107,16 @@ class LocalRegistry(Registry):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def upload(self, repo_id: str, folder: Path, *, message: str, branch: str = "main") -> str:
+    def upload(
+        self,
+        repo_id: str,
+        folder: Path,
+        *,
+        message: str,
+        branch: str = "main",
+        replace: bool = True,
+        parent_commit: str | None = None,
+    ) -> str:
         check_repo_id(repo_id)
         summary = self._summarize(repo_id, folder) if branch == "main" else None
         files = {
@@ -111,9 +126,18 @@ class LocalRegistry(Registry):
         }
         with self._db(write=True) as db:
             head = self._head(db, repo_id, branch)
+            parent = head or self._head(db, repo_id, "main")
+            if parent_commit is not None and parent != parent_commit:
+                raise ConflictError(
+                    f"{repo_id}@{branch} moved to {parent} while pushing onto {parent_commit}",
+                    hint="pull again and retry",
+                    repo_id=repo_id,
+                    revision=branch,
+                )
+            if not replace and parent is not None:
+                files = {**self._files(db, repo_id, parent), **files}
             if head is not None and self._files(db, repo_id, head) == files:
                 return head  # nothing changed: no empty commit (the Hub skips those too)
-            parent = head or self._head(db, repo_id, "main")
             date = datetime.now(timezone.utc).isoformat()
             fingerprint = json.dumps([repo_id, parent, message, date, files], sort_keys=True)
             commit = hashlib.sha1(fingerprint.encode()).hexdigest()
@@ -221,6 +245,10 @@ class LocalRegistry(Registry):
                 hint=f"push {repo_id} again",
             )
         return snapshot, commit
+
+    def files(self, repo_id: str, *, revision: str) -> list[str]:
+        folder, _ = self.download(repo_id, revision=revision)
+        return [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
 
     def refs(self, repo_id: str) -> dict[str, str]:
         with self._db() as db:

@@ -1,34 +1,28 @@
 """Read a set of PEFT LoRA folders in one pass and stack them per target module.
 
 An expert is a plain PEFT folder: ``adapter_config.json`` (peft_type LORA) and
-``adapter_model.safetensors``. Stacking turns E experts into two tensors per module,
-``A [E, r, in]`` and ``B [E, out, r]`` (ranks zero-padded to the largest, which leaves ``B @ A``
-unchanged), plus each expert's LoRA scale, so a routed layer never loops over adapter objects.
+``adapter_model.safetensors``, checked by the registry's one adapter check
+(``quiver.registry.adapter``) before its tensors are read. Stacking turns E experts into two
+tensors per module, ``A [E, r, in]`` and ``B [E, out, r]`` (ranks zero-padded to the largest,
+which leaves ``B @ A`` unchanged), plus each expert's LoRA scale, so a routed layer never loops
+over adapter objects.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
-from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from quiver.errors import IncompatibleExpertError, InvalidAdapterError, RoutingError
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-_LORA_KEY = re.compile(
-    r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(\.[^.]+)?\.weight$"
-)
+from quiver.registry.adapter import WEIGHTS, read_adapter
 
 
 @runtime_checkable
@@ -113,61 +107,18 @@ class ExpertSet:
                     )
 
 
-def read_expert(name: str, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Validate one PEFT LoRA folder and return its config and its tensors (safetensors only)."""
-    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not config_file.is_file():
-        raise InvalidAdapterError(
-            f"expert {name!r}: {folder} has no {CONFIG_FILE}",
-            hint="point at a PEFT adapter folder (the one save_pretrained wrote)",
-        )
-    if not weights_file.is_file():
-        pickled = any((folder / f).exists() for f in ("adapter_model.bin", "adapter_model.pt"))
-        raise InvalidAdapterError(
-            f"expert {name!r}: {folder} has no {WEIGHTS_FILE}"
-            + (" (only a pickled adapter_model.bin, which Quiver never loads)" if pickled else ""),
-            hint="re-save the adapter with safe_serialization=True",
-        )
+def read_expert(name: str, folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``module -> (A, B, scale)`` of one PEFT LoRA folder, checked as the registry checks it."""
+    label = f"expert {name!r}"
+    _, modules = read_adapter(folder, label)
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as error:
-        raise InvalidAdapterError(f"expert {name!r}: unreadable {config_file}: {error}") from error
-    if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        kind = "DoRA" if config.get("use_dora") else config.get("peft_type")
-        raise InvalidAdapterError(
-            f"expert {name!r} is a {kind} adapter, not a plain LoRA",
-            hint="routing combines LoRA experts only (peft_type LORA, use_dora false)",
-        )
-    try:
-        with safe_open(str(weights_file), framework="pt") as weights:
-            tensors = {key: weights.get_tensor(key) for key in weights.keys()}  # noqa: SIM118
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise InvalidAdapterError(f"expert {name!r}: unreadable {weights_file}: {error}") from error
-    return config, tensors
-
-
-def _expert_factors(name: str, config: dict, tensors: dict) -> dict[str, tuple[Any, Any, float]]:
-    """``module -> (A, B, scale)`` for one expert, refusing anything that is not a LoRA factor."""
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
-        if match is None:
-            raise InvalidAdapterError(
-                f"expert {name!r} holds {key!r}, which is not a LoRA A/B weight",
-                hint="routing supports LoRA on Linear/Conv1D layers only (no biases, "
-                "embeddings or modules_to_save)",
-            )
-        factors.setdefault(match["module"], {})[match["factor"]] = tensor
-    alpha_pattern = config.get("alpha_pattern") or {}
-    out = {}
-    for module, pair in factors.items():
-        if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
-            raise InvalidAdapterError(f"expert {name!r}: broken LoRA pair at {module}")
-        rank = pair["A"].shape[0]
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, module), config["lora_alpha"])
-        scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
-        out[module] = (pair["A"], pair["B"], float(scale))
-    return out
+        with safe_open(str(folder / WEIGHTS), framework="pt") as weights:
+            return {
+                module: (weights.get_tensor(m.a_key), weights.get_tensor(m.b_key), m.scale)
+                for module, m in modules.items()
+            }
+    except Exception as error:  # safetensors raises its own error types for corrupt data
+        raise InvalidAdapterError(f"{label}: unreadable {folder / WEIGHTS}: {error}") from error
 
 
 def _check_against_model(name: str, factors: dict, model: nn.Module) -> None:
@@ -210,7 +161,7 @@ def load_experts(
         dtype, device = dtype or reference.dtype, device or reference.device
     per_expert = {}
     for name, folder in tqdm(paths.items(), desc="loading experts", unit="expert", disable=None):
-        factors = _expert_factors(name, *read_expert(name, folder))
+        factors = read_expert(name, folder)
         if model is not None:
             _check_against_model(name, factors, model)
         per_expert[name] = factors

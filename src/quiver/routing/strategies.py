@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,9 @@ class Merge:
 
     def __post_init__(self) -> None:
         _check_mixing(self.mixing)
+        for name, weight in (self.weights or {}).items():
+            if not math.isfinite(weight):
+                raise RoutingError(f"merge weight of {name!r} is {weight}, not a finite number")
 
     def expert_weights(self, experts: ExpertSet) -> torch.Tensor:
         if self.weights is None:
