@@ -47,7 +47,7 @@ def run(
         config = RunConfig.reduced(base=str(base or DEMO_FOLDER / "base"), seed=seed)
     else:
         config = RunConfig(base=str(base) if base else None, seed=seed)
-    target = registry_from(registry, token) if registry else None
+    target = registry_from(registry, token, create=True) if registry else None
     run_benchmark(config, output, registry=target, say=console.print)
 
 
@@ -70,5 +70,5 @@ def install(registry: str | None = RegistryOption, token: str | None = TokenOpti
     """Install the prebuilt demo library and its base model into a registry."""
     from quiver.toyworld import DEMO_BASE_MODEL, install_demo
 
-    library = install_demo(registry_from(registry, token))
+    library = install_demo(registry_from(registry, token, create=True))
     console.print(f"{library} (base model {DEMO_BASE_MODEL})")

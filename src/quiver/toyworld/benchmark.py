@@ -11,6 +11,7 @@ diagnostics; the goals of the benchmark are checked against the table and report
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -210,9 +211,15 @@ def run(
     registry: Registry | None = None,
     say: Callable[[str], None] = print,
 ) -> Results:
-    """The whole benchmark; writes results.json, results.md and results.png into ``output``."""
+    """The whole benchmark; writes results.json, results.md and results.png into ``output``.
+
+    The libraries are pushed to ``registry`` (default: a local store in ``output/registry``,
+    emptied first) and pulled back from it before routing.
+    """
     output = Path(output)
-    registry = registry or LocalRegistry(output / "registry")
+    if registry is None:  # the run's own store: a new run starts it afresh
+        shutil.rmtree(output / "registry", ignore_errors=True)
+        registry = LocalRegistry(output / "registry")
     stages = Stages(say)
     built = build_libraries(config, registry, stages)
     tasks = [*config.training_tasks(), *config.held_out_tasks()]
