@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from quiver.errors import InvalidInputError, TrainingError
 from quiver.registry import Library, Registry
 from quiver.routing import Arrow, route
+from quiver.routing.base_model import push_base_model
 from quiver.toyworld.evaluate import Evaluation, TaskResult, evaluate
 from quiver.toyworld.model import PretrainConfig, pretrain_base, training_pairs
 from quiver.toyworld.tasks import HELD_OUT, Task, copy_tasks, get_tasks
@@ -163,25 +164,6 @@ def check_experts(own: Evaluation, gate: float) -> None:
         )
 
 
-def publish_base(registry: Registry, repo_id: str, model: PreTrainedModel, tokenizer) -> str:
-    """Push the base model as a plain transformers model repo (safetensors, tokenizer, card)."""
-    with tempfile.TemporaryDirectory(prefix="quiver-toyworld-base-") as folder:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        (Path(folder) / "README.md").write_text(_base_card(repo_id), encoding="utf-8")
-        return registry.upload(repo_id, Path(folder), message="Toy-world base model")
-
-
-def _base_card(repo_id: str) -> str:
-    return (
-        "---\nlibrary_name: transformers\npipeline_tag: text-generation\n"
-        "tags: [quiver, toyworld]\nlicense: apache-2.0\n---\n\n"
-        f"# {repo_id}\n\nThe Quiver toy world's base model: a ~0.9M-parameter Llama with a "
-        "word-level tokenizer, pretrained on generic copy/reverse/first/last operations over "
-        "digits, letters, symbols, colours and animals. `quiver toyworld build` regenerates it.\n"
-    )
-
-
 def load_base(base: str | Path) -> tuple[PreTrainedModel, Any]:
     model = AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=False).eval()
     return model, AutoTokenizer.from_pretrained(str(base))
@@ -197,7 +179,7 @@ def build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Bu
         check_base(model, tokenizer, config.base_gate)
         base_id = f"{NAMESPACE}/{BASE_NAME}"
         model.name_or_path = model.config._name_or_path = base_id  # what the experts' cards name
-        publish_base(registry, base_id, model, tokenizer)
+        push_base_model(registry, base_id, model, tokenizer, message="Toy-world base model")
     tasks = config.training_tasks()
     data = {
         t.name: training_pairs(tokenizer, t.examples(config.train_examples, seed=config.seed))
