@@ -56,7 +56,7 @@ def test_a_registry_that_cannot_be_written_gets_a_typed_error(tmp_path, monkeypa
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("QUIVER_HOME", str(blocker / "home"))  # cannot become a folder
-    with pytest.raises(RegistryError, match="cannot install the demo"):
+    with pytest.raises(RegistryError, match="Not a directory"):
         install_demo()
 
 
