@@ -16,10 +16,6 @@ from quiver.toyworld.pipeline import check_base, check_experts
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    "granularity" not in Arrow.__dataclass_fields__,
-    reason="needs Arrow(granularity='sequence') from the routing branch (remove once it lands)",
-)
 def test_reduced_run_routes_held_out_tasks_to_the_right_cluster(tmp_path):
     torch.set_num_threads(1)
     config = RunConfig.reduced(base=str(DEMO_FOLDER / "base"))
