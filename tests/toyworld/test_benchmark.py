@@ -8,7 +8,6 @@ from transformers import LlamaForCausalLM
 
 from quiver.errors import InvalidInputError, TrainingError
 from quiver.registry import LocalRegistry
-from quiver.routing import Arrow
 from quiver.toyworld import DEMO_FOLDER, RunConfig, run_benchmark
 from quiver.toyworld.evaluate import Evaluation, TaskResult
 from quiver.toyworld.model import build_tokenizer, model_config
