@@ -1,4 +1,5 @@
-"""The chat engine: the one shared model, streamed, each answer with its own routing trace."""
+"""The chat engine: the one shared model, streamed, each answer with its own routing trace; on the
+library of random experts, whose answers run as long as asked (the demo's are a few words)."""
 
 import itertools
 import threading
@@ -6,9 +7,9 @@ import time
 
 import pytest
 import torch
+from app_helpers import RANDOM_BASE_MODEL, RANDOM_EXPERTS
 
 from quiver.app import ChatEngine, GenerationSettings, StrategySpec
-from quiver.app.demo import DEMO_BASE_MODEL, DEMO_EXPERTS, DEMO_LIBRARY
 from quiver.app.engine import _Answer
 from quiver.errors import InvalidInputError, NotFoundError, RoutingError
 from quiver.registry import Library
@@ -24,9 +25,14 @@ def answer(engine, strategy, message="Hello there", history=(), settings=GREEDY)
 
 
 @pytest.fixture(scope="module")
+def engine(random_engine):
+    return random_engine
+
+
+@pytest.fixture(scope="module")
 def reference(local_registry):
-    """A second copy of the demo base model, to check the engine against."""
-    model, tokenizer = load_base_model(local_registry, DEMO_BASE_MODEL)
+    """A second copy of the base model, to check the engine against."""
+    model, tokenizer = load_base_model(local_registry, RANDOM_BASE_MODEL)
     return model, tokenizer
 
 
@@ -60,7 +66,7 @@ def test_the_answer_streams_and_is_the_routed_models_own(engine, reference):
     finally:
         routed.unroute()
     first = ids.shape[1] - 1
-    assert routing.experts == tuple(DEMO_EXPERTS)
+    assert routing.experts == tuple(RANDOM_EXPERTS)
     assert sorted(routing.layers) == sorted(expected)
     for layer, weights in routing.layers.items():
         replayed = expected[layer][0, first : first + len(generated)]
@@ -72,8 +78,8 @@ def test_the_answer_streams_and_is_the_routed_models_own(engine, reference):
 def test_one_expert_gets_all_the_weight(engine):
     _, routing = answer(engine, StrategySpec("single", expert="cobalt"))[-1]
 
-    one_hot = torch.zeros(len(DEMO_EXPERTS))
-    one_hot[DEMO_EXPERTS.index("cobalt")] = 1
+    one_hot = torch.zeros(len(RANDOM_EXPERTS))
+    one_hot[RANDOM_EXPERTS.index("cobalt")] = 1
     for weights in routing.layers.values():
         assert torch.equal(torch.tensor(weights), one_hot.expand(len(routing.tokens), -1))
 
@@ -92,7 +98,7 @@ def test_arrow_per_sequence_keeps_the_prompts_choice_for_the_whole_answer(engine
     finally:
         routed.unroute()
     assert text == tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
-    chosen = torch.zeros(len(DEMO_EXPERTS)).index_put_((choice.index[0],), choice.weights[0])
+    chosen = torch.zeros(len(RANDOM_EXPERTS)).index_put_((choice.index[0],), choice.weights[0])
     assert (chosen > 0).sum() == 2
     torch.testing.assert_close(torch.tensor(routing.sequence), chosen)
     for weights in routing.layers.values():  # every token used the prompt's choice
@@ -218,11 +224,11 @@ def test_routing_errors_reach_the_reader(engine):
     assert answer(engine, StrategySpec("arrow"))[-1][1].layers  # still serving
 
 
-def test_swapping_libraries(local_registry, hub_server):
+def test_swapping_libraries(local_registry, random_library, hub_server):
     """(hub_server: the Hub that HF_ENDPOINT names answers "no such model" at once.)"""
-    engine = ChatEngine(local_registry, DEMO_LIBRARY)
+    engine = ChatEngine(local_registry, random_library)
     model = engine.model
-    Library.create(local_registry, "acme/empty-chat", base_model=DEMO_BASE_MODEL)
+    Library.create(local_registry, "acme/empty-chat", base_model=RANDOM_BASE_MODEL)
     long = GenerationSettings(max_new_tokens=120)
     uninterrupted = answer(engine, StrategySpec("arrow"), settings=long)[-1]
 

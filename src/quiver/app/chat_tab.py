@@ -3,7 +3,7 @@ and the ``chat`` API endpoint (``Client(url).predict(message, api_name="/chat")`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import gradio as gr
@@ -119,7 +119,7 @@ def _strategy_controls(engine: ChatEngine, title: str, default: str, key: str) -
         )
         granularity = gr.Radio(
             [("Route every token", "token"), ("Route the answer once, by its prompt", "sequence")],
-            value="token",
+            value="sequence",  # the one that routes the demo's prompts right (README, Toy world)
             label="Granularity",
             visible=shown[3],
             elem_id=f"granularity-{key}",
@@ -171,7 +171,10 @@ def _answer_column(title: str, key: str, visible: bool):
     return column, chatbot, figure, summary, view
 
 
-def chat_tab(engine: ChatEngine, concurrency: int) -> ChatTab:
+def chat_tab(
+    engine: ChatEngine, concurrency: int, examples: Sequence[str] | None = None
+) -> ChatTab:
+    """The tab; ``examples``: messages to offer under the message box."""
     info = gr.Markdown(engine.describe())
     with gr.Row():
         _, *pane_a = _answer_column("Answer", "a", True)
@@ -196,6 +199,8 @@ def chat_tab(engine: ChatEngine, concurrency: int) -> ChatTab:
         )
         send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         clear = gr.Button("Clear", scale=1)
+    if examples:
+        gr.Examples(list(examples), message, label="Try")
     panes = (
         ChatPane(*pane_a, gr.State(), controls_a),
         ChatPane(*pane_b, gr.State(), controls_b),

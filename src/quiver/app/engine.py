@@ -229,9 +229,11 @@ class _Answer(BaseStreamer):
         self.finished.set()
         self.news.set()
 
-    def frames(self, frame_seconds: float) -> Iterator[tuple[str, TokenRouting | None]]:
+    def frames(
+        self, frame_seconds: float, worker: threading.Thread
+    ) -> Iterator[tuple[str, TokenRouting | None]]:
         """The reader's side: the text so far when ids have come, at most once a frame (the
-        first at once), then the whole answer with its routing."""
+        first at once), then the whole answer with its routing once ``worker`` is done."""
         shown = -math.inf
         try:
             while True:
@@ -239,6 +241,7 @@ class _Answer(BaseStreamer):
                 self.finished.wait(shown + frame_seconds - time.monotonic())  # frame or end
                 self.news.clear()
                 if self.finished.is_set():
+                    worker.join()  # it only has its call's routing context left to leave
                     if self.error is not None:
                         raise self.error
                     yield self.result
@@ -413,8 +416,9 @@ class ChatEngine:
         with its routing. Closing the iterator stops the answer."""
         answer = _Answer()
         job = (message, list(history), strategy, settings, answer)
-        threading.Thread(target=self._answer, args=job, daemon=True).start()
-        return answer.frames(frame_seconds)
+        worker = threading.Thread(target=self._answer, args=job, daemon=True)
+        worker.start()
+        return answer.frames(frame_seconds, worker)
 
     def _answer(self, message, history, strategy, settings, answer: _Answer) -> None:
         """The worker: reads the chat, generates one answer with its strategy and routing."""

@@ -71,7 +71,11 @@ def library_tab(engine: ChatEngine, registries: RegistryTab, chat: ChatTab) -> N
             k = gr.Number(0, precision=0, minimum=0, label="Number of clusters", info=MBC_INFO)
             cluster_button = gr.Button("Cluster")
         clusters = gr.Dataframe(
-            headers=CLUSTER_COLUMNS, interactive=False, label="MBC clusters", scale=2
+            headers=CLUSTER_COLUMNS,
+            interactive=False,
+            label="MBC clusters",
+            scale=2,
+            elem_id="clusters",
         )
     with gr.Row():
         prototypes_button = gr.Button("Compute and store Arrow prototypes")
