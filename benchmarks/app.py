@@ -1,9 +1,11 @@
 """The app's overhead on a chat: time to first token and tokens per second on the embedded default
 (or on a bigger model), against calling the routed model directly, side by side in one process.
 
-Four ways to answer the same prompt with the same routed model (Arrow top-2, greedy, so all
-produce the same tokens; ``--model demo`` the embedded default, ``--model llama-512`` random
-experts on a ``quiver.testing`` Llama of hidden size 512 and 6 layers, 20M parameters):
+Four ways to answer the same prompt with the same routed model (Arrow top-2, greedy, every way
+made to write the same ``--tokens`` tokens, or as many as the context leaves room for: 24 on the
+demo's 32 positions). ``--model demo``: the embedded default (the toy world's 0.87M-parameter
+Llama and its four experts); ``--model llama-512``: four random experts on a ``quiver.testing``
+Llama of hidden size 512 and 6 layers (14.5M parameters):
 
 - direct: ``route(model, library, Arrow(top_k=2)).generate(..., streamer=...)``, the reference;
 - direct, traced: the same inside ``routed.trace()``, and the per-token routing read from it (what
@@ -42,7 +44,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers.generation.streamers import BaseStreamer
 
-MESSAGE = "Tell me about routing."
+MESSAGE = "map each : purple black brown white"  # one of the demo's, any text for the others
 
 
 class _Clock(BaseStreamer):
@@ -121,7 +123,7 @@ def app_stream(http: httpx.Client, url: str, tokens: int) -> tuple[float, float,
     return ttft, (count - 1) / (times[-1] - times[0]), count
 
 
-def open_bench_engine(model: str, tokens: int):
+def open_bench_engine(model: str):
     """The engine on the embedded default, or on random experts over a bigger Llama."""
     from quiver.app import ChatEngine, open_engine
     from quiver.app.demo import install_random_library
@@ -132,7 +134,6 @@ def open_bench_engine(model: str, tokens: int):
         return open_engine()  # installed into the fresh $QUIVER_HOME
     base = tiny_model("llama", hidden=512, layers=6, heads=8, max_position_embeddings=1024)
     base.name_or_path = "bench/llama-512"
-    base.generation_config.min_new_tokens = tokens  # a random model may end early otherwise
     registry = LocalRegistry()
     library = install_random_library(registry, "bench/llama-512-experts", base, tiny_tokenizer())
     return ChatEngine(registry, library.repo_id)
@@ -153,21 +154,23 @@ def main() -> None:
     from quiver.routing import Arrow, route
     from quiver.routing.base_model import load_base_model
 
-    engine = open_bench_engine(args.model, args.tokens)
+    engine = open_bench_engine(args.model)
     app = serve(engine=engine)
     http = httpx.Client(timeout=60)
     library = engine.library
     model, _ = load_base_model(engine.registry, library.manifest.base_model)
     routed = route(model, library, Arrow(top_k=2))  # a second copy: the reference
     strategy = StrategySpec("arrow", top_k=2)
-    settings = GenerationSettings(max_new_tokens=args.tokens, temperature=0.0)
-    input_ids, _ = engine.prompt_ids(MESSAGE, [], args.tokens)
+    input_ids, tokens = engine.prompt_ids(MESSAGE, [], args.tokens)  # as many as fit
+    for copy in (engine.model, model):  # every way writes them all (no early end of text)
+        copy.generation_config.min_new_tokens = tokens
+    settings = GenerationSettings(max_new_tokens=tokens, temperature=0.0)
 
     ways = {
-        "direct": lambda: direct(routed, input_ids, args.tokens),
-        "direct, traced": lambda: direct(routed, input_ids, args.tokens, traced=True),
+        "direct": lambda: direct(routed, input_ids, tokens),
+        "direct, traced": lambda: direct(routed, input_ids, tokens, traced=True),
         "engine": lambda: engine_stream(engine, strategy, settings),
-        "app (HTTP)": lambda: app_stream(http, app.local_url, args.tokens),
+        "app (HTTP)": lambda: app_stream(http, app.local_url, tokens),
     }
     results: dict[str, list[tuple[float, ...]]] = {name: [] for name in ways}
     for round_ in range(args.rounds + 1):  # round 0 warms up (kernels, caches, connections)
