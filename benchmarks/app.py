@@ -20,8 +20,8 @@ counts the tokens after the first over the time from the first token to the comp
 (with its routing). CPU is the process's CPU time per answer (every thread: model, server,
 client), which a loaded machine disturbs far less than wall time. The ways are called in turn in
 every round after a warm-up; medians are reported with their ratio to direct (goal: app < 1.10),
-beside the least CPU of any round (the round other processes disturbed least: on a shared
-machine, the steadier measure), and the extra CPU per token each layer adds.
+beside the median of the rounds' own ratios (each round's CPU against the same round's direct,
+which cancels the changing load of a shared machine), and the extra CPU per token each layer adds.
 
     python benchmarks/app.py --rounds 9
     python benchmarks/app.py --model llama-512 --rounds 5
@@ -185,17 +185,22 @@ def main() -> None:
 
 def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace) -> None:
     """Medians of TTFT, tokens/s and CPU seconds per answer (every thread of this process: the
-    model, the server, the HTTP client), and the least CPU of any round (what other processes
-    disturbed least), each against direct."""
+    model, the server, the HTTP client), each against direct; and the median over rounds of each
+    round's CPU against that round's direct (paired: the load of the moment cancels out)."""
     median = {
         name: [statistics.median(run[i] for run in runs) for i in range(4)]
         for name, runs in results.items()
     }
-    least = {name: min(run[3] for run in runs) for name, runs in results.items()}
+    paired = {
+        name: statistics.median(
+            run[3] / direct[3] for run, direct in zip(runs, results["direct"], strict=True)
+        )
+        for name, runs in results.items()
+    }
     ttft0, rate0, _, cpu0 = median["direct"]
     table = Table(title=f"Chat on {args.model}: medians of {args.rounds} rounds")
     columns = ("way", "TTFT", "/ direct", "tokens/s", "direct / ours", "CPU", "/ direct")
-    for column in (*columns, "least CPU", "/ direct", "tokens"):
+    for column in (*columns, "/ direct, paired", "tokens"):
         table.add_column(column, justify="right")
     for name, (ttft, rate, tokens, cpu) in median.items():
         table.add_row(
@@ -206,21 +211,17 @@ def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace
             f"{rate0 / rate:.2f}x",
             f"{cpu * 1000:.0f} ms",
             f"{cpu / cpu0:.2f}x",
-            f"{least[name] * 1000:.0f} ms",
-            f"{least[name] / least['direct']:.2f}x",
+            f"{paired[name]:.2f}x",
             f"{tokens:.0f}",
         )
     Console(width=140).print(table)
-    tokens = median["direct"][2]
     ways = ("direct", "direct, traced", "engine", "app (HTTP)")
     steps = ("recording the routing", "the engine (using, thread, decoding)", "Gradio and HTTP")
+    per_token = cpu0 / median["direct"][2] * 1000
     for step, before, after in zip(steps, ways, ways[1:], strict=False):
-        by_median = (median[after][3] - median[before][3]) / tokens * 1000
-        by_least = (least[after] - least[before]) / tokens * 1000
-        print(
-            f"extra CPU per token for {step}: {by_median:.2f} ms (median), {by_least:.2f} (least)"
-        )
-    print(f"direct: {cpu0 / tokens * 1000:.2f} ms CPU per token (median)")
+        extra = (paired[after] - paired[before]) * per_token
+        print(f"extra CPU per token for {step}: {extra:.2f} ms (paired)")
+    print(f"direct: {per_token:.2f} ms CPU per token")
     print(f"torch {torch.__version__}, {args.threads} thread(s); {Path(__file__).name}")
 
 
