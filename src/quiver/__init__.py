@@ -20,6 +20,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "Arrow": "quiver.routing",
     "Merge": "quiver.routing",
     "Oracle": "quiver.routing",
+    "ELREA": "quiver.routing",
     "compute_arrow_prototypes": "quiver.routing",
     "save_prototypes": "quiver.routing",
     "load_prototypes": "quiver.routing",

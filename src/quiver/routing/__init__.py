@@ -6,12 +6,14 @@ from quiver.routing.arrow import (
     load_prototypes,
     save_prototypes,
 )
+from quiver.routing.elrea import ELREA
 from quiver.routing.experts import ExpertSet, load_experts
 from quiver.routing.model import RoutedModel, route
 from quiver.routing.strategies import Arrow, Merge, Oracle, single
 from quiver.routing.trace import RoutingTrace
 
 __all__ = [
+    "ELREA",
     "Arrow",
     "ArrowPrototypes",
     "ExpertSet",

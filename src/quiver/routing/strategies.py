@@ -25,6 +25,7 @@ from quiver.routing.arrow import (
     genknowsub,
     load_prototypes,
 )
+from quiver.routing.elrea import ELREA
 from quiver.routing.experts import ExpertSet, ExpertSource, LoraStack, load_experts
 from quiver.routing.layers import ArrowMixer, MergedMixer, OracleMixer
 
@@ -141,4 +142,11 @@ class Oracle:
         return {m: OracleMixer(stack) for m, stack in experts.modules.items()}
 
 
-STRATEGIES = {"arrow": Arrow, "uniform": Merge, "merge": Merge, "single": single, "oracle": Oracle}
+STRATEGIES = {
+    "arrow": Arrow,
+    "uniform": Merge,
+    "merge": Merge,
+    "single": single,
+    "oracle": Oracle,
+    "elrea": ELREA,
+}

@@ -253,7 +253,9 @@ def _load_init(peft_model: Any, init: AdapterInit) -> None:
 
 
 @contextlib.contextmanager
-def lora_attached(model: Any, config: TrainConfig, init: AdapterInit | None = None) -> Iterator[Any]:
+def lora_attached(
+    model: Any, config: TrainConfig, init: AdapterInit | None = None
+) -> Iterator[Any]:
     """Wrap ``model`` in a LoRA for the block, then take it off again: the caller's model leaves
     as it came (no adapter, same flags). The LoRA is fresh (initialised from
     ``config.init_seed``) or, with ``init``, a copy of that trained adapter."""

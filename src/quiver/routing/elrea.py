@@ -1,0 +1,562 @@
+"""ELREA: each prompt gets a logit ensemble of LoRA experts, weighted by its gradient
+(arXiv 2502.00089, "Ensembles of Low-Rank Expert Adapters").
+
+A library built by ``quiver.training.build_elrea_library`` holds a base adapter (trained on all
+the data), one expert per gradient cluster (trained on on from the base adapter), and the
+``elrea`` artifact (``ElreaArtifact``): a centroid per member (a cluster's mean gradient feature;
+the base adapter's is the mean of all of them), the statistics that standardise similarities to
+it, and the projection (seed and dimension) that made the features. For each prompt:
+
+1. its gradient feature with the base adapter (``gradients.py``, the build's exact recipe);
+2. the cosine similarity to each member's centroid, standardised by the mean and standard
+   deviation of the training examples' similarities to that centroid;
+3. ``softmax(z / temperature)`` gives the weights; ``top_k`` keeps the largest, renormalised;
+4. the next-token logits are ``sum_j w_j logits_j`` over the kept members.
+
+The weights are fixed per prompt for the whole generation, and each batch row has its own. The
+ensemble is one batched forward: the batch is expanded to ``rows x K`` (row ``i``'s ``j``-th
+member at ``i * K + j``), every expanded row runs its member's LoRA through the stacked experts
+(the fused low-rank kernels), and each row's K logits are combined. Forward hooks on the model do
+the expanding and combining, so ``routed(...)``, ``routed.generate(...)`` (greedy or sampled, KV
+cache included) and the inner model's ``generate`` all see ``rows`` rows. The KV cache holds the
+expanded rows, and the prompt's choice travels with it: a cache is continued with the experts
+and weights of the prompt that started it. Beam search, which reorders the cache by beam, is not
+supported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import os
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from quiver.errors import IncompatibleExpertError, RoutingError
+from quiver.routing.experts import ExpertSet
+from quiver.routing.gradients import CountSketch, GradientPass, check_prompts, prompt_loss
+from quiver.routing.layers import LowRankMixer
+
+ARTIFACT_NAME = "elrea"
+FORMAT = "quiver-elrea/1"
+_BUILD_HINT = "build the library with `quiver library build-elrea` (build_elrea_library)"
+
+
+def gradient_dim(experts: ExpertSet, base: str) -> int:
+    """The size of the gradient with respect to expert ``base``'s factors: ``r * (in + out)``
+    summed over its modules."""
+    i = experts.index(base)
+    return sum(s.ranks[i] * (s.A.shape[-1] + s.B.shape[1]) for s in experts.modules.values())
+
+
+@dataclass(frozen=True)
+class ElreaArtifact:
+    """What ELREA routing needs beyond the experts: the members' centroids (unit rows, in
+    ``expert_names`` order), the training similarities' mean and standard deviation per member,
+    and the projection and gradient the features were made with."""
+
+    expert_names: tuple[str, ...]
+    base_expert: str
+    centroids: torch.Tensor  # [E, dim]
+    similarity_mean: torch.Tensor  # [E]
+    similarity_std: torch.Tensor  # [E]
+    projection: CountSketch
+    gradient_modules: tuple[str, ...]
+    gradient_dim: int
+
+    def __post_init__(self) -> None:
+        count, dim = len(self.expert_names), self.projection.dim
+        shapes = (self.centroids.shape, self.similarity_mean.shape, self.similarity_std.shape)
+        if shapes != ((count, dim), (count,), (count,)):
+            raise RoutingError(
+                f"the elrea artifact's tensors have shapes {[tuple(s) for s in shapes]}, not "
+                f"{[(count, dim), (count,), (count,)]} for {count} experts",
+                hint=_BUILD_HINT,
+            )
+        if self.base_expert not in self.expert_names:
+            raise RoutingError(
+                f"the elrea artifact's base expert {self.base_expert!r} is not among its experts",
+                hint=_BUILD_HINT,
+            )
+
+    def standardised_similarity(self, features: torch.Tensor) -> torch.Tensor:
+        """``z [rows, E]``: each feature's cosine to every centroid, standardised per member."""
+        cosine = features.float() @ self.centroids.to(features.device).T
+        mean, std = self.similarity_mean.to(cosine), self.similarity_std.to(cosine)
+        return (cosine - mean) / std.clamp_min(1e-6)
+
+    def check_matches(self, experts: ExpertSet) -> None:
+        """Refuse an artifact made for other experts, or for another base adapter's gradient."""
+        if set(self.expert_names) != set(experts.names):
+            raise IncompatibleExpertError(
+                f"the elrea artifact is for the experts {sorted(self.expert_names)}, the library "
+                f"has {sorted(experts.names)}",
+                hint="rebuild the library with build-elrea after changing its experts",
+            )
+        modules, dim = tuple(sorted(experts.modules)), gradient_dim(experts, self.base_expert)
+        if (tuple(sorted(self.gradient_modules)), self.gradient_dim) != (modules, dim):
+            raise IncompatibleExpertError(
+                f"the elrea artifact's features are gradients of size {self.gradient_dim} over "
+                f"{len(self.gradient_modules)} modules; the base expert "
+                f"{self.base_expert!r} has {dim} over {len(modules)}",
+                hint="rebuild the library with build-elrea",
+                expert=self.base_expert,
+            )
+
+    def reordered(self, names: tuple[str, ...]) -> ElreaArtifact:
+        """The same artifact with its members in ``names`` order (the routed experts')."""
+        order = torch.tensor([self.expert_names.index(name) for name in names])
+        return ElreaArtifact(
+            names,
+            self.base_expert,
+            self.centroids[order],
+            self.similarity_mean[order],
+            self.similarity_std[order],
+            self.projection,
+            self.gradient_modules,
+            self.gradient_dim,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact as one safetensors file (JSON in its metadata), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "centroids": self.centroids.float().contiguous(),
+            "similarity_mean": self.similarity_mean.float().contiguous(),
+            "similarity_std": self.similarity_std.float().contiguous(),
+        }
+        metadata = {
+            "quiver_artifact": ARTIFACT_NAME,
+            "format": FORMAT,
+            "experts": json.dumps(self.expert_names),
+            "base_expert": self.base_expert,
+            "projection": json.dumps(
+                {"kind": "countsketch", "dim": self.projection.dim, "seed": self.projection.seed}
+            ),
+            "gradient": json.dumps({"modules": self.gradient_modules, "dim": self.gradient_dim}),
+        }
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(tensors, temp, metadata=metadata)
+            os.replace(temp, path)
+        finally:
+            Path(temp).unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ElreaArtifact:
+        """Read an artifact written by ``save``; a malformed one is a ``RoutingError``."""
+        try:
+            with safe_open(str(path), framework="pt") as stored:
+                metadata = stored.metadata() or {}
+                tensors = {key: stored.get_tensor(key) for key in stored.keys()}  # noqa: SIM118
+            if metadata.get("format") != FORMAT:
+                raise ValueError(f"its format is {metadata.get('format')!r}, not {FORMAT!r}")
+            projection = json.loads(metadata["projection"])
+            if projection.get("kind") != "countsketch":
+                raise ValueError(f"unknown projection {projection.get('kind')!r}")
+            gradient = json.loads(metadata["gradient"])
+            return cls(
+                tuple(json.loads(metadata["experts"])),
+                metadata["base_expert"],
+                tensors["centroids"],
+                tensors["similarity_mean"],
+                tensors["similarity_std"],
+                CountSketch(int(projection["dim"]), int(projection["seed"])),
+                tuple(gradient["modules"]),
+                int(gradient["dim"]),
+            )
+        except RoutingError:
+            raise
+        except Exception as error:  # safetensors' own errors, JSON, missing keys or tensors
+            raise RoutingError(
+                f"{path} is not a readable elrea artifact: {error}", hint=_BUILD_HINT
+            ) from error
+
+
+def stored_artifact(source: object) -> ElreaArtifact:
+    """The ``elrea`` artifact of a library (``artifact_path("elrea")``)."""
+    artifact_path = getattr(source, "artifact_path", None)
+    path = artifact_path(ARTIFACT_NAME) if callable(artifact_path) else None
+    if path is None or not Path(path).is_file():
+        what = getattr(source, "repo_id", None) or type(source).__name__
+        raise RoutingError(
+            f"{what} has no {ARTIFACT_NAME!r} artifact: ELREA routing needs its centroids",
+            hint=_BUILD_HINT,
+        )
+    return ElreaArtifact.load(path)
+
+
+@dataclass(frozen=True)
+class EnsembleChoice:
+    """Each prompt's ensemble: members ``index [rows, K]`` with ``weights [rows, K]`` (summing
+    to 1 per row), chosen from ``scores [rows, E]`` (standardised similarities, or the fixed
+    weights)."""
+
+    index: torch.Tensor
+    weights: torch.Tensor
+    scores: torch.Tensor
+
+    def as_dicts(self, names: tuple[str, ...]) -> list[dict[str, float]]:
+        """Per row, ``{expert: weight}`` of its members, heaviest first: ready for JSON or a bar
+        chart."""
+        return [
+            {names[e]: float(w) for e, w in zip(row, weights, strict=True)}
+            for row, weights in zip(self.index.tolist(), self.weights.tolist(), strict=True)
+        ]
+
+
+@dataclass
+class _Call:
+    """One forward's ELREA state: the member of each expanded row, or a gradient pass."""
+
+    rows: torch.Tensor | None = None
+    choice: EnsembleChoice | None = None
+    gradients: GradientPass | None = None
+    labels: torch.Tensor | None = None
+    token: Token | None = None
+
+
+_NO_CALL = _Call()
+_CALLS: ContextVar[Mapping[int, _Call]] = ContextVar(
+    "quiver_elrea_calls", default=MappingProxyType({})
+)
+_KEYS = itertools.count()
+
+
+def _cache_of(values: Any) -> Any:
+    """The KV cache among a forward's inputs or outputs (``cache``; ``past_key_values`` before
+    transformers 5)."""
+    for name in ("cache", "past_key_values"):
+        cache = values.get(name) if hasattr(values, "get") else None
+        if cache is not None:
+            return cache
+    return None
+
+
+def _cache_length(cache: Any) -> int:
+    get_seq_length = getattr(cache, "get_seq_length", None)
+    return int(get_seq_length()) if callable(get_seq_length) else 1
+
+
+class Ensemble:
+    """What the mixers and forward hooks of one routed model share: the members, the base
+    adapter, the projection, and how prompts choose (``artifact``, or ``fixed`` weights)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: tuple[str, ...],
+        base: str,
+        projection: CountSketch,
+        *,
+        artifact: ElreaArtifact | None = None,
+        fixed: torch.Tensor | None = None,
+        top_k: int | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        self.model = model  # the causal LM whose modules the mixers route
+        self.names, self.base_index = names, names.index(base)
+        self.projection, self.artifact, self.fixed = projection, artifact, fixed
+        self.top_k, self.temperature = top_k, temperature
+        self.key = next(_KEYS)
+        self._choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> choice
+        self._handles: list = []
+        self._probe: tuple[str, nn.Module] | None = None
+
+    @property
+    def routes(self) -> bool:
+        """True for ELREA (prompts choose members), False for a model that only gives features."""
+        return self.artifact is not None or self.fixed is not None
+
+    # -- per-call state ---------------------------------------------------------------------
+    def current(self) -> _Call:
+        return _CALLS.get().get(self.key, _NO_CALL)
+
+    def _set(self, call: _Call) -> _Call:
+        call.token = _CALLS.set(MappingProxyType({**_CALLS.get(), self.key: call}))
+        return call
+
+    @contextmanager
+    def bound(self, call: _Call) -> Iterator[_Call]:
+        self._set(call)
+        try:
+            yield call
+        finally:
+            _CALLS.reset(call.token)
+
+    # -- features and choices ----------------------------------------------------------------
+    def features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Each row's gradient feature ``[rows, dim]`` (unit rows): the gradient of its prompt's
+        loss with respect to the base adapter, count-sketched."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        check_prompts(mask)
+        inputs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
+        if "position_ids" in inspect.signature(self.model.forward).parameters:  # any padding side
+            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        gradient_pass = GradientPass(len(input_ids))
+        with torch.enable_grad(), self.bound(_Call(gradients=gradient_pass)):
+            logits = self.model(**inputs).logits
+            gradients = gradient_pass.gradients(prompt_loss(logits, input_ids, mask))
+        return self.projection(gradients)
+
+    def choose(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> EnsembleChoice:
+        """Each prompt's members and weights (see the module)."""
+        if self.fixed is not None:
+            scores = self.fixed.to(input_ids.device).expand(len(input_ids), -1)
+            weights = scores
+        else:
+            features = self.features(input_ids, attention_mask)
+            scores = self.artifact.standardised_similarity(features)
+            weights = (scores / self.temperature).softmax(dim=-1)
+        if self.top_k is None:
+            index = torch.arange(len(self.names), device=weights.device).expand_as(weights)
+            return EnsembleChoice(index, weights, scores)
+        top, index = weights.topk(self.top_k, dim=-1)
+        return EnsembleChoice(index, top / top.sum(-1, keepdim=True).clamp_min(1e-12), scores)
+
+    # -- the forward hooks -------------------------------------------------------------------
+    def attach(self, mixers: Mapping[str, nn.Module]) -> None:
+        """Hook the model's forward: expand the batch to each row's members, combine logits."""
+        self._probe = next(iter(mixers.items()))
+        self._handles = [
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after, with_kwargs=True, always_call=True),
+        ]
+
+    def _still_routed(self, model: nn.Module) -> bool:
+        """False (and the hooks removed) once ``unroute()`` took the mixers out of ``model``."""
+        name, mixer = self._probe
+        try:
+            if getattr(model.get_submodule(name), "mixer", None) is mixer:
+                return True
+        except AttributeError:
+            pass
+        for handle in self._handles:
+            handle.remove()
+        return False
+
+    def _before(self, model: nn.Module, args: tuple, kwargs: dict):
+        if self.current().gradients is not None or not self._still_routed(model):
+            return None  # our own gradient pass, or a model no longer routed
+        if len(args) > 1:
+            raise RoutingError("an ELREA-routed model takes its inputs as keywords after input_ids")
+        kwargs = {"input_ids": args[0], **kwargs} if args else dict(kwargs)
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise RoutingError(
+                "ELREA routes by the prompt's token ids", hint="pass input_ids, not inputs_embeds"
+            )
+        choice = self._choice_for(kwargs)
+        rows, members = choice.index.shape
+        if len(input_ids) != rows:
+            raise RoutingError(
+                f"the cache was started for {rows} rows, this call has {len(input_ids)}",
+                hint="ELREA supports greedy and sampled generation, not beam search",
+            )
+        labels = kwargs.pop("labels", None)
+        expanded = {
+            key: value.repeat_interleave(members, dim=0)
+            if isinstance(value, torch.Tensor) and value.dim() and len(value) == rows
+            else value
+            for key, value in kwargs.items()
+        }
+        self._set(_Call(rows=choice.index.flatten(), choice=choice, labels=labels))
+        return (), expanded
+
+    def _choice_for(self, kwargs: dict) -> EnsembleChoice:
+        """The choice of the generation this call continues (by its cache), or a new one."""
+        cache = _cache_of(kwargs)
+        if cache is not None:
+            choice = self._choices.get(cache)
+            if choice is not None:
+                return choice
+            if _cache_length(cache) > 0:
+                raise RoutingError(
+                    "this KV cache was not started by the ELREA-routed model",
+                    hint="start the generation on the routed model",
+                )
+        choice = self.choose(kwargs["input_ids"], kwargs.get("attention_mask"))
+        if cache is not None:
+            self._choices[cache] = choice
+        return choice
+
+    def _after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any):
+        call = self.current()
+        if call.rows is None:
+            return None
+        _CALLS.reset(call.token)
+        if output is None:  # the forward raised; its error propagates
+            return None
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            raise RoutingError("ELREA needs the model's logits", hint="leave return_dict on")
+        choice = call.choice
+        cache = _cache_of(output)
+        if cache is not None:
+            self._choices.setdefault(cache, choice)
+        rows, members = choice.index.shape
+        per_member = logits.view(rows, members, *logits.shape[1:]).float()
+        weights = choice.weights.to(per_member).view(rows, members, *[1] * (logits.dim() - 1))
+        output.logits = (weights * per_member).sum(1).to(logits.dtype)
+        if call.labels is not None:
+            output.loss = model.loss_function(
+                logits=output.logits, labels=call.labels, vocab_size=output.logits.shape[-1]
+            )
+        return output
+
+
+class EnsembleMixer(LowRankMixer):
+    """A routed module of an ELREA model: every (expanded) batch row runs one member's LoRA, the
+    one its ensemble chose; in a gradient pass, every row runs a private copy of the base
+    adapter (``GradientPass``)."""
+
+    def __init__(self, stack, ensemble: Ensemble, module: str) -> None:
+        super().__init__(stack)
+        self.ensemble, self.module = ensemble, module
+        base = ensemble.base_index
+        self.base_rows = slice(base * self.rank, base * self.rank + stack.ranks[base])
+        self.base_scale = float(stack.scales[base])
+
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, *call: Any):
+        rows = self.ensemble.current().rows
+        if rows is None:
+            if self.ensemble.routes:
+                raise RoutingError(
+                    "ELREA's experts run inside the routed model's forward",
+                    hint="call the routed model (routed(...), routed.generate(...)), not its "
+                    "inner modules",
+                )
+            rows = torch.tensor([self.ensemble.base_index])
+        if len(x) % len(rows):
+            raise RoutingError(f"{len(x)} tokens cannot be split among {len(rows)} batch rows")
+        index = rows.to(x.device).repeat_interleave(len(x) // len(rows))[:, None]
+        return index, x.new_ones(index.shape)
+
+    def route_(self, out: torch.Tensor, x: torch.Tensor, batch_shape: torch.Size, *call: Any):
+        gradients = self.ensemble.current().gradients
+        if gradients is None:
+            return super().route_(out, x, batch_shape, *call)
+        lora_a, b_rows = self.a_rows[self.base_rows], self.b_rows[self.base_rows]
+        out.add_(gradients.lora_delta(self.module, x, lora_a, b_rows, self.base_scale))
+        index = torch.full((len(x), 1), self.ensemble.base_index, device=x.device)
+        return index, x.new_ones(index.shape)
+
+
+def _mixers(ensemble: Ensemble, experts: ExpertSet) -> dict[str, EnsembleMixer]:
+    return {m: EnsembleMixer(stack, ensemble, m) for m, stack in experts.modules.items()}
+
+
+@dataclass(frozen=True)
+class ELREA:
+    """ELREA routing: each prompt's logit ensemble of the base adapter and the experts, weighted
+    by its gradient's standardised similarity to their centroids (softmax at ``temperature``);
+    ``top_k`` keeps the heaviest members (None: all). ``weights`` (``expert -> weight``) fixes
+    every prompt's weights instead (no gradient pass)."""
+
+    top_k: int | None = None
+    temperature: float = 1.0
+    weights: Mapping[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_k < 1:
+            raise RoutingError(f"top_k must be at least 1 (or None for all), got {self.top_k}")
+        if not self.temperature > 0:
+            raise RoutingError(f"temperature must be positive, got {self.temperature}")
+
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, nn.Module]:
+        artifact = stored_artifact(source)
+        artifact.check_matches(experts)
+        if self.top_k is not None and self.top_k > len(experts.names):
+            raise RoutingError(
+                f"top_k={self.top_k} but the library has {len(experts.names)} members "
+                "(the base adapter and the experts)",
+                hint="choose top_k at most the number of members, or None for all",
+            )
+        ensemble = Ensemble(
+            model,
+            experts.names,
+            artifact.base_expert,
+            artifact.projection,
+            artifact=artifact.reordered(experts.names),
+            fixed=self._fixed(experts),
+            top_k=self.top_k,
+            temperature=self.temperature,
+        )
+        mixers = _mixers(ensemble, experts)
+        ensemble.attach(mixers)
+        return mixers
+
+    def _fixed(self, experts: ExpertSet) -> torch.Tensor | None:
+        if self.weights is None:
+            return None
+        fixed = torch.zeros(len(experts.names))
+        for name, weight in self.weights.items():
+            if not weight >= 0:
+                raise RoutingError(f"ensemble weight of {name!r} is {weight}, not at least 0")
+            fixed[experts.index(name)] = float(weight)
+        if not fixed.sum() > 0:
+            raise RoutingError("the fixed ensemble weights are all zero")
+        return fixed
+
+
+@dataclass(frozen=True)
+class PromptGradients:
+    """Not a router: every row runs ``base_expert``, and ``prompt_features(model, ...)`` gives
+    each prompt's ELREA gradient feature (how a library's build makes its training features)."""
+
+    projection: CountSketch
+    base_expert: str
+
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, nn.Module]:
+        ensemble = Ensemble(model, experts.names, self.base_expert, self.projection)
+        return _mixers(ensemble, experts)
+
+
+def _ensemble_of(model: nn.Module) -> Ensemble:
+    for module in model.modules():
+        mixer = getattr(module, "mixer", None)
+        if isinstance(mixer, EnsembleMixer):
+            return mixer.ensemble
+    raise RoutingError(
+        "this model is not routed with ELREA",
+        hint="route(model, library, 'elrea') or route(model, experts, PromptGradients(...))",
+    )
+
+
+def prompt_features(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each prompt's gradient feature ``[rows, dim]`` on a model routed with ``ELREA`` or
+    ``PromptGradients``: the projected, normalised gradient of its loss with respect to the base
+    adapter. Rows may be padded on either side (``attention_mask``)."""
+    return _ensemble_of(model).features(input_ids, attention_mask)
+
+
+def ensemble_choice(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> EnsembleChoice:
+    """The members and weights ELREA gives each prompt (what ``generate`` will use)."""
+    ensemble = _ensemble_of(model)
+    if not ensemble.routes:
+        raise RoutingError("a PromptGradients model gives features, not ensembles")
+    return ensemble.choose(input_ids, attention_mask)
