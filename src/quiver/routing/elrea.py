@@ -254,6 +254,16 @@ def _cache_length(cache: Any) -> int:
     return int(get_seq_length()) if callable(get_seq_length) else 1
 
 
+def _cache_rows(cache: Any) -> int | None:
+    """The batch rows a KV cache holds (None if this cache type does not say)."""
+    layers = getattr(cache, "layers", None)  # transformers 5
+    keys = getattr(layers[0], "keys", None) if layers else None
+    if keys is None:
+        key_cache = getattr(cache, "key_cache", None)  # transformers 4
+        keys = key_cache[0] if key_cache else None
+    return keys.shape[0] if isinstance(keys, torch.Tensor) and keys.dim() > 1 else None
+
+
 class Ensemble:
     """What the mixers and forward hooks of one routed model share: the members, the base
     adapter, the projection, and how prompts choose (``artifact``, or ``fixed`` weights)."""
@@ -368,9 +378,11 @@ class Ensemble:
             )
         choice = self._choice_for(kwargs)
         rows, members = choice.index.shape
-        if len(input_ids) != rows:
+        cache_rows = _cache_rows(_cache_of(kwargs))
+        if len(input_ids) != rows or cache_rows not in (None, rows * members):
             raise RoutingError(
-                f"the cache was started for {rows} rows, this call has {len(input_ids)}",
+                f"this KV cache holds the ensembles of {rows} rows, but the call has "
+                f"{len(input_ids)} rows and the cache {cache_rows} ensemble rows",
                 hint="ELREA supports greedy and sampled generation, not beam search",
             )
         labels = kwargs.pop("labels", None)

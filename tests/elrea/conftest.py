@@ -1,0 +1,34 @@
+"""Fixtures of the ELREA tests: planted data of three kinds and an ELREA library built on it."""
+
+import pytest
+from elrea_helpers import KINDS, planted_pairs
+
+from quiver.registry import LocalRegistry
+from quiver.testing import tiny_model, tiny_tokenizer
+from quiver.training import TrainConfig, build_elrea_library
+
+# Enough to move a random 2-layer model's loss in about a second per adapter.
+FAST = TrainConfig(rank=4, dropout=0.0, learning_rate=1e-2, max_steps=12, batch_size=8)
+
+
+@pytest.fixture
+def model():
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    """An ELREA library (k=3) built on 12 examples of each kind, and the kinds in data order."""
+    registry = LocalRegistry(tmp_path_factory.mktemp("elrea-store"))
+    truth = [kind for kind in range(len(KINDS)) for _ in range(12)]
+    pairs = planted_pairs(truth, seed=0)
+    library = build_elrea_library(
+        pairs, registry, "me/planted", base_model=tiny_model("llama", seed=0),
+        tokenizer=tiny_tokenizer(), k=3, config=FAST, projection_dim=256, progress=False,
+    )  # fmt: skip
+    return registry, library, pairs, truth
