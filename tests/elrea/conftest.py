@@ -1,14 +1,11 @@
 """Fixtures of the ELREA tests: planted data of three kinds and an ELREA library built on it."""
 
 import pytest
-from elrea_helpers import KINDS, planted_pairs
+from elrea_helpers import FAST, KINDS, planted_pairs
 
 from quiver.registry import LocalRegistry
 from quiver.testing import tiny_model, tiny_tokenizer
-from quiver.training import TrainConfig, build_elrea_library
-
-# Enough to move a random 2-layer model's loss in about a second per adapter.
-FAST = TrainConfig(rank=4, dropout=0.0, learning_rate=1e-2, max_steps=12, batch_size=8)
+from quiver.training import build_elrea_library
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from quiver import __version__
-from quiver.cli import hub, library, registry
+from quiver.cli import elrea, hub, library, registry  # noqa: F401 (elrea adds `library build-elrea`)
 from quiver.cli._common import console, err_console
 from quiver.errors import QuiverError
 
