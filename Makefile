@@ -21,8 +21,10 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# The app on the embedded demo library; it prints its local URL. ARGS passes options, e.g.
+# make app ARGS="--registry hf --library alice/skills".
 app: $(STAMP)
-	$(BIN)/quiver --help
+	$(BIN)/quiver app $(ARGS)
 
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest

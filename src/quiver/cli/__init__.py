@@ -11,6 +11,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from quiver import __version__
+from quiver.cli import app as app_command
 from quiver.cli import elrea, hub, library, registry  # noqa: F401 (elrea adds `library build-elrea`)
 from quiver.cli._common import console, err_console
 from quiver.errors import QuiverError
@@ -65,6 +66,7 @@ def _root(
 app.add_typer(registry.commands)
 app.add_typer(library.library_app, name="library")
 app.add_typer(hub.hub_app, name="hub")
+app.add_typer(app_command.commands)
 
 
 def main() -> None:

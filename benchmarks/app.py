@@ -1,0 +1,190 @@
+"""The app's overhead on a chat: time to first token and tokens per second on the embedded default,
+against calling the routed model directly, side by side in one process.
+
+Four ways to answer the same prompt with the same routed model (the demo library, Arrow top-2,
+greedy, so all produce the same 64 tokens):
+
+- direct: ``route(model, library, Arrow(top_k=2)).generate(..., streamer=...)``, the reference;
+- direct, traced: the same inside ``routed.trace()``, the recording the routing picture needs;
+- engine: ``ChatEngine.stream`` (lock, worker thread, decoding, the routing of the answer);
+- app (HTTP): the app served on 127.0.0.1, its ``/chat`` endpoint called through Gradio's HTTP API
+  (POST the call, read its server-sent events): queue, JSON, HTTP, what any client sees.
+  (``gradio_client`` adds its own waits on top: it polls for messages every 50 ms.)
+
+Time to first token (TTFT) runs from the request to the first token's text; tokens per second
+counts the tokens after the first over the time from the first token to the complete answer
+(with its routing). CPU is the process's CPU time per answer (every thread: model, server,
+client), which a loaded machine disturbs far less than wall time. The ways are called in turn in
+every round after a warm-up; medians are reported with their ratio to direct (goal: app < 1.10),
+and the extra CPU per token each layer adds.
+
+    python benchmarks/app.py --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import httpx
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers.generation.streamers import BaseStreamer
+
+MESSAGE = "Tell me about routing."
+
+
+class _Clock(BaseStreamer):
+    """Records when each generated token arrives (``generate`` first puts the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def _measure(start: float, times: list[float]) -> tuple[float, float]:
+    """(TTFT seconds, tokens per second after the first) from arrival times."""
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    return times[0] - start, rate
+
+
+def direct(routed, input_ids, tokens: int, *, traced: bool = False) -> tuple[float, float, int]:
+    clock = _Clock()
+    start = time.perf_counter()
+    with routed.trace() if traced else nullcontext():
+        routed.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=tokens,
+            do_sample=False,
+            streamer=clock,
+            pad_token_id=0,
+        )
+    return (*_measure(start, clock.times), len(clock.times))
+
+
+def engine_stream(engine, strategy, settings) -> tuple[float, float, int]:
+    times, updates = [], []
+    start = time.perf_counter()
+    for update in engine.stream(MESSAGE, [], strategy, settings):
+        times.append(time.perf_counter())
+        updates.append(update)
+    count = len(updates[-1][1].tokens)
+    return times[0] - start, (count - 1) / (times[-1] - times[0]), count
+
+
+def app_stream(http: httpx.Client, url: str, tokens: int) -> tuple[float, float, int]:
+    """The /chat endpoint through Gradio's HTTP API (POST the call, then read its server-sent
+    events), every update timed as it arrives."""
+    times, count = [], 0
+    start = time.perf_counter()
+    data = [MESSAGE, "arrow", 2, 1.0, "outputs", "", tokens, 0.0, 1.0, None]
+    event = http.post(f"{url}gradio_api/call/chat", json={"data": data}).json()["event_id"]
+    with http.stream("GET", f"{url}gradio_api/call/chat/{event}") as events:
+        for line in events.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            payload = json.loads(line.removeprefix("data:"))
+            if not isinstance(payload, list):  # an error message
+                raise RuntimeError(f"the app answered {payload}")
+            text, routing = payload[0]
+            if text and routing is None:
+                times.append(time.perf_counter())
+            elif routing is not None:
+                times.append(time.perf_counter())
+                count = len(routing["tokens"])
+    ttft = times[0] - start
+    return ttft, (count - 1) / (times[-1] - times[0]), count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    os.environ["QUIVER_HOME"] = tempfile.mkdtemp(prefix="quiver-bench-app-")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.set_num_threads(args.threads)
+
+    from quiver.app import GenerationSettings, StrategySpec, open_engine, serve
+    from quiver.routing import Arrow, route
+    from quiver.routing.base_model import load_base_model
+
+    engine = open_engine()  # the embedded default, installed into the fresh $QUIVER_HOME
+    app = serve(engine=engine)
+    http = httpx.Client(timeout=60)
+    library = engine.library
+    model, _ = load_base_model(engine.registry, library.manifest.base_model)
+    routed = route(model, library, Arrow(top_k=2))  # a second copy: the reference
+    strategy = StrategySpec("arrow", top_k=2)
+    settings = GenerationSettings(max_new_tokens=args.tokens, temperature=0.0)
+    input_ids, _ = engine.prompt_ids(MESSAGE, [], args.tokens)
+
+    ways = {
+        "direct": lambda: direct(routed, input_ids, args.tokens),
+        "direct, traced": lambda: direct(routed, input_ids, args.tokens, traced=True),
+        "engine": lambda: engine_stream(engine, strategy, settings),
+        "app (HTTP)": lambda: app_stream(http, app.local_url, args.tokens),
+    }
+    results: dict[str, list[tuple[float, ...]]] = {name: [] for name in ways}
+    for round_ in range(args.rounds + 1):  # round 0 warms up (kernels, caches, connections)
+        for name, way in ways.items():
+            cpu = time.process_time()
+            result = way()
+            if round_:
+                results[name].append((*result, time.process_time() - cpu))
+    app.close()
+    report(results, args)
+
+
+def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace) -> None:
+    """Medians of TTFT, tokens/s and CPU seconds per answer (every thread of this process: the
+    model, the server, the HTTP client), each against direct."""
+    median = {
+        name: [statistics.median(run[i] for run in runs) for i in range(4)]
+        for name, runs in results.items()
+    }
+    ttft0, rate0, _, cpu0 = median["direct"]
+    table = Table(title=f"Chat on the embedded default: medians of {args.rounds} rounds")
+    columns = ("way", "TTFT", "/ direct", "tokens/s", "direct / ours", "CPU", "/ direct", "tokens")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, (ttft, rate, tokens, cpu) in median.items():
+        table.add_row(
+            name,
+            f"{ttft * 1000:.1f} ms",
+            f"{ttft / ttft0:.2f}x",
+            f"{rate:.0f}",
+            f"{rate0 / rate:.2f}x",
+            f"{cpu * 1000:.0f} ms",
+            f"{cpu / cpu0:.2f}x",
+            f"{tokens:.0f}",
+        )
+    Console(width=120).print(table)
+    tokens = median["direct"][2]
+    cpus = [median[name][3] for name in ("direct", "direct, traced", "engine", "app (HTTP)")]
+    steps = ("recording the routing", "the engine (worker thread, decoding)", "Gradio and HTTP")
+    for step, before, after in zip(steps, cpus, cpus[1:], strict=False):
+        print(f"extra CPU per token for {step}: {(after - before) / tokens * 1000:.2f} ms")
+    print(f"direct: {cpu0 / tokens * 1000:.2f} ms CPU per token")
+    print(f"torch {torch.__version__}, {args.threads} thread(s); {Path(__file__).name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The Chat tab: chat with the routed model, streamed, with the routing of every answer beside it;
+and the ``chat`` API endpoint (``Client(url).predict(message, api_name="/chat")``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gradio as gr
+
+from quiver.app.engine import STRATEGIES, ChatEngine, GenerationSettings, StrategySpec
+from quiver.app.errors import readable_errors
+from quiver.app.plots import MEAN, layer_choices, routing_figure, routing_summary
+
+FRAME_SECONDS = 0.05  # a streaming answer is sent at most 20 times a second (page and API)
+MODEL = "model"  # the concurrency group of every event that uses the shared model
+
+
+@dataclass
+class StrategyControls:
+    name: gr.Radio
+    top_k: gr.Slider
+    temperature: gr.Slider
+    mixing: gr.Radio
+    expert: gr.Dropdown
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        return [self.name, self.top_k, self.temperature, self.mixing, self.expert]
+
+
+@dataclass
+class ChatPane:
+    chatbot: gr.Chatbot
+    figure: gr.Plot
+    summary: gr.Markdown
+    view: gr.Dropdown
+    routing: gr.State  # (strategy label, TokenRouting) of the last answer, for redrawing
+    controls: StrategyControls
+
+    @property
+    def outputs(self) -> list:
+        return [self.chatbot, self.figure, self.summary, self.routing, self.view]
+
+    def cleared(self) -> dict:
+        return {
+            self.chatbot: [],
+            self.figure: routing_figure(None),
+            self.summary: "",
+            self.routing: None,
+            self.view: gr.update(choices=[MEAN], value=MEAN),
+        }
+
+
+@dataclass
+class ChatTab:
+    info: gr.Markdown
+    panes: tuple[ChatPane, ChatPane]
+
+    def refresh(self, engine: ChatEngine) -> dict:
+        """Updates that show the engine's current library (after a swap, or on page load)."""
+        names = engine.expert_names
+        updates = {self.info: engine.describe()}
+        for pane in self.panes:
+            controls = pane.controls
+            updates[controls.expert] = gr.update(choices=names, value=names[0] if names else None)
+            updates[controls.top_k] = gr.update(**_top_k_range(len(names)))
+        return updates
+
+    @property
+    def outputs(self) -> list[gr.components.Component]:
+        return [self.info] + [c for p in self.panes for c in (p.controls.expert, p.controls.top_k)]
+
+
+def _top_k_range(experts: int) -> dict:
+    """Top-k from 1 to the number of experts (a slider needs two values to slide between)."""
+    return dict(maximum=max(2, experts), value=min(2, max(1, experts)))
+
+
+def _options_shown(strategy: str) -> tuple[bool, bool, bool, bool]:
+    """Which of top-k, router temperature, mixing and expert ``strategy`` uses."""
+    arrow = strategy == "arrow"
+    return arrow, arrow, strategy in ("arrow", "uniform"), strategy == "single"
+
+
+def _strategy_controls(engine: ChatEngine, title: str, default: str, key: str) -> StrategyControls:
+    count = len(engine.expert_names)
+    shown = _options_shown(default)
+    with gr.Group():
+        name = gr.Radio(
+            [(label, name) for name, label in STRATEGIES.items()],
+            value=default,
+            label=title,
+            elem_id=f"strategy-{key}",
+        )
+        with gr.Row():
+            top_k = gr.Slider(
+                minimum=1, step=1, label="Top-k", visible=shown[0], **_top_k_range(count)
+            )
+            temperature = gr.Slider(
+                0.05, 5.0, value=1.0, step=0.05, label="Router temperature", visible=shown[1]
+            )
+        mixing = gr.Radio(
+            [("Mix outputs", "outputs"), ("Mix parameters", "parameters")],
+            value="outputs",
+            label="Mixing",
+            visible=shown[2],
+        )
+        expert = gr.Dropdown(
+            engine.expert_names,
+            value=engine.expert_names[0] if count else None,
+            label="Expert",
+            visible=shown[3],
+            elem_id=f"expert-{key}",
+        )
+    name.change(
+        lambda chosen: [gr.update(visible=shown) for shown in _options_shown(chosen)],
+        name,
+        [top_k, temperature, mixing, expert],
+        queue=False,
+        api_visibility="private",
+    )
+    return StrategyControls(name, top_k, temperature, mixing, expert)
+
+
+def _spec(name, top_k, temperature, mixing, expert) -> StrategySpec:
+    return StrategySpec(name, int(top_k), float(temperature), mixing, expert or None)
+
+
+def _frames(stream: Iterator) -> Iterator:
+    """Pass on the first and the last item, and in between one item per frame at most."""
+    shown = 0.0
+    for text, routing in stream:
+        now = time.monotonic()
+        if routing is not None or now - shown >= FRAME_SECONDS:
+            shown = now
+            yield text, routing
+
+
+def _answer_column(title: str, key: str, visible: bool):
+    """A chat and, under it, the routing of its last answer with a choice of layer."""
+    with gr.Column(scale=4, visible=visible) as column:
+        chatbot = gr.Chatbot(label=title, height=360, elem_id=f"chat-{key}")
+        figure = gr.Plot(routing_figure(None), show_label=False, elem_id=f"routing-{key}")
+        with gr.Row():
+            summary = gr.Markdown(elem_id=f"summary-{key}")
+            view = gr.Dropdown([MEAN], value=MEAN, show_label=False, elem_id=f"layers-{key}")
+    return column, chatbot, figure, summary, view
+
+
+def chat_tab(engine: ChatEngine, concurrency: int) -> ChatTab:
+    info = gr.Markdown(engine.describe())
+    with gr.Row():
+        _, *pane_a = _answer_column("Answer", "a", True)
+        second_answer, *pane_b = _answer_column("Second strategy", "b", False)
+        with gr.Column(scale=2):
+            controls_a = _strategy_controls(engine, "Strategy", "arrow", "a")
+            side_by_side = gr.Checkbox(
+                label="Side by side: answer with a second strategy too", elem_id="side-by-side"
+            )
+            with gr.Column(visible=False) as second_controls:
+                controls_b = _strategy_controls(engine, "Second strategy", "base", "b")
+            with gr.Accordion("Generation", open=False):
+                max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
+    with gr.Row():
+        message = gr.Textbox(
+            placeholder="Type a message and press Enter",
+            show_label=False,
+            scale=6,
+            elem_id="message",
+        )
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        clear = gr.Button("Clear", scale=1)
+    panes = (
+        ChatPane(*pane_a, gr.State(), controls_a),
+        ChatPane(*pane_b, gr.State(), controls_b),
+    )
+
+    @readable_errors
+    def respond(message_text, history_a, history_b, both, *values):
+        strategies = [_spec(*values[:5]), _spec(*values[5:10])][: 2 if both else 1]
+        settings = GenerationSettings(int(values[10]), float(values[11]), float(values[12]))
+        user = {"role": "user", "content": message_text}
+        for pane, strategy, before in zip(panes, strategies, (history_a, history_b), strict=False):
+            stream = engine.stream(message_text, before or [], strategy, settings)
+            for text, routing in _frames(stream):
+                history = [*(before or []), user, {"role": "assistant", "content": text}]
+                update = {message: "", pane.chatbot: history}  # the message stays if refused
+                if routing is not None:
+                    update[pane.figure] = routing_figure(routing, MEAN, strategy.label)
+                    update[pane.summary] = routing_summary(routing)
+                    update[pane.routing] = (strategy.label, routing)
+                    update[pane.view] = gr.update(choices=layer_choices(routing), value=MEAN)
+                yield update
+
+    inputs = [message, panes[0].chatbot, panes[1].chatbot, side_by_side, *controls_a.inputs]
+    inputs += [*controls_b.inputs, max_new_tokens, temperature, top_p]
+    outputs = [message, *panes[0].outputs, *panes[1].outputs]
+    for trigger in (send.click, message.submit):
+        trigger(
+            respond,
+            inputs,
+            outputs,
+            api_visibility="private",
+            concurrency_limit=concurrency,
+            concurrency_id=MODEL,
+            show_progress="hidden",  # the streaming answer shows progress; errors come as a toast
+        )
+
+    def redraw(shown, view):
+        return routing_figure(shown[1], view, shown[0]) if shown else routing_figure(None)
+
+    for pane in panes:
+        pane.view.input(redraw, [pane.routing, pane.view], pane.figure, api_visibility="private")
+    clear.click(
+        lambda: panes[0].cleared() | panes[1].cleared(),
+        None,
+        [*panes[0].outputs, *panes[1].outputs],
+        api_visibility="private",
+    )
+    side_by_side.change(
+        lambda on: [gr.update(visible=on)] * 2,
+        side_by_side,
+        [second_answer, second_controls],
+        queue=False,
+        api_visibility="private",
+    )
+    _chat_endpoint(engine, concurrency)
+    return ChatTab(info, panes)
+
+
+def _chat_endpoint(engine: ChatEngine, concurrency: int) -> None:
+    @readable_errors
+    def chat(
+        message: str,
+        strategy: str = "arrow",
+        top_k: int = 2,
+        router_temperature: float = 1.0,
+        mixing: str = "outputs",
+        expert: str = "",
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        history: list | None = None,
+    ) -> Iterator[tuple[str, dict]]:
+        """Answer a message with the routed model, streamed as it is written (at most 20 updates
+        a second). Each update is [answer so far, routing]; routing is null until the answer is
+        complete, then {experts, tokens, mean: [token][expert], layers: {layer: [token][expert]}}.
+        """
+        spec = _spec(strategy, top_k, router_temperature, mixing, expert)
+        settings = GenerationSettings(max_new_tokens, temperature, top_p)
+        for text, routing in _frames(engine.stream(message, history or [], spec, settings)):
+            yield text, routing.to_dict() if routing else None
+
+    gr.api(chat, api_name="chat", concurrency_limit=concurrency, concurrency_id=MODEL)

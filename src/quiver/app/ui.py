@@ -1,0 +1,80 @@
+"""The whole app: three tabs around one shared ``ChatEngine``."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from quiver.app.chat_tab import chat_tab
+from quiver.app.demo import ensure_demo_library
+from quiver.app.engine import ChatEngine
+from quiver.app.library_tab import library_tab
+from quiver.app.registry_tab import registry_tab
+from quiver.registry import open_registry
+
+INTRO = (
+    "# Quiver\n"
+    "Chat with a base model routed over a library of LoRA experts and see which experts every "
+    "token went to; browse a registry; compose, share and push libraries."
+)
+
+
+def open_engine(
+    registry: str | None = None, library: str | None = None, *, token: str | None = None
+) -> ChatEngine:
+    """The chat's model: ``library`` of ``registry``, or without a library the demo library of
+    the local store (installed on first use)."""
+    if library:
+        return ChatEngine(open_registry(registry, token=token), library)
+    local = open_registry(None)
+    return ChatEngine(local, ensure_demo_library(local))
+
+
+def create_app(
+    registry: str | None = None,
+    library: str | None = None,
+    *,
+    token: str | None = None,
+    concurrency: int = 2,
+    engine: ChatEngine | None = None,
+) -> gr.Blocks:
+    """The Gradio app, chatting with ``engine`` (default: ``open_engine(registry, library)``).
+    ``registry`` is also where the Registry tab starts; ``concurrency`` bounds how many chats
+    the queue runs at once."""
+    engine = engine or open_engine(registry, library, token=token)
+    with gr.Blocks(title="Quiver") as app:
+        gr.Markdown(INTRO)
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                chat = chat_tab(engine, concurrency)
+            with gr.Tab("Registry", id="registry"):
+                registries = registry_tab(registry)
+            with gr.Tab("Library", id="library"):
+                library_tab(engine, registries, chat)
+        app.load(lambda: chat.refresh(engine), None, chat.outputs, api_visibility="private")
+    app.queue(default_concurrency_limit=concurrency)
+    return app
+
+
+def serve(
+    registry: str | None = None,
+    library: str | None = None,
+    *,
+    token: str | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    share: bool = False,
+    engine: ChatEngine | None = None,
+) -> gr.Blocks:
+    """Build the app and start serving it in the background; ``app.local_url`` (and
+    ``app.share_url``) say where; ``app.block_thread()`` waits until Ctrl+C."""
+    app = create_app(registry, library, token=token, engine=engine)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        prevent_thread_lock=True,
+        quiet=True,
+        ssr_mode=False,
+        theme=gr.themes.Soft(),
+    )
+    return app

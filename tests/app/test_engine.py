@@ -1,0 +1,200 @@
+"""The chat engine: the one shared model, streamed, each answer with its own routing trace."""
+
+import itertools
+import threading
+
+import pytest
+import torch
+
+from quiver.app import ChatEngine, GenerationSettings, StrategySpec
+from quiver.app.demo import DEMO_BASE_MODEL, DEMO_EXPERTS, DEMO_LIBRARY
+from quiver.app.engine import _TokenQueue
+from quiver.errors import InvalidInputError, NotFoundError, RoutingError
+from quiver.registry import Library
+from quiver.routing import Arrow, route
+from quiver.routing.base_model import load_base_model
+
+GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0)
+
+
+def answer(engine, strategy, message="Hello there", history=(), settings=GREEDY):
+    return list(engine.stream(message, list(history), strategy, settings))
+
+
+@pytest.fixture(scope="module")
+def reference(local_registry):
+    """A second copy of the demo base model, to check the engine against."""
+    model, tokenizer = load_base_model(local_registry, DEMO_BASE_MODEL)
+    return model, tokenizer
+
+
+def test_the_answer_streams_and_is_the_routed_models_own(engine, reference):
+    updates = answer(engine, StrategySpec("arrow", top_k=2))
+
+    *partial, (text, routing) = updates
+    assert len(partial) > 1 and all(r is None for _, r in partial)
+    texts = [t for t, _ in updates]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
+
+    model, tokenizer = reference
+    routed = route(model, engine.library, Arrow(top_k=2))
+    try:
+        ids, _ = engine.prompt_ids("Hello there", [], GREEDY.max_new_tokens)
+        generated = routed.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=GREEDY.max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, ids.shape[1] :]
+        assert text == tokenizer.decode(generated, skip_special_tokens=True)
+        assert list(routing.tokens) == [tokenizer.decode([t]) for t in generated]
+
+        # Column t is the routing of the forward that produced token t: replay the whole answer
+        # in one teacher-forced forward and read the positions from the last prompt token on.
+        with routed.trace() as trace:
+            routed(torch.cat([ids[0], generated[:-1]])[None])
+        expected = trace.layer_weights()
+    finally:
+        routed.unroute()
+    first = ids.shape[1] - 1
+    assert routing.experts == tuple(DEMO_EXPERTS)
+    assert sorted(routing.layers) == sorted(expected)
+    for layer, weights in routing.layers.items():
+        replayed = expected[layer][0, first : first + len(generated)]
+        torch.testing.assert_close(torch.tensor(weights), replayed, atol=1e-4, rtol=1e-4)
+    mean = torch.tensor(routing.mean())
+    torch.testing.assert_close(mean.sum(-1), torch.ones(len(generated)))
+
+
+def test_one_expert_gets_all_the_weight(engine):
+    _, routing = answer(engine, StrategySpec("single", expert="cobalt"))[-1]
+
+    one_hot = torch.zeros(len(DEMO_EXPERTS))
+    one_hot[DEMO_EXPERTS.index("cobalt")] = 1
+    for weights in routing.layers.values():
+        assert torch.equal(torch.tensor(weights), one_hot.expand(len(routing.tokens), -1))
+
+
+def test_the_base_model_answers_unrouted(engine, reference):
+    text, routing = answer(engine, StrategySpec("base"))[-1]
+
+    assert routing.layers == {} and routing.experts == ()
+    model, tokenizer = reference
+    ids, _ = engine.prompt_ids("Hello there", [], GREEDY.max_new_tokens)
+    generated = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False
+    )
+    assert text == tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_switching_strategies_back_and_forth_changes_nothing(engine):
+    strategies = [
+        StrategySpec("arrow", top_k=3, mixing="parameters"),
+        StrategySpec("uniform"),
+        StrategySpec("single", expert="amber"),
+        StrategySpec("base"),
+    ]
+    first = [answer(engine, s)[-1] for s in strategies]
+    again = [answer(engine, s)[-1] for s in reversed(strategies)][::-1]
+
+    assert [text for text, _ in first] == [text for text, _ in again]
+    assert [r.layers for _, r in first] == [r.layers for _, r in again]
+
+
+def test_two_chats_at_once_each_get_their_own_answer_and_trace(engine):
+    arrow, single = StrategySpec("arrow", top_k=2), StrategySpec("single", expert="dune")
+    alone = {s: answer(engine, s, message=f"about {s.name}")[-1] for s in (arrow, single)}
+
+    together = {}
+
+    def chat(strategy):
+        together[strategy] = answer(engine, strategy, message=f"about {strategy.name}")[-1]
+
+    threads = [threading.Thread(target=chat, args=(s,)) for s in (arrow, single, arrow, single)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    for strategy, (text, routing) in together.items():
+        assert text == alone[strategy][0]
+        assert routing.layers == alone[strategy][1].layers
+
+
+def test_a_reader_that_leaves_stops_the_answer(engine, monkeypatch):
+    long = GenerationSettings(200)
+    assert len(answer(engine, StrategySpec("arrow"), settings=long)[-1][1].tokens) == 200
+    produced = []
+    put = _TokenQueue.put
+    monkeypatch.setattr(_TokenQueue, "put", lambda queue, v: (produced.append(v), put(queue, v)))
+
+    stream = engine.stream("Hello there", [], StrategySpec("arrow"), long)
+    next(stream)
+    stream.close()  # the page was closed mid-answer
+
+    with engine._lock:  # the worker has let go of the model
+        assert len(produced) < 100  # it stopped soon after, far from its 200 tokens
+
+
+def test_history_is_trimmed_to_the_context_and_a_long_prompt_refused(engine):
+    long_turn = "x" * 200
+    history = [
+        {"role": role, "content": long_turn} for _ in range(10) for role in ("user", "assistant")
+    ]
+    ids, room = engine.prompt_ids("Hi", history, 64)
+    assert ids.shape[1] + 64 <= engine.context_length
+    assert room == 64
+    assert answer(engine, StrategySpec("base"), history=history)[-1][0] is not None
+
+    with pytest.raises(InvalidInputError, match="reads at most 512"):
+        engine.prompt_ids("y" * 600, [], 16)
+    with pytest.raises(InvalidInputError, match="empty"):
+        engine.prompt_ids("   ", [], 16)
+
+
+def test_gradio_message_parts_are_read_as_text(engine):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    plain = [{"role": "user", "content": "hello"}]
+    assert torch.equal(engine.prompt_ids("x", parts, 8)[0], engine.prompt_ids("x", plain, 8)[0])
+
+
+def test_bad_strategies_and_settings_are_refused():
+    with pytest.raises(InvalidInputError, match="unknown strategy"):
+        StrategySpec("elrea")
+    with pytest.raises(InvalidInputError, match="needs an expert"):
+        StrategySpec("single")
+    with pytest.raises(InvalidInputError, match="unknown mixing"):
+        StrategySpec(mixing="both")
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        GenerationSettings(max_new_tokens=0)
+    with pytest.raises(InvalidInputError, match="top_p"):
+        GenerationSettings(top_p=0)
+
+
+def test_routing_errors_reach_the_reader(engine):
+    with pytest.raises(RoutingError, match="top_k=9 but the library has 4 experts"):
+        answer(engine, StrategySpec("arrow", top_k=9))
+    with pytest.raises(RoutingError, match="unknown expert 'nobody'"):
+        answer(engine, StrategySpec("single", expert="nobody"))
+    assert answer(engine, StrategySpec("arrow"))[-1][1].layers  # still serving
+
+
+def test_swapping_libraries(local_registry, hub_server):
+    """(hub_server: the Hub that HF_ENDPOINT names answers "no such model" at once.)"""
+    engine = ChatEngine(local_registry, DEMO_LIBRARY)
+    model = engine.model
+    Library.create(local_registry, "acme/empty-chat", base_model=DEMO_BASE_MODEL)
+
+    engine.load_library(local_registry, "acme/empty-chat")
+
+    assert engine.model is model  # same base model: kept
+    with pytest.raises(RoutingError, match="has no experts"):
+        answer(engine, StrategySpec("arrow"))
+    assert answer(engine, StrategySpec("base"))[-1][1].layers == {}
+
+    Library.create(local_registry, "acme/elsewhere", base_model="acme/not-a-model")
+    with pytest.raises(NotFoundError, match="acme/not-a-model"):
+        engine.load_library(local_registry, "acme/elsewhere")
+    assert engine.library.repo_id == "acme/empty-chat"  # the old model came back
+    assert answer(engine, StrategySpec("base"))[-1][0] is not None
