@@ -23,7 +23,7 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from tqdm import tqdm
 
-from quiver.registry.server import HubServer
+from quiver.server import HubServer
 
 REPO = "bench/files"
 

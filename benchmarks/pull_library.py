@@ -38,7 +38,7 @@ from peft import PeftModel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from quiver.registry import HubRegistry, Library  # noqa: E402
-from quiver.registry.server import HubServer  # noqa: E402
+from quiver.server import HubServer  # noqa: E402
 from quiver.testing import make_random_expert, tiny_model  # noqa: E402
 
 USER = "bench"

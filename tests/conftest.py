@@ -30,7 +30,7 @@ import pytest  # noqa: E402
 def hub_server(tmp_path_factory):
     """The self-hosted Hub on 127.0.0.1:HUB_PORT, the HF_ENDPOINT every client here talks to.
     ``hub_server.create_token(user, write=True, orgs=())`` makes access tokens."""
-    from quiver.registry.server import HubServer
+    from quiver.server import HubServer
 
     with HubServer(tmp_path_factory.mktemp("hub-root"), port=HUB_PORT) as server:
         yield server

@@ -13,11 +13,12 @@ import quiver
 SOURCE = Path(quiver.__file__).parent
 
 # Foundations every layer may use.
-_BASE = {"quiver", "quiver.errors", "quiver.home"}
+_BASE = {"quiver", "quiver.errors", "quiver.home", "quiver.fs"}
 ALLOWED: dict[str, set[str]] = {
     "quiver": {"quiver.routing", "quiver.registry"},  # the lazy public API
     "quiver.errors": set(),
     "quiver.home": set(),
+    "quiver.fs": set(),
     "quiver.testing": set(),
     "quiver.store": set(),
     "quiver.server": {"quiver.store"},

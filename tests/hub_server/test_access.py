@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-from quiver.registry.server.errors import AlreadyExists
+from quiver.errors import AlreadyExistsError
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +76,11 @@ def test_org_members_write_to_the_org(owner, stranger):
 def test_a_name_is_a_user_or_an_org_never_both(hub_server, owner):
     owner.create_repo("lab/org-owned", exist_ok=True)
     owner.create_repo("olga/personal", exist_ok=True)
-    with pytest.raises(AlreadyExists, match="'lab' is an organization"):
+    with pytest.raises(AlreadyExistsError, match="'lab' is an organization"):
         hub_server.create_token("lab")
-    with pytest.raises(AlreadyExists, match="'olga' is a user"):
+    with pytest.raises(AlreadyExistsError, match="'olga' is a user"):
         hub_server.create_token("eve", orgs=("olga",))
-    with pytest.raises(AlreadyExists, match="'self' is a user"):
+    with pytest.raises(AlreadyExistsError, match="'self' is a user"):
         hub_server.create_token("self", orgs=("self",))
     # Nothing was half-created: eve has no membership, no way into olga's namespace.
     member = HfApi(token=hub_server.create_token("eve"))

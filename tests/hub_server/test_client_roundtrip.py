@@ -25,8 +25,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from quiver.registry.server import HubServer
-from quiver.registry.server.storage import git_blob_sha1
+from quiver.server import HubServer
+from quiver.store import git_blob_sha1
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ import http.client
 import json
 import os
 import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -19,20 +17,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hub_helpers import server_process
 from huggingface_hub import CommitOperationAdd, HfApi, get_session, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from quiver.registry.server import HubServer, HubStore
+from quiver.server import HubServer, HubStore
 
-QUIVER = str(Path(sys.executable).with_name("quiver"))
 # `quiver hub serve` whose commits hold their transaction open for 30 s once recorded, so a test
 # can kill the server inside one.
 PAUSED_IN_COMMIT = """
 import sys, time
 from quiver.cli import main
-from quiver.registry.server.storage import HubStore
+from quiver.store import RepoStore
 
-record = HubStore._record_commit
+record = RepoStore._record_commit
 
 
 def record_then_pause(*args, **kwargs):
@@ -41,43 +39,9 @@ def record_then_pause(*args, **kwargs):
     return sha
 
 
-HubStore._record_commit = record_then_pause
+RepoStore._record_commit = record_then_pause
 sys.exit(main())
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def _server_process(root: Path, *options: str, quiver: tuple[str, ...] = (QUIVER,)):
-    """``quiver hub serve`` in a subprocess; yields (process, endpoint) once it answers."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [*quiver, "hub", "serve", "--root", str(root), "--port", str(port), *options],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{endpoint}/api/models", timeout=1)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None, process.stderr.read().decode()
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.1)
-        yield process, endpoint
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-        process.stderr.close()
 
 
 def _assert_consistent(endpoint: str, repo: str, expected: dict[str, bytes], cache: Path) -> None:
@@ -184,7 +148,7 @@ def test_server_killed_inside_a_commit_transaction_keeps_the_store_consistent(tm
     root = tmp_path / "hub"
     token = HubStore(root).create_token("kim", write=True)
     committed = {".gitattributes": None, "base.txt": b"base"}
-    with _server_process(root) as (_, endpoint):
+    with server_process(root) as (_, endpoint):
         api = HfApi(endpoint=endpoint, token=token)
         api.create_repo("kim/crash")
         api.upload_file(path_or_fileobj=b"base", path_in_repo="base.txt", repo_id="kim/crash")
@@ -195,13 +159,13 @@ def test_server_killed_inside_a_commit_transaction_keeps_the_store_consistent(tm
 
     doomed = os.urandom(200_000)
     paused_quiver = (sys.executable, "-c", PAUSED_IN_COMMIT)
-    with _server_process(root, quiver=paused_quiver) as (process, endpoint):
+    with server_process(root, quiver=paused_quiver) as (process, endpoint):
         body = _ndjson_commit("doomed", {"big.bin": doomed, "base.txt": b"new"})
         thread = _commit_in_background(endpoint, token, "kim/crash", body)
         # The server holds SQLite's write lock only between BEGIN IMMEDIATE and COMMIT: once it
         # does, the commit is inside its transaction, its blobs already staged.
         deadline = time.monotonic() + 60
-        while not _write_locked(root / "hub.sqlite"):
+        while not _write_locked(root / "store.sqlite"):
             assert time.monotonic() < deadline, "the commit never reached its transaction"
             time.sleep(0.05)
         assert HubStore(root).blobs.has(hashlib.sha256(doomed).hexdigest())
@@ -209,7 +173,7 @@ def test_server_killed_inside_a_commit_transaction_keeps_the_store_consistent(tm
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
 
-    with _server_process(root) as (_, endpoint):
+    with server_process(root) as (_, endpoint):
         assert HfApi(endpoint=endpoint).model_info("kim/crash").sha == before
         _assert_consistent(endpoint, "kim/crash", committed, tmp_path / "cache")
         api = HfApi(endpoint=endpoint, token=token)
@@ -217,7 +181,7 @@ def test_server_killed_inside_a_commit_transaction_keeps_the_store_consistent(tm
         _assert_consistent(
             endpoint, "kim/crash", {**committed, "after.txt": b"after"}, tmp_path / "cache2"
         )
-    with sqlite3.connect(root / "hub.sqlite") as db:
+    with sqlite3.connect(root / "store.sqlite") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
@@ -225,7 +189,7 @@ def test_server_killed_while_receiving_a_commit_keeps_the_store_consistent(tmp_p
     root = tmp_path / "hub"
     token = HubStore(root).create_token("kurt", write=True)
     body = _ndjson_commit("half sent", {"x.bin": os.urandom(300_000)})
-    with _server_process(root) as (process, endpoint):
+    with server_process(root) as (process, endpoint):
         api = HfApi(endpoint=endpoint, token=token)
         api.create_repo("kurt/crash")
         before = api.model_info("kurt/crash").sha
@@ -239,7 +203,7 @@ def test_server_killed_while_receiving_a_commit_keeps_the_store_consistent(tmp_p
         time.sleep(1.0)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
-    with _server_process(root) as (_, endpoint):
+    with server_process(root) as (_, endpoint):
         assert HfApi(endpoint=endpoint).model_info("kurt/crash").sha == before
         assert len(HfApi(endpoint=endpoint).list_repo_commits("kurt/crash")) == 1
 
@@ -317,9 +281,9 @@ def victim(hub_server):
         "/api/models/vic/target/revision/a%2Fb",
         "/api/models/vic/target/tree/main/%2E%2E",
         "/api/models/vic/target/tree/main/%2Fetc",
-        "/api/models/vic/target/tree/main/sub%2F..%2F..%2Fhub.sqlite",
-        "/vic/target/resolve/main/..%2Fhub.sqlite",
-        "/vic/target/resolve/main/%2E%2E/%2E%2E/hub.sqlite",
+        "/api/models/vic/target/tree/main/sub%2F..%2F..%2Fstore.sqlite",
+        "/vic/target/resolve/main/..%2Fstore.sqlite",
+        "/vic/target/resolve/main/%2E%2E/%2E%2E/store.sqlite",
         "/vic/target/resolve/main//etc/passwd",
         "/vic/target/resolve/main/%2Fetc%2Fpasswd",
         "/vic/target/resolve/%2E%2E/ok.txt",
@@ -332,7 +296,7 @@ def test_traversal_in_urls_is_refused(hub_server, victim, path):
 
 
 @pytest.mark.parametrize(
-    "path", ["/vic/target/resolve/main/../../hub.sqlite", "/api/models/vic/../x"]
+    "path", ["/vic/target/resolve/main/../../store.sqlite", "/api/models/vic/../x"]
 )
 def test_literal_dot_segments_are_refused(hub_server, victim, path):
     connection = http.client.HTTPConnection("127.0.0.1", int(hub_server.endpoint.rsplit(":", 1)[1]))
@@ -464,7 +428,7 @@ def test_serve_options_reach_the_server(tmp_path):
     root = tmp_path / "hub"
     token = HubStore(root).create_token("opt", write=True)
     options = ("--max-body-bytes", "50000", "--lfs-threshold", "1000", "--latency-ms", "200")
-    with _server_process(root, *options) as (_, endpoint):
+    with server_process(root, *options) as (_, endpoint):
         api = HfApi(endpoint=endpoint, token=token)
         started = time.monotonic()
         api.create_repo("opt/repo")

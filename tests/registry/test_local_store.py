@@ -1,7 +1,7 @@
 """Experts in the local folder store: cards, round trips, versions, search, and refused input."""
 
+import errno
 import json
-import os
 import shutil
 
 import pytest
@@ -18,9 +18,10 @@ from quiver.errors import (
     InvalidAdapterError,
     NotFoundError,
     QuiverError,
-    RegistryError,
 )
 from quiver.registry import Expert, LocalRegistry
+from quiver.store import StorageFullError
+from quiver.store.blobs import BlobWriter
 from quiver.testing import tiny_model
 
 
@@ -249,8 +250,8 @@ def test_bad_adapters_are_refused_and_nothing_lands(
 
 
 def test_tampered_store_blob_is_caught_on_pull(local, make_expert):
-    published = local.push(make_expert(), "alice/e")
-    weights = local.root / "snapshots" / published.commit / "adapter_model.safetensors"
+    local.push(make_expert(), "alice/e")
+    weights = local.download("alice/e")[0] / "adapter_model.safetensors"
     weights.chmod(0o644)
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -263,8 +264,9 @@ def test_store_files_are_read_only_and_shared(local, make_expert):
     folder = make_expert()
     first = local.push(folder, "alice/a")
     second = local.push(folder, "alice/b")
-    a = local.root / "snapshots" / first.commit / "adapter_model.safetensors"
-    b = local.root / "snapshots" / second.commit / "adapter_model.safetensors"
+    a = local.download("alice/a")[0] / "adapter_model.safetensors"
+    b = local.download("alice/b")[0] / "adapter_model.safetensors"
+    assert a.parent.name == first.commit and b.parent.name == second.commit
     assert a.stat().st_ino == b.stat().st_ino  # one blob, hard-linked
     assert not a.stat().st_mode & 0o222
 
@@ -320,17 +322,17 @@ def test_bf16_expert_round_trips_with_same_logits(local, make_expert):
 def test_a_push_that_fails_midway_leaves_nothing(local, make_expert, monkeypatch):
     local.push(make_expert(), "alice/good")
     before = store_state(local)
-    real_link = os.link
+    real_write = BlobWriter.write
     calls = []
 
-    def link_then_fail(source, destination):
-        calls.append(destination)
+    def write_then_fail(self, chunk):
+        calls.append(len(chunk))
         if len(calls) == 2:
-            raise OSError("disk full")
-        real_link(source, destination)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, chunk)
 
-    monkeypatch.setattr(os, "link", link_then_fail)
-    with pytest.raises(RegistryError, match="push alice/half: cannot write: disk full"):
+    monkeypatch.setattr(BlobWriter, "write", write_then_fail)
+    with pytest.raises(StorageFullError, match="no space left on the disk of the store"):
         local.push(make_expert(), "alice/half")
     assert len(calls) == 2
     assert store_state(local) == before

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
 
 REGISTRY_HELP = (
     "A folder path, an endpoint URL, or 'hf' for huggingface.co "

@@ -27,9 +27,11 @@ def hub_serve(
     max_body_bytes: int = typer.Option(1 << 30, help="Refuse bigger request bodies with 413."),
 ) -> None:
     """Serve a Hub that huggingface_hub clients reach through HF_ENDPOINT=http://HOST:PORT."""
-    from quiver.registry.server import serve
+    from quiver.server import serve
 
-    console.print(f"Serving {root} at http://{host}:{port} (HF_ENDPOINT=http://{host}:{port})")
+    def announce(endpoint: str) -> None:
+        console.print(f"Serving {root} at {endpoint} (HF_ENDPOINT={endpoint})")
+
     serve(
         root,
         host=host,
@@ -37,6 +39,7 @@ def hub_serve(
         latency_ms=latency_ms,
         lfs_threshold=lfs_threshold,
         max_body_bytes=max_body_bytes,
+        ready=announce,
     )
 
 
@@ -48,7 +51,7 @@ def hub_token_create(
     org: list[str] = typer.Option([], "--org", help="Make the user a member of this org."),
 ) -> None:
     """Print a new access token for USER (use it as HF_TOKEN)."""
-    from quiver.registry.server import HubStore
+    from quiver.server import HubStore
 
     print(HubStore(root).create_token(user, write=write, orgs=org))
 
@@ -59,7 +62,34 @@ def hub_token_revoke(
     root: Path = typer.Option(..., "--root", help="Folder holding the registry's data."),
 ) -> None:
     """Revoke an access token; the server refuses it from the next request on."""
-    from quiver.registry.server import HubStore
+    from quiver.server import HubStore
 
     HubStore(root).revoke_token(token)
     console.print("Token revoked.")
+
+
+@hub_app.command("gc")
+def hub_gc(
+    root: Path = typer.Option(..., "--root", help="Folder holding the registry's data."),
+    delete: bool = typer.Option(False, "--delete", help="Remove them (default: only list them)."),
+    min_age: float = typer.Option(
+        3600.0, "--min-age", help="Spare blobs written or wanted less than this many seconds ago."
+    ),
+) -> None:
+    """Find blobs no commit references and snapshot folders of deleted commits; with --delete,
+    remove them. Safe while `quiver hub serve` or a push writes to the same folder."""
+    from quiver.store import RepoStore, delete_garbage, find_garbage
+
+    store = RepoStore(root)
+    garbage = find_garbage(store, min_age_s=min_age)
+    if delete:
+        with console.status("Waiting for the writes in flight, then deleting..."):
+            garbage = delete_garbage(store, garbage)
+    what = (
+        f"{len(garbage.blobs)} unreferenced blobs ({garbage.blob_bytes / 2**20:.1f} MiB) and "
+        f"{len(garbage.snapshots)} snapshot folders of deleted commits"
+    )
+    if garbage.deleted:
+        console.print(f"Removed {what}.")
+    else:
+        console.print(f"Found {what}; pass --delete to remove them.")

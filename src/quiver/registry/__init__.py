@@ -1,34 +1,24 @@
-"""The registry: publish and pull LoRA experts and libraries, locally or on any Hub endpoint.
+"""The registry: publish and pull LoRA experts and libraries, locally or on any Hub endpoint."""
 
-Names are imported on first use, so that importing a subpackage (e.g. the self-hosted server in
-``quiver.registry.server``) does not pull in huggingface_hub and safetensors.
-"""
+from quiver.home import quiver_home
+from quiver.registry.base import Registry, RepoSummary, Version
+from quiver.registry.card import ExpertCard
+from quiver.registry.expert import Expert
+from quiver.registry.hub import HubRegistry, open_registry
+from quiver.registry.library import ExpertPin, Library, LibraryManifest
+from quiver.registry.local import LocalRegistry
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS: dict[str, str] = {
-    "Registry": "quiver.registry.base",
-    "RepoSummary": "quiver.registry.base",
-    "Version": "quiver.registry.base",
-    "ExpertCard": "quiver.registry.card",
-    "Expert": "quiver.registry.expert",
-    "ExpertPin": "quiver.registry.library",
-    "Library": "quiver.registry.library",
-    "LibraryManifest": "quiver.registry.library",
-    "LocalRegistry": "quiver.registry.local",
-    "quiver_home": "quiver.home",
-    "HubRegistry": "quiver.registry.hub",
-    "open_registry": "quiver.registry.hub",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'quiver.registry' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-__all__ = list(_EXPORTS)
+__all__ = [
+    "Expert",
+    "ExpertCard",
+    "ExpertPin",
+    "HubRegistry",
+    "Library",
+    "LibraryManifest",
+    "LocalRegistry",
+    "Registry",
+    "RepoSummary",
+    "Version",
+    "open_registry",
+    "quiver_home",
+]

@@ -8,7 +8,6 @@ those, once, here and in library.py, so both stores behave the same.
 from __future__ import annotations
 
 import dataclasses
-import re
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -28,12 +27,10 @@ from quiver.errors import (
 from quiver.registry.adapter import ADAPTER_CONFIG, read_adapter_config
 from quiver.registry.card import EXPERT_TAG, LIBRARY_TAG, base_model_tag, task_tag
 from quiver.registry.expert import EXPERT_FILES, Expert, check_hash
+from quiver.store import check_ref_name, check_repo_id
 
 LIBRARY_MANIFEST = "library.json"
 HUB_FILES = (".gitattributes",)  # files a Hub adds to every repo on its own
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-# Git's rules for a branch or tag name (git check-ref-format), as the Hub applies them.
-_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|//|@\{|^[/.-]|[/.]$|\.lock$|/\.")
 KINDS = {"expert": EXPERT_TAG, "library": LIBRARY_TAG}
 HOLDINGS = {
     "library": "a Quiver library",
@@ -42,28 +39,6 @@ HOLDINGS = {
     "model": "a model (config.json and weights)",
     "files": "files that are not a LoRA expert",
 }
-
-
-def check_repo_id(repo_id: str) -> str:
-    if not _REPO_ID.match(repo_id) or ".." in repo_id:
-        raise InvalidInputError(
-            f"invalid repo id {repo_id!r}",
-            hint="use 'namespace/name' with letters, digits, '-', '_' or '.'",
-            repo_id=repo_id,
-        )
-    return repo_id
-
-
-def check_ref_name(name: str, what: str) -> str:
-    """Refuse a branch or tag name that git (and so the Hub) would refuse, before any write."""
-    if not name or name == "@" or _BAD_REF.search(name):
-        raise InvalidInputError(
-            f"invalid {what} name {name!r}",
-            hint="use letters, digits, '-', '_', '.' and '/' (no spaces, '..', '~', '^', ':', "
-            "'?', '*', '[' or '\\'; not starting with '-', '.' or '/')",
-            revision=name,
-        )
-    return name
 
 
 @contextmanager

@@ -62,18 +62,6 @@ def parse_card(text: str) -> ModelCard:
         ) from error
 
 
-def hub_tags(metadata: dict[str, Any]) -> list[str]:
-    """The tags the Hub derives from a card's front matter (what its ``filter=`` matches)."""
-    tags = list(metadata.get("tags") or [])
-    if metadata.get("library_name"):
-        tags.append(metadata["library_name"])
-    if metadata.get("license"):
-        tags.append(f"license:{metadata['license']}")
-    tags += [f"dataset:{name}" for name in _as_list(metadata.get("datasets"))]
-    tags += [base_model_tag(name) for name in _as_list(metadata.get("base_model"))]
-    return list(dict.fromkeys(tags))
-
-
 def _as_list(value: Any) -> list[str]:
     if value is None:
         return []

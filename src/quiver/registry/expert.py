@@ -8,7 +8,6 @@ check of ``adapter.py``, which routing uses too), weights that match the hashes 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +20,7 @@ from quiver.errors import (
     InvalidAdapterError,
     NotFoundError,
 )
+from quiver.fs import sha256_file
 from quiver.registry.adapter import (
     ADAPTER_CONFIG,
     WEIGHTS,
@@ -33,14 +33,6 @@ from quiver.registry.card import ExpertCard
 CARD = "README.md"
 EXPERT_FILES = (ADAPTER_CONFIG, WEIGHTS, CARD)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_hash(what: str, *, expected: str, actual: str) -> None:

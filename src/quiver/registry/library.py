@@ -39,10 +39,10 @@ from quiver.registry.base import (
 )
 from quiver.registry.card import LIBRARY_TAG, QUIVER_TAG, base_model_tag
 from quiver.registry.expert import CARD, EXPERT_FILES, Expert, check_hash, sha256_file
+from quiver.store import check_name
 
 MANIFEST = LIBRARY_MANIFEST
 FORMAT = "quiver-library/1"
-_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 _LIBRARY_TEMPLATE = """---
@@ -63,14 +63,6 @@ A Quiver library of {{ experts | length }} LoRA experts for {{ base_model }}.
 {% endfor %}
 Pull it with `quiver library pull {{ title }}`.
 """
-
-
-def _check_name(name: str, what: str) -> str:
-    if not _NAME.match(name):
-        raise InvalidInputError(
-            f"invalid {what} name {name!r}", hint="use letters, digits, '-', '_' or '.'"
-        )
-    return name
 
 
 @dataclass(frozen=True)
@@ -116,7 +108,7 @@ class LibraryManifest:
             pins = [ExpertPin(**pin) for pin in data.pop("experts")]
             manifest = cls(**data, experts=pins)
             for pin in pins:
-                _check_name(pin.name, "expert")
+                check_name(pin.name, "expert name")
             hashes = [pin.sha256 for pin in pins] + list(manifest.artifacts.values())
             if not all(isinstance(h, str) and _SHA256.match(h) for h in hashes):
                 raise ValueError("a sha256 is not 64 lowercase hex digits")
@@ -285,7 +277,7 @@ class Library:
             expert = self.registry.pull(repo_id, revision=revision)
         elif not isinstance(expert, Expert):
             expert = Expert.from_folder(expert)
-        name = _check_name(name or expert.name, "expert")
+        name = check_name(name or expert.name, "expert name")
         if name in self.names:
             raise AlreadyExistsError(
                 f"library {self.repo_id} already has an expert named {name!r}",
@@ -330,7 +322,7 @@ class Library:
 
     def add_artifact(self, name: str, path: str | Path, *, message: str | None = None) -> Library:
         """Attach (or replace) a routing artifact, a safetensors file such as Arrow prototypes."""
-        _check_name(name, "artifact")
+        check_name(name, "artifact name")
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt"):

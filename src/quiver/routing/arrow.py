@@ -10,8 +10,6 @@ Prototypes are stored as one safetensors file so a pulled library routes without
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quiver.errors import IncompatibleExpertError, InvalidAdapterError
+from quiver.fs import atomic_path
 from quiver.routing.experts import ExpertSet, ExpertSource, LoraStack, load_experts
 
 ARTIFACT_NAME = "arrow_prototypes"
@@ -78,16 +77,10 @@ def compute_arrow_prototypes(experts: ExpertSource | ExpertSet) -> ArrowPrototyp
 def save_prototypes(prototypes: ArrowPrototypes, path: str | Path) -> Path:
     """Write prototypes as one safetensors file, atomically (temp file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {m: v.detach().float().cpu().contiguous() for m, v in prototypes.vectors.items()}
     metadata = {"quiver_artifact": ARTIFACT_NAME, "experts": json.dumps(prototypes.expert_names)}
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temp:
         save_file(tensors, temp, metadata=metadata)
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
     return path
 
 

@@ -24,13 +24,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from quiver.errors import RoutingError
+from quiver.fs import atomic_path
 from quiver.home import quiver_home
 
 SOURCE = Path(__file__).with_name("lowrank.cpp")
@@ -47,16 +47,10 @@ def _build(compiler: str) -> Path:
     target = quiver_home() / "kernels" / f"lowrank-{machine}-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".lowrank-", suffix=".so")
-    os.close(handle)
-    try:
+    with atomic_path(target) as temp:
         subprocess.run(
             [compiler, *FLAGS, str(SOURCE), "-o", temp], check=True, capture_output=True, text=True
         )
-        os.replace(temp, target)
-    finally:
-        Path(temp).unlink(missing_ok=True)
     return target
 
 

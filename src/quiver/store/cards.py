@@ -1,5 +1,5 @@
 """Model-card metadata as the Hub derives it: the README's YAML front matter becomes ``cardData``,
-and a few of its fields become the tags that ``list_models(filter=...)`` matches."""
+and a few of its fields become the tags that search filters match."""
 
 from __future__ import annotations
 
@@ -25,6 +25,16 @@ def parse_front_matter(text: str) -> dict[str, Any] | None:
     return data
 
 
+def read_card(text: str) -> tuple[dict[str, Any] | None, str]:
+    """The README's metadata (None when absent or malformed) and its text after the header."""
+    match = _FRONT_MATTER.match(text)
+    body = text[match.end() :] if match else text
+    try:
+        return parse_front_matter(text), body
+    except (yaml.YAMLError, ValueError):
+        return None, body
+
+
 def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -48,3 +58,11 @@ def card_tags(card: dict[str, Any] | None) -> list[str]:
     if card.get("pipeline_tag"):
         tags.append(str(card["pipeline_tag"]))
     return list(dict.fromkeys(tags))
+
+
+def search_text(repo_id: str, card: dict[str, Any] | None, body: str) -> str:
+    """What free-text search matches: the repo id and the description (of a Quiver card's
+    ``quiver:`` section, else the README's text)."""
+    section = (card or {}).get("quiver")
+    described = section.get("description") if isinstance(section, dict) else body
+    return f"{repo_id}\n{described or ''}"

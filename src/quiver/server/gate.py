@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from urllib.parse import unquote
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from quiver.registry.server.errors import HubError, PayloadTooLarge, error_response
+from quiver.server.errors import HubError, InternalError, PayloadTooLarge, error_response
+
+logger = logging.getLogger("quiver.server")
 
 
 class _BodyTooLarge(Exception):
@@ -38,7 +41,7 @@ class Gate:
         limit = self.max_body_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await _too_large(limit)(scope, receive, send)
+            await _too_large(scope, limit)(scope, receive, send)
             return
         received, started = 0, False
 
@@ -59,15 +62,23 @@ class Gate:
             await self.app(scope, counted_receive, tracked_send)
         except _BodyTooLarge:
             if not started:
-                await _too_large(limit)(scope, receive, send)
+                await _too_large(scope, limit)(scope, receive, send)
+        except Exception as error:  # a bug: answer it, rather than let the connection be reset
+            if started:
+                raise
+            logger.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            unexpected = InternalError(f"internal error of quiver hub serve: {error!r}")
+            await error_response(unexpected)(scope, receive, send)
 
 
-def _too_large(limit: int) -> JSONResponse:
-    return error_response(
-        PayloadTooLarge(
-            f"request body exceeds {limit} bytes", hint="split the upload into smaller commits"
-        )
-    )
+def _too_large(scope: Scope, limit: int) -> JSONResponse:
+    """413, with the way out that fits: an LFS upload is one file; a commit may be several."""
+    if scope["path"].startswith("/api/lfs-objects/"):
+        hint = "the file is bigger than this server accepts; ask its admin to raise it"
+    else:
+        hint = "commit fewer files at once, or ask the server's admin to raise it"
+    refused = PayloadTooLarge(f"request body exceeds {limit} bytes (--max-body-bytes)", hint=hint)
+    return error_response(refused)
 
 
 def path_problem(raw_path: bytes) -> str | None:

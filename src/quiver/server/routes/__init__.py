@@ -1,0 +1,1 @@
+"""The Hub API, one router per resource."""
