@@ -23,7 +23,6 @@ both as a stored matrix (a GEMM) and regenerated from a seed (``randn`` plus the
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from quiver.routing.elrea import ElreaArtifact, ensemble_choice, gradient_dim
 from quiver.routing.experts import load_experts
 from quiver.routing.gradients import CountSketch
 from quiver.testing import make_random_expert, tiny_model
+from routing import interleaved_medians  # benchmarks/routing.py
 
 EXPERTS, RANK, PROMPT, NEW_TOKENS = 8, 8, 16, 32
 FEATURES = 8192
@@ -53,18 +53,6 @@ def base_model():
         "llama", hidden=512, intermediate_size=1376, layers=6, heads=8, num_key_value_heads=8,
         vocab_size=512,
     )  # fmt: skip
-
-
-def interleaved_medians(runs: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per run, calling them in turn so load noise hits all alike."""
-    times = {name: [] for name in runs}
-    for round_ in range(repeats + 1):  # round 0 warms up
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 class Library(dict):

@@ -8,11 +8,6 @@ from quiver.testing import tiny_model, tiny_tokenizer
 from quiver.training import build_elrea_library
 
 
-@pytest.fixture
-def model():
-    return tiny_model("llama", seed=0)
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

@@ -8,7 +8,7 @@ from quiver.errors import RoutingError
 from quiver.routing import route
 from quiver.routing.elrea import PromptGradients, prompt_features
 from quiver.routing.gradients import CountSketch, prompt_loss
-from quiver.testing import make_random_expert
+from quiver.testing import make_random_expert, tiny_model
 
 
 def _peft_gradient(model, folder, ids):
@@ -26,7 +26,8 @@ def _peft_gradient(model, folder, ids):
         peft_model.unload()
 
 
-def test_features_are_each_prompts_own_gradient_whatever_the_padding(model, tokenizer, tmp_path):
+def test_features_are_each_prompts_own_gradient_whatever_the_padding(tokenizer, tmp_path):
+    model = tiny_model()
     folder = make_random_expert(model, tmp_path / "base", rank=4, b_std=0.2, seed=1)
     sketch = CountSketch(dim=512, seed=3)
     prompts = ["sum 123 456 =", "reverse abc:", "LOWER KLMNOPQ!"]
@@ -64,7 +65,8 @@ def test_the_sketch_is_its_seed_and_keeps_inner_products():
         CountSketch(dim=0)
 
 
-def test_prompts_without_a_loss_are_refused(model, tokenizer, tmp_path):
+def test_prompts_without_a_loss_are_refused(tokenizer, tmp_path):
+    model = tiny_model()
     folder = make_random_expert(model, tmp_path / "base", rank=4)
     routed = route(model, {"base": folder}, PromptGradients(CountSketch(64), "base"))
     batch = tokenizer(["a prompt", ""], return_tensors="pt", padding=True)

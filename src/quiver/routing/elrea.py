@@ -29,8 +29,6 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
-import os
-import tempfile
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -46,6 +44,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quiver.errors import IncompatibleExpertError, RoutingError
+from quiver.fs import atomic_path
 from quiver.routing.experts import ExpertSet
 from quiver.routing.gradients import CountSketch, GradientPass, check_prompts, prompt_loss
 from quiver.routing.layers import LowRankMixer
@@ -133,7 +132,6 @@ class ElreaArtifact:
     def save(self, path: str | Path) -> Path:
         """Write the artifact as one safetensors file (JSON in its metadata), atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "centroids": self.centroids.float().contiguous(),
             "similarity_mean": self.similarity_mean.float().contiguous(),
@@ -149,13 +147,8 @@ class ElreaArtifact:
             ),
             "gradient": json.dumps({"modules": self.gradient_modules, "dim": self.gradient_dim}),
         }
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file(tensors, temp, metadata=metadata)
-            os.replace(temp, path)
-        finally:
-            Path(temp).unlink(missing_ok=True)
+        with atomic_path(path) as temp:
+            save_file(tensors, str(temp), metadata=metadata)
         return path
 
     @classmethod

@@ -30,9 +30,9 @@ import torch
 from huggingface_hub import EvalResult
 
 from quiver.errors import QuiverError, TrainingError
+from quiver.fs import sha256_file
 from quiver.registry import Expert
 from quiver.registry.adapter import WEIGHTS, read_adapter
-from quiver.registry.expert import sha256_file
 from quiver.training.data import (
     IGNORE_INDEX,
     DataSource,
