@@ -10,6 +10,9 @@ tensors the torch profiler saw during one forward, minus the base model's.
 same sizes, timed in the same rounds: what routing would cost at torch's GEMM speed on these
 skinny shapes, with no gathering, sorting or top-k at all.
 
+"Seq" is Arrow at sequence granularity over the same experts: its forward includes the no-expert
+pass that scores the prompt (the whole input here); its decoding, the chosen k experts per row.
+
     python benchmarks/routing.py --experts 8,32,64,128 --peft-max 64 --readme README.md
 """
 
@@ -123,7 +126,9 @@ def measure_row(experts, paths, ids, hidden, peft_max, repeats, console):
     console.print(f"E={experts}")
     base = base_model(hidden)
     ours, ours_build = timed_build(route, base_model(hidden), paths, Arrow(top_k=TOP_K))
+    seq = route(base_model(hidden), paths, Arrow(top_k=TOP_K, granularity="sequence"))
     forwards = {"base": forward_of(base, ids), "ours": forward_of(ours, ids)}
+    forwards["seq"] = forward_of(seq, ids)
     forwards["matmuls"] = routing_matmuls(base, experts, ids.numel())
     row = dict(E=experts, ours_build=ours_build)
     if experts <= peft_max:
@@ -133,12 +138,14 @@ def measure_row(experts, paths, ids, hidden, peft_max, repeats, console):
         forwards["peft"] = forward_of(peft, ids)
     row.update(interleaved_medians(forwards, repeats))
     row["matmuls"] += row["base"]
-    del forwards["matmuls"]
+    del forwards["matmuls"], forwards["seq"]
     peaks = {name: peak_mib(forward) for name, forward in forwards.items()}
     row.update({f"{name}_peak": peak - peaks["base"] for name, peak in peaks.items()})
-    decodes = {"base": decode_of(base, ids), "ours": decode_of(ours, ids)}
+    decodes = {name: decode_of(model, ids) for name, model in [("base", base), ("ours", ours)]}
+    decodes["seq"] = decode_of(seq, ids)
     decoded = interleaved_medians(decodes, max(3, repeats // 2))
     row["decode"] = decoded["ours"] / decoded["base"]
+    row["decode_seq"] = decoded["seq"] / decoded["base"]
     return row
 
 
@@ -158,8 +165,9 @@ def markdown(rows, hidden, repeats) -> str:
     lines = [
         "| E | forward base | forward ours | ours / base | matmuls / base | forward PEFT "
         "| PEFT / ours | PEFT / matmuls | build ours | build PEFT | PEFT / ours "
-        "| extra peak ours | extra peak PEFT | decode ours / base |",
-        "|---" * 14 + "|",
+        "| extra peak ours | extra peak PEFT | decode ours / base | seq / base "
+        "| decode seq / base |",
+        "|---" * 16 + "|",
     ]
     for r in rows:
         peft = "peft" in r
@@ -178,6 +186,8 @@ def markdown(rows, hidden, repeats) -> str:
             f"{r['ours_peak']:.1f} MiB",
             f"{r['peft_peak']:.1f} MiB" if peft else "-",
             f"{r['decode']:.2f}x",
+            f"{r['seq'] / r['base']:.2f}x",
+            f"{r['decode_seq']:.2f}x",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     note = (
@@ -187,7 +197,9 @@ def markdown(rows, hidden, repeats) -> str:
         "kernels' own scratch, about 100 KiB a thread at E=32, is not seen). Matmuls = the base "
         "model plus the routing's arithmetic as plain torch matmuls (tokens x E x in and tokens "
         "x k*r x (in + out) per routed layer), i.e. routing at torch's own GEMM speed. Decode = "
-        f"greedy generation of {DECODE_TOKENS} tokens after a 16-token prompt at batch 1."
+        f"greedy generation of {DECODE_TOKENS} tokens after a 16-token prompt at batch 1. Seq = "
+        "Arrow per sequence (top-k 4): its forward includes the no-expert pass that scores the "
+        "prompt (the whole input)."
     )
     lines.append("\n" + textwrap.fill(note, 100))
     return "\n".join(lines)
@@ -197,8 +209,9 @@ def write_readme(readme: Path, table: str) -> None:
     """Replace (or append) the README's routing-speed section with the latest table."""
     text = readme.read_text()
     intro = (
-        "Our Arrow over E experts against PEFT's `create_arrow_model`, side by side (Llama from "
-        "config, 6 layers, LoRA r=8 on all 7 projections, top-k 4, batch 4 x 128, CPU):"
+        "Our Arrow over E experts against PEFT's `create_arrow_model`, and our Arrow per sequence, "
+        "side by side with the base model (Llama from config, 6 layers, LoRA r=8 on all 7 "
+        "projections, top-k 4, batch 4 x 128, CPU):"
     )
     body = f"{SECTION}\n\n{textwrap.fill(intro, 100)}\n\n{table}\n"
     start = text.find(SECTION)

@@ -4,9 +4,29 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quiver.errors import QuiverError
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ imports on use
+    from quiver.registry import (
+        Expert,
+        Library,
+        Registry,
+        open_registry,
+    )
+    from quiver.routing import (
+        Arrow,
+        Merge,
+        Oracle,
+        RoutedModel,
+        RoutingTrace,
+        Strategy,
+        compute_arrow_prototypes,
+        load_prototypes,
+        route,
+        save_prototypes,
+    )
 
 try:
     __version__ = version("lora-quiver")
@@ -21,6 +41,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "Merge": "quiver.routing",
     "Oracle": "quiver.routing",
     "ELREA": "quiver.routing",
+    "Strategy": "quiver.routing",
+    "RoutingTrace": "quiver.routing",
     "compute_arrow_prototypes": "quiver.routing",
     "save_prototypes": "quiver.routing",
     "load_prototypes": "quiver.routing",
@@ -37,4 +59,22 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
 
 
-__all__ = ["QuiverError", "__version__", *_LAZY_EXPORTS]
+# Spelled out (not built from _LAZY_EXPORTS) so linters and editors can read it.
+__all__ = [
+    "Arrow",
+    "Expert",
+    "Library",
+    "Merge",
+    "Oracle",
+    "QuiverError",
+    "Registry",
+    "RoutedModel",
+    "RoutingTrace",
+    "Strategy",
+    "__version__",
+    "compute_arrow_prototypes",
+    "load_prototypes",
+    "open_registry",
+    "route",
+    "save_prototypes",
+]

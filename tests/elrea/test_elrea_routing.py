@@ -70,6 +70,10 @@ def test_all_weight_on_one_member_gives_its_logits_and_tokens(planted, tokenizer
     )
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     peft_model = peft_members(tiny_model(), {member: folder})
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    with torch.no_grad():
+        loss = routed(**inputs, labels=labels).loss
+        torch.testing.assert_close(loss, peft_model(**inputs, labels=labels).loss)
     assert torch.equal(
         routed.generate(**inputs, **settings), peft_model.generate(**inputs, **settings)
     )

@@ -1,11 +1,14 @@
-"""The fused CPU kernels against a per-token loop, torch's top-k, and the portable path."""
+"""The fused CPU kernels against a per-token loop, torch's top-k, and the portable path; the
+custom ops refusing calls that do not fit; and the build cache keyed on the CPU it targets."""
+
+from pathlib import Path
 
 import pytest
 import torch
 from routing_helpers import naive_mix
 
 from quiver.errors import RoutingError
-from quiver.routing import Arrow, kernels, route
+from quiver.routing import Arrow, kernels, ops, route
 
 
 @pytest.fixture(autouse=True)
@@ -29,19 +32,20 @@ def random_update_case(tokens, experts, rank, din, dout, k, seed=0):
 
 
 def kernel_update(out, lora_a, lora_b, x, index, weights, *, mix_parameters=False):
-    """``kernels.lowrank_add_`` on factors shaped as ``naive_mix`` takes them."""
+    """``ops.lowrank_add_`` on factors shaped as ``naive_mix`` takes them."""
     rank = lora_a.shape[1]
     factors = (lora_a.flatten(0, 1), lora_b.mT.flatten(0, 1))
-    kernels.lowrank_add_(out, x, *factors, index, weights, rank=rank, mix_parameters=mix_parameters)
+    ops.lowrank_add_(out, x, *factors, index, weights, rank=rank, mix_parameters=mix_parameters)
 
 
 def kernel_arrow(out, lora_a, lora_b, x, prototypes, *, top_k, temperature=1.0):
-    """``kernels.arrow_add_`` (output mixing) on factors shaped as ``naive_mix`` takes them."""
+    """``ops.arrow_add_`` (output mixing) on factors shaped as ``naive_mix`` takes them."""
     factors = (lora_a.flatten(0, 1), lora_b.mT.flatten(0, 1))
-    return kernels.arrow_add_(
+    return ops.arrow_add_(
         out,
         x,
-        kernels.prototype_panel(prototypes),
+        prototypes,
+        ops.prototype_panel(prototypes),
         *factors,
         top_k=top_k,
         temperature=temperature,
@@ -126,21 +130,24 @@ def test_routed_logits_are_the_same_with_and_without_kernels(
     ids = torch.randint(3, 250, (3, 70), generator=torch.Generator().manual_seed(2))
     x = torch.zeros(1)
     with torch.no_grad():
-        assert kernels.applicable(x)
+        assert kernels.fused(x)
         fast = routed(ids).logits
         monkeypatch.setenv("QUIVER_KERNELS", "0")
         kernels.cpu_kernels.cache_clear()
-        assert not kernels.applicable(x)
+        assert not kernels.fused(x)
         portable = routed(ids).logits
     torch.testing.assert_close(fast, portable, atol=1e-5, rtol=1e-5)
 
 
-def test_kernels_stay_out_of_gradients_and_other_dtypes():
-    assert kernels.applicable(torch.zeros(2))
-    assert not kernels.applicable(torch.zeros(2, requires_grad=True))
-    assert not kernels.applicable(torch.zeros(2, dtype=torch.bfloat16))
+def test_a_forward_that_autograd_records_takes_the_portable_path(llama, expert_paths):
+    """The ops carry no autograd formula, so a recorded forward calls the portable functions."""
+    routed = route(llama, expert_paths(llama, 3), Arrow(top_k=2))
+    layer = routed.routed_layers["model.layers.0.mlp.up_proj"]
+    x = torch.randn(5, 32, requires_grad=True)
+    recorded = layer(x)
+    assert recorded.grad_fn is not None and kernels.fused(x)
     with torch.no_grad():
-        assert kernels.applicable(torch.zeros(2, requires_grad=True))
+        torch.testing.assert_close(recorded, layer(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("compiler", ["no-such-compiler", "a-failing-compiler"])
@@ -165,3 +172,37 @@ def test_without_a_working_compiler_routing_warns_and_takes_the_portable_path(
     assert not list(tmp_path.glob("kernels/*"))
     if compiler == "a-failing-compiler":
         assert "error: no OpenMP here)" in str(warned[0].message)  # the error, not the noise
+
+
+def test_build_path_changes_with_every_target_option(monkeypatch, tmp_path):
+    monkeypatch.setenv("QUIVER_HOME", str(tmp_path))
+    skylake = "  -march=                     \tskylake\n  -mavx512f                  \t[disabled]\n"
+    avx512 = skylake.replace("[disabled]", "[enabled]")
+    paths = {kernels.build_path("c++", targets) for targets in (skylake, avx512)}
+    assert len(paths) == 2 and all(p.parent == tmp_path / "kernels" for p in paths)
+    assert all("-skylake-" in p.name for p in paths)
+    assert kernels.build_path("c++", skylake) == kernels.build_path("c++", skylake)
+    assert kernels.build_path("g++", skylake) != kernels.build_path("c++", skylake)
+
+
+def test_a_shared_home_never_loads_the_build_of_another_cpu(monkeypatch, tmp_path):
+    """A compiler that reports what -march=native means on "this" CPU: when that changes (another
+    machine sharing $QUIVER_HOME), the kernels are built anew rather than loaded."""
+    targets = tmp_path / "targets.txt"
+    compiler = tmp_path / "c++"
+    compiler.write_text(
+        '#!/bin/sh\nfor arg; do [ "$arg" = --help=target ] && exec cat "$TARGETS"; done\n'
+        'exec c++ "$@"\n'
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("TARGETS", str(targets))
+    monkeypatch.setenv("QUIVER_HOME", str(tmp_path / "home"))
+    real = kernels.target_options("c++")
+    home = tmp_path / "home" / "kernels"
+    for cpu, builds in [("first", 1), ("second", 2), ("first", 2)]:
+        targets.write_text(f"{real}  -mquiver-test-cpu-{cpu}\n")
+        kernels.cpu_kernels.cache_clear()
+        loaded = Path(kernels.cpu_kernels()._name)
+        assert loaded == kernels.build_path(str(compiler), targets.read_text())
+        assert len(list(home.glob("*.so"))) == builds

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from quiver.errors import RoutingError
 from quiver.routing import Arrow, Merge, route
-from quiver.routing.layers import mix_lowrank
+from quiver.routing.ops import mix_lowrank
 
 
 @pytest.mark.parametrize("mix_parameters", [False, True])

@@ -1,4 +1,5 @@
-"""Turn a library of LoRA experts into a routed model: Arrow, merges, single-expert and oracle."""
+"""Turn a library of LoRA experts into a routed model: Arrow (per token or per sequence), merges,
+single-expert and oracle; traces of what each token used."""
 
 from quiver.routing.arrow import (
     ArrowPrototypes,
@@ -6,10 +7,20 @@ from quiver.routing.arrow import (
     load_prototypes,
     save_prototypes,
 )
+from quiver.routing.context import SequenceChoice
 from quiver.routing.elrea import ELREA
 from quiver.routing.experts import ExpertSet, load_experts
 from quiver.routing.model import RoutedModel, route
-from quiver.routing.strategies import Arrow, Merge, Oracle, single
+from quiver.routing.strategies import (
+    Arrow,
+    Granularity,
+    Merge,
+    Mixing,
+    Oracle,
+    Strategy,
+    StrategyName,
+    single,
+)
 from quiver.routing.trace import RoutingTrace
 
 __all__ = [
@@ -17,10 +28,15 @@ __all__ = [
     "Arrow",
     "ArrowPrototypes",
     "ExpertSet",
+    "Granularity",
     "Merge",
+    "Mixing",
     "Oracle",
     "RoutedModel",
     "RoutingTrace",
+    "SequenceChoice",
+    "Strategy",
+    "StrategyName",
     "compute_arrow_prototypes",
     "load_experts",
     "load_prototypes",

@@ -278,6 +278,7 @@ class Ensemble:
         self.projection, self.artifact, self.fixed = projection, artifact, fixed
         self.top_k, self.temperature = top_k, temperature
         self.key = next(_KEYS)
+        self._positions = "position_ids" in inspect.signature(model.forward).parameters
         self._choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> choice
         self._handles: list = []
         self._probe: tuple[str, nn.Module] | None = None
@@ -312,7 +313,7 @@ class Ensemble:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         check_prompts(mask)
         inputs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
-        if "position_ids" in inspect.signature(self.model.forward).parameters:  # any padding side
+        if self._positions:  # so that features do not depend on the padding side
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
         gradient_pass = GradientPass(len(input_ids))
         with torch.enable_grad(), self.bound(_Call(gradients=gradient_pass)):

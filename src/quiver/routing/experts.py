@@ -32,7 +32,7 @@ class HasExpertPaths(Protocol):
     def expert_paths(self) -> dict[str, Path]: ...
 
 
-ExpertSource = Mapping[str, "str | Path"] | Sequence["str | Path"] | HasExpertPaths
+ExpertSource = Mapping[str, str | Path] | Sequence[str | Path] | HasExpertPaths
 
 
 def resolve_expert_paths(source: ExpertSource) -> dict[str, Path]:
@@ -54,6 +54,7 @@ def resolve_expert_paths(source: ExpertSource) -> dict[str, Path]:
                 raise RoutingError(
                     f"two expert folders are both named {name!r}",
                     hint="pass a name -> folder mapping to give them distinct names",
+                    expert=name,
                 )
             paths[name] = folder
     if not paths:
@@ -63,7 +64,9 @@ def resolve_expert_paths(source: ExpertSource) -> dict[str, Path]:
 
 def expert_index(names: Sequence[str], name: str) -> int:
     if name not in names:
-        raise RoutingError(f"unknown expert {name!r}", hint=f"choose one of {', '.join(names)}")
+        raise RoutingError(
+            f"unknown expert {name!r}", hint=f"choose one of {', '.join(names)}", expert=name
+        )
     return list(names).index(name)
 
 
@@ -104,6 +107,7 @@ class ExpertSet:
                         f"expert {name!r} has rank {rank} at {module} but {self.names[0]!r} has "
                         f"rank {stack.ranks[0]}; {method} adds A and B matrices element-wise",
                         hint="use output mixing, or experts trained with the same rank",
+                        expert=name,
                     )
 
 
@@ -125,10 +129,12 @@ def _check_against_model(name: str, factors: dict, model: nn.Module) -> None:
     for module, (lora_a, lora_b, _) in factors.items():
         try:
             layer = model.get_submodule(module)
+            layer = getattr(layer, "base_layer", layer)  # a routed layer: the one it wraps
         except AttributeError:
             raise IncompatibleExpertError(
                 f"expert {name!r} targets {module}, which this {type(model).__name__} lacks",
                 hint="use experts trained on this base model",
+                expert=name,
             ) from None
         if isinstance(layer, nn.Linear):
             shape = (layer.in_features, layer.out_features)
@@ -138,12 +144,14 @@ def _check_against_model(name: str, factors: dict, model: nn.Module) -> None:
             raise IncompatibleExpertError(
                 f"expert {name!r} targets {module}, a {type(layer).__name__}",
                 hint="routing supports LoRA on Linear and GPT-2 Conv1D layers only",
+                expert=name,
             )
         if (lora_a.shape[1], lora_b.shape[0]) != shape:
             raise IncompatibleExpertError(
                 f"expert {name!r} at {module} maps {lora_a.shape[1]} -> {lora_b.shape[0]} "
                 f"features but the model's layer maps {shape[0]} -> {shape[1]}",
                 hint="use experts trained on this base model (same architecture and size)",
+                expert=name,
             )
 
 
@@ -191,6 +199,7 @@ def _check_same_modules(name: str, factors: dict, first_name: str, first: dict) 
             + (f"; missing {missing[:3]}" if missing else "")
             + (f"; extra {extra[:3]}" if extra else ""),
             hint="route experts trained with the same target_modules",
+            expert=name,
         )
     for module, (a, b, _) in factors.items():
         if (a.shape[1], b.shape[0]) != (first[module][0].shape[1], first[module][1].shape[0]):
@@ -198,4 +207,5 @@ def _check_same_modules(name: str, factors: dict, first_name: str, first: dict) 
                 f"expert {name!r} at {module} has shapes {tuple(a.shape)}/{tuple(b.shape)}, "
                 f"unlike {first_name!r}",
                 hint="route experts trained on the same base model",
+                expert=name,
             )

@@ -4,14 +4,17 @@ PyTorch has no CPU kernel that multiplies each token by a few experts picked per
 gathering their factors (``embedding_bag`` comes closest, at a fraction of GEMM speed). So
 ``lowrank.cpp`` does it: per chunk of tokens (while they are in cache) it scores them against
 the prototypes, picks each token's top-k, then visits the (token, expert) pairs expert by expert,
-keeping each expert's factors in cache. It is compiled once per machine with the system's GCC
-(about a second; no torch headers) into ``$QUIVER_HOME/kernels`` and loaded with ctypes. Built
+keeping each expert's factors in cache. It is compiled once per CPU with the system's GCC
+(about a second; no torch headers) into ``$QUIVER_HOME/kernels`` and loaded with ctypes. The
+build targets the exact CPU (``-march=native``), so its file name carries a hash of every target
+option that expands to: a ``$QUIVER_HOME`` shared by several machines never loads another CPU's
+build. It runs as the CPU implementation of the ``ops.py`` custom ops. Built
 with OpenMP, it runs on the libgomp torch has already loaded, i.e. on torch's threads; clang's
 OpenMP would start a second pool fighting torch's for the cores, so clang is refused.
 
 The kernels cover float32 on the CPU without autograd; everything else (GPUs, bf16/fp16,
-training, machines without GCC, ``QUIVER_KERNELS=0``) takes the portable torch path in
-``layers.py``, which gives the same results (up to float rounding in the scores, which can swap
+training, machines without GCC, ``QUIVER_KERNELS=0``) takes the portable torch implementation in
+``ops.py``, which gives the same results (up to float rounding in the scores, which can swap
 two experts whose scores tie to within it).
 """
 
@@ -22,6 +25,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import warnings
@@ -32,19 +36,34 @@ import torch
 from quiver.errors import RoutingError
 from quiver.fs import atomic_path
 from quiver.home import quiver_home
+from quiver.routing import ops
 
 SOURCE = Path(__file__).with_name("lowrank.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
 MAX_CHUNK = 256  # tokens per work item: a chunk's inputs stay in L2 while its pairs reuse factors
-TILE_EXPERTS = 16  # experts per score tile (lowrank.cpp's kTileExperts)
+_MARCH = re.compile(r"^\s*-march=\s+(\S+)", re.MULTILINE)
+
+
+def target_options(compiler: str) -> str:
+    """What the compiler makes of ``FLAGS`` on this CPU: ``-march=native`` resolved to the CPU's
+    name and every instruction-set option on or off (GCC's ``-Q --help=target``)."""
+    query = [compiler, *FLAGS[:2], "-Q", "--help=target"]
+    return subprocess.run(query, check=True, capture_output=True, text=True).stdout
+
+
+def build_path(compiler: str, targets: str) -> Path:
+    """Where the build for these sources, flags, compiler and target options lives; any change
+    in what the build would target gives another file."""
+    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), targets.encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    march = _MARCH.search(targets)
+    cpu = march.group(1) if march else "unknown"
+    return quiver_home() / "kernels" / f"lowrank-{platform.machine()}-{cpu}-{key}.so"
 
 
 def _build(compiler: str) -> Path:
     """Compile ``lowrank.cpp`` unless this exact build exists; the target appears atomically."""
-    source = SOURCE.read_bytes()
-    machine = f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode()]))
-    target = quiver_home() / "kernels" / f"lowrank-{machine}-{key.hexdigest()[:16]}.so"
+    target = build_path(compiler, target_options(compiler))
     if target.is_file():
         return target
     with atomic_path(target) as temp:
@@ -80,63 +99,32 @@ def cpu_kernels() -> ctypes.CDLL | None:
     return library
 
 
-def applicable(*tensors: torch.Tensor) -> bool:
-    """True when the kernels can stand in for the torch path on these tensors (the experts'
-    buffers follow the model, so a layer's input and output decide)."""
-    for tensor in tensors:
-        if tensor.device.type != "cpu" or tensor.dtype != torch.float32:
-            return False
-        if tensor.requires_grad and torch.is_grad_enabled():
-            return False  # the kernels carry no gradient
-    return cpu_kernels() is not None
+def fused(x: torch.Tensor) -> bool:
+    """True when the fused kernel can stand in for the portable path on a CPU input ``x``."""
+    return x.dtype == torch.float32 and cpu_kernels() is not None
 
 
-def lowrank_add_(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    a_rows: torch.Tensor,
-    b_rows: torch.Tensor,
-    index: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    rank: int,
-    mix_parameters: bool,
-) -> None:
-    """Add the chosen experts' update to ``out [N, out]`` in place (see ``mix_lowrank``)."""
-    index, weights = index.to(torch.int64).contiguous(), weights.contiguous()
+@torch.library.impl("quiver::lowrank_add_", "CPU")
+def _lowrank_add_cpu(out, x, a_rows, b_rows, index, weights, rank, mix_parameters) -> None:
+    if not fused(x):
+        return ops.portable_lowrank_add_(
+            out, x, a_rows, b_rows, index, weights, rank, mix_parameters
+        )
+    ops.check_lowrank(out, x, a_rows, b_rows, index, weights, rank)
     _run(out, x, a_rows, b_rows, None, 0.0, index, weights, rank, mix_parameters)
+    return None
 
 
-def prototype_panel(prototypes: torch.Tensor) -> torch.Tensor:
-    """Arrow's prototypes ``[E, in]`` laid out as the kernels' score tiles read them:
-    ``[ceil(E / 16), in, 16]``, each group of 16 experts column by column, zero past the last."""
-    experts, features = prototypes.shape
-    groups = -(-experts // TILE_EXPERTS)
-    padded = torch.nn.functional.pad(prototypes, (0, 0, 0, groups * TILE_EXPERTS - experts))
-    return padded.view(groups, TILE_EXPERTS, features).transpose(1, 2).contiguous()
-
-
-def arrow_add_(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    panel: torch.Tensor,
-    a_rows: torch.Tensor,
-    b_rows: torch.Tensor,
-    *,
-    top_k: int,
-    temperature: float,
-    rank: int,
-    mix_parameters: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arrow in one pass: per token, the top-k of ``|x . p_e|`` over the prototypes (as
-    ``prototype_panel``), softmax at ``temperature``, and the update added to ``out``; returns
-    the choice ``index, weights [N, k]``."""
-    experts = len(a_rows) // rank
-    if not 1 <= top_k <= experts:
-        raise RoutingError(f"top_k={top_k} needs between 1 and {experts} experts")
-    index = torch.empty(len(x), top_k, dtype=torch.int64, device=x.device)
-    weights = torch.empty(len(x), top_k, dtype=x.dtype, device=x.device)
-    _run(out, x, a_rows, b_rows, panel, temperature, index, weights, rank, mix_parameters)
+@torch.library.impl("quiver::arrow_add_", "CPU")
+def _arrow_add_cpu(out, x, prototypes, panel, a_rows, b_rows, top_k, temperature, rank, mix):
+    if not fused(x):
+        return ops.portable_arrow_add_(
+            out, x, prototypes, panel, a_rows, b_rows, top_k, temperature, rank, mix
+        )
+    ops.check_arrow(out, x, prototypes, panel, a_rows, b_rows, top_k, temperature, rank)
+    index = torch.empty(len(x), top_k, dtype=torch.int64)
+    weights = torch.empty(len(x), top_k, dtype=x.dtype)
+    _run(out, x, a_rows, b_rows, panel, temperature, index, weights, rank, mix)
     return index, weights
 
 
@@ -148,9 +136,10 @@ def _chunk(tokens: int) -> int:
 
 
 def _run(out, x, a_rows, b_rows, panel, temperature, index, weights, rank, mix_parameters):
-    if not out.is_contiguous():
-        raise RoutingError("the kernels write into a contiguous output only")
+    """Call the kernel on arguments ``ops`` has checked (with a panel: Arrow fills index and
+    weights; without: they are read, and an expert index out of range writes nothing)."""
     x, a_rows, b_rows = x.contiguous(), a_rows.contiguous(), b_rows.contiguous()
+    index, weights = index.contiguous(), weights.contiguous()
     experts = a_rows.shape[0] // rank
     status = cpu_kernels().quiver_lowrank_add(
         out.data_ptr(),

@@ -4,72 +4,52 @@ A ``RoutedLinear`` asks its mixer two things for the flattened tokens ``x [N, in
 each token uses (``index, weights [N, k]``), then to add their update to the base output. Routed
 mixers touch only the k chosen experts' factors, so time grows with ``N * k * r * (in + out)``
 plus the routing product ``N * E * in``, and memory with ``N * k * r``: never ``N * E * out`` as
-when every expert runs on every token. On the CPU in float32 the fused kernels of ``kernels.py``
-do the work; elsewhere two fused torch ops (``embedding_bag`` and its transpose) do.
+when every expert runs on every token. The work goes through the ``quiver::`` custom ops of
+``ops.py`` (the fused kernels of ``kernels.py`` on the CPU in float32, fused torch ops elsewhere);
+while autograd records, through the portable torch functions, which carry gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quiver.errors import RoutingError
-from quiver.routing import kernels
+from quiver.routing import context, ops
+from quiver.routing.context import CallState, batch_rows
 from quiver.routing.experts import LoraStack
 
-Recorder = Callable[[str, torch.Size, torch.Tensor, torch.Tensor], None]
+Choice = tuple[torch.Tensor, torch.Tensor]  # index [N, k] (int64), weights [N, k]
 
 
-def _row_dots(x: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``out[t, j] = table[rows[t, j]] . x[t]``, without gathering the rows into memory.
-
-    This is the transpose of ``embedding_bag`` (its gradient with respect to per-sample weights),
-    which ATen exposes as one fused kernel.
-    """
-    tokens, per_token = rows.shape
-    offsets = torch.arange(0, tokens * per_token, per_token, device=x.device)
-    bags = torch.arange(tokens, device=x.device).repeat_interleave(per_token)
-    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        x.contiguous(), table, rows.reshape(-1), offsets, bags, 0, -1
-    )
-    return dots.view(tokens, per_token)
+def _records_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def mix_lowrank(
-    x: torch.Tensor,
-    a_rows: torch.Tensor,
-    b_rows: torch.Tensor,
-    index: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    rank: int,
-    mix_parameters: bool = False,
-) -> torch.Tensor:
-    """Weighted LoRA update of each token ``x [N, in]`` by its chosen experts ``index [N, k]``.
-
-    The experts' rank-``r`` factors come as rows: ``a_rows [E * r, in]`` (the A_e stacked) and
-    ``b_rows [E * r, out]`` (the scaled B_e transposed and stacked). Output mixing:
-    ``sum_j w_j B_j A_j x``. Parameter mixing (mttl): ``(sum_j w_j B_j) (sum_j w_j A_j) x``.
-    """
-    tokens, k = index.shape
-    rows = (index[..., None] * rank + torch.arange(rank, device=index.device)).view(tokens, -1)
-    codes = _row_dots(x, a_rows, rows).view(tokens, k, rank)  # A_j x for each chosen j
-    if mix_parameters:  # every chosen B reads the same mixed code (sum_j w_j A_j) x
-        codes = (weights[..., None] * codes).sum(1, keepdim=True)
-    scaled = (weights[..., None] * codes).view(tokens, -1)
-    return F.embedding_bag(rows, b_rows, per_sample_weights=scaled, mode="sum")
-
-
-class Mixer(nn.Module):
+class Mixer(nn.Module, ABC):
     """Decides, per token, which experts a layer uses (``select``) and adds their update to the
-    base output (``update_``); ``route_`` does both."""
+    base output (``update_``); ``route_`` does both. ``call`` is the calling context's state
+    (``context.py``): what a caller chose for this call only (the oracle's or a sequence's
+    experts)."""
 
-    def route_(self, out: torch.Tensor, x: torch.Tensor, batch_shape: torch.Size):
+    @abstractmethod
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
+        """The experts each token of ``x [N, in]`` uses and their weights, ``[N, k]`` each;
+        ``batch_shape`` is the shape of the tokens before flattening (e.g. ``[batch, seq]``)."""
+
+    @abstractmethod
+    def update_(
+        self, out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """``out [N, out] +=`` the chosen experts' update of ``x [N, in]``."""
+
+    def route_(
+        self, out: torch.Tensor, x: torch.Tensor, batch_shape: torch.Size, call: CallState
+    ) -> Choice:
         """``out [N, out] +=`` the update of ``x [N, in]``; returns ``index, weights [N, k]``."""
-        index, weights = self.select(x, batch_shape)
+        index, weights = self.select(x, batch_shape, call)
         self.update_(out, x, index, weights)
         return index, weights
 
@@ -90,10 +70,10 @@ class LowRankMixer(Mixer):
     def update_(self, out, x, index, weights) -> None:
         factors = (self.a_rows, self.b_rows, index, weights)
         options = dict(rank=self.rank, mix_parameters=self.mix_parameters)
-        if kernels.applicable(out, x):
-            kernels.lowrank_add_(out, x, *factors, **options)
+        if _records_grad(out, x):
+            out.add_(ops.mix_lowrank(x, *factors, **options))
         else:
-            out.add_(mix_lowrank(x, *factors, **options))
+            ops.lowrank_add_(out, x, *factors, **options)
 
 
 class ArrowMixer(LowRankMixer):
@@ -102,19 +82,19 @@ class ArrowMixer(LowRankMixer):
     def __init__(self, stack, prototypes, *, top_k, temperature, mix_parameters):
         super().__init__(stack)
         self.register_buffer("prototypes", prototypes, persistent=False)
-        self.register_buffer("panel", kernels.prototype_panel(prototypes), persistent=False)
+        self.register_buffer("panel", ops.prototype_panel(prototypes), persistent=False)
         self.top_k, self.temperature, self.mix_parameters = top_k, temperature, mix_parameters
 
-    def select(self, x: torch.Tensor, batch_shape: torch.Size):
-        top, index = (x @ self.prototypes.mT).abs().topk(self.top_k, dim=-1)
-        return index, (top / self.temperature).softmax(dim=-1)
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
+        return ops.arrow_choice(x, self.prototypes, self.top_k, self.temperature)
 
-    def route_(self, out, x, batch_shape):
-        if not kernels.applicable(out, x):
-            return super().route_(out, x, batch_shape)
-        return kernels.arrow_add_(
+    def route_(self, out, x, batch_shape, call):
+        if _records_grad(out, x):
+            return super().route_(out, x, batch_shape, call)
+        return ops.arrow_add_(
             out,
             x,
+            self.prototypes,
             self.panel,
             self.a_rows,
             self.b_rows,
@@ -125,26 +105,47 @@ class ArrowMixer(LowRankMixer):
         )
 
 
-class OracleMixer(LowRankMixer):
-    """The caller names the expert (one for all rows, or one per batch row) via ``rows``."""
+class SequenceArrowMixer(LowRankMixer):
+    """Arrow per sequence: every token of a row uses the experts its prompt chose
+    (``call.choice``, made by ``RoutedModel`` from ``prompt_scores`` on a no-expert pass)."""
 
-    def __init__(self, stack):
+    def __init__(self, stack, prototypes, *, mix_parameters):
         super().__init__(stack)
-        self.rows: torch.Tensor | None = None
+        self.register_buffer("prototypes", prototypes, persistent=False)
+        self.mix_parameters = mix_parameters
 
-    def select(self, x: torch.Tensor, batch_shape: torch.Size):
-        if self.rows is None:
+    def prompt_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``|x . p_e|`` for every token of ``x [N, in]`` and expert: ``[N, E]``."""
+        return (x @ self.prototypes.mT).abs()
+
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
+        if call.choice is None:
+            raise RoutingError(
+                "sequence-level Arrow has no experts chosen for this call",
+                hint="call the routed model (routed(...), routed.generate(...)), not its inner "
+                "model, so the prompt is scored first",
+            )
+        return call.choice.per_token(batch_shape, x)
+
+
+class OracleMixer(LowRankMixer):
+    """The caller names the expert (one for all rows, or one per batch row) for its call:
+    ``call.oracle_rows``, set by ``routed.use_expert``."""
+
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
+        rows = call.oracle_rows
+        if rows is None:
             raise RoutingError(
                 "oracle routing has no expert to use",
                 hint="run the model inside `with routed.use_expert(name):`",
             )
-        batch = batch_shape[0] if len(batch_shape) > 1 else 1
-        if len(self.rows) not in (1, batch):
+        batch = batch_rows(batch_shape)
+        if len(rows) not in (1, batch):
             raise RoutingError(
-                f"use_expert() named {len(self.rows)} experts for a batch of {batch} rows",
+                f"use_expert() named {len(rows)} experts for a batch of {batch} rows",
                 hint="name one expert, or one per batch row",
             )
-        per_row = self.rows.to(x.device).expand(batch)
+        per_row = rows.to(x.device).expand(batch)
         index = per_row.reshape(batch, *([1] * (len(batch_shape) - 1))).expand(batch_shape)
         index = index.reshape(-1, 1)
         return index, x.new_ones(index.shape)
@@ -159,7 +160,7 @@ class MergedMixer(Mixer):
         self.register_buffer("lora_b", lora_b, persistent=False)
         self.register_buffer("expert_weights", expert_weights, persistent=False)
 
-    def select(self, x: torch.Tensor, batch_shape: torch.Size):
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
         experts = len(self.expert_weights)
         index = torch.arange(experts, device=x.device).expand(x.shape[0], experts)
         return index, self.expert_weights.to(x.dtype).expand(x.shape[0], experts)
@@ -172,17 +173,25 @@ class RoutedLinear(nn.Module):
     """Wraps a base ``nn.Linear`` or GPT-2 ``Conv1D``; adds the mixer's update to its output.
 
     For inference: the experts are frozen buffers and the fused kernels carry no gradient.
+    Per-call state (trace, oracle rows, sequence choices) comes from the calling context of
+    routed model ``owner``, never from the layer, so concurrent calls do not mix.
     """
 
-    def __init__(self, base_layer: nn.Module, name: str, mixer: Mixer) -> None:
+    def __init__(self, base_layer: nn.Module, name: str, mixer: Mixer | None, owner: int) -> None:
         super().__init__()
-        self.base_layer, self.name, self.mixer = base_layer, name, mixer
-        self.recorder: Recorder | None = None  # set while a RoutingTrace records
+        self.base_layer, self.name, self.mixer, self.owner = base_layer, name, mixer, owner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x).contiguous()
-        flat = x.reshape(-1, x.shape[-1])
-        index, weights = self.mixer.route_(out.view(-1, out.shape[-1]), flat, x.shape[:-1])
-        if self.recorder is not None:
-            self.recorder(self.name, x.shape[:-1], index, weights)
+        call = context.current(self.owner)
+        mixer = self.mixer if call.mixers is None else call.mixers.get(self.name)
+        if mixer is None:  # a strategy that leaves this module alone (the base model)
+            return out
+        flat, batch_shape = x.reshape(-1, x.shape[-1]), x.shape[:-1]
+        if call.scoring is not None:  # a no-expert pass over a prompt: score it, add nothing
+            call.scoring.add(mixer.prompt_scores(flat))
+            return out
+        index, weights = mixer.route_(out.view(-1, out.shape[-1]), flat, batch_shape, call)
+        if call.trace is not None:
+            call.trace.record(self.name, batch_shape, index, weights)
         return out

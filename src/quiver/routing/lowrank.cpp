@@ -6,7 +6,7 @@
 // Layouts: x [n, din], out [n, dout], a [experts, rank, din] (each expert's A),
 // b [experts, rank, dout] (each expert's scaled B, transposed), index and weights [n, k], and
 // Arrow's prototypes as a panel [ceil(experts / 16), din, 16]: groups of 16 experts, column by
-// column, zero past the last expert (kernels.prototype_panel), so a score tile reads one stream.
+// column, zero past the last expert (ops.prototype_panel), so a score tile reads one stream.
 
 #if defined(__clang__) || !defined(__GNUC__)
 #error "Quiver's kernels need GCC (g++): they run on torch's GNU OpenMP threads (libgomp)"

@@ -1,18 +1,21 @@
 """Routing strategies: small validated configs that turn stacked experts into per-module mixers.
 
-- ``Arrow``: per-token, per-module top-k routing on exact prototypes; output mixing (as PEFT) or
-  parameter mixing (as mttl); optional GenKnowSub with general experts.
+- ``Arrow``: per-token, per-module top-k routing on exact prototypes (the paper's, as PEFT); or,
+  with ``granularity="sequence"``, one top-k choice per sequence from its prompt, kept for the
+  whole generation. Output mixing (as PEFT) or parameter mixing (as mttl); optional GenKnowSub.
 - ``Merge``: one fixed combination for every token: uniform (mu, the paper's baseline) when no
   weights are given; ``single(name)`` is the merge that keeps one expert.
 - ``Oracle``: the caller names the expert at run time (``routed.use_expert(name)``).
+- ``Base``: no expert at all (the base model; for ``routed.using("base")``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 from torch import nn
@@ -25,16 +28,34 @@ from quiver.routing.arrow import (
     genknowsub,
     load_prototypes,
 )
+from quiver.routing.context import SequenceChoice
 from quiver.routing.elrea import ELREA
 from quiver.routing.experts import ExpertSet, ExpertSource, LoraStack, load_experts
-from quiver.routing.layers import ArrowMixer, MergedMixer, OracleMixer
+from quiver.routing.layers import ArrowMixer, MergedMixer, Mixer, OracleMixer, SequenceArrowMixer
 
-MIXINGS = ("outputs", "parameters")
+Mixing = Literal["outputs", "parameters"]
+"""How k chosen experts combine: ``outputs`` adds ``w_j B_j A_j x`` (as PEFT); ``parameters``
+mixes the factors first, ``(sum w_j B_j)(sum w_j A_j) x`` (as mttl)."""
+Granularity = Literal["token", "sequence"]
+"""What Arrow routes: each token at each module (the paper), or each sequence once, by its
+prompt's prototype scores summed over the modules."""
+StrategyName = Literal["arrow", "uniform", "merge", "single", "oracle", "base", "elrea"]
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What ``route()`` needs from a strategy: for every routed module, the mixer that decides
+    which experts each token uses and adds their update (Arrow, Merge, Oracle, ...)."""
+
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, Mixer]:
+        """Mixers for ``experts`` (stacked and cast to the model), keyed by module name;
+        ``source`` is what the experts came from (a library may hold stored artifacts)."""
+        ...
 
 
 def _check_mixing(mixing: str) -> None:
-    if mixing not in MIXINGS:
-        raise RoutingError(f"unknown mixing {mixing!r}", hint=f"use one of {MIXINGS}")
+    if mixing not in get_args(Mixing):
+        raise RoutingError(f"unknown mixing {mixing!r}", hint=f"use one of {get_args(Mixing)}")
 
 
 def stored_prototypes(source: object, experts: ExpertSet) -> ArrowPrototypes | None:
@@ -50,12 +71,20 @@ def stored_prototypes(source: object, experts: ExpertSet) -> ArrowPrototypes | N
 
 @dataclass(frozen=True)
 class Arrow:
-    """Arrow routing: ``top_k`` experts per token and module, softmax at ``temperature``."""
+    """Arrow routing: ``top_k`` experts, softmax of their scores at ``temperature``.
+
+    ``granularity="token"`` (default, the paper's and PEFT's): per token and module, by
+    ``|x . p_e|`` at that module. ``"sequence"``: once per batch row, by its prompt: at every
+    module the mean of ``|x . p_e|`` over the prompt's tokens (padding masked) on a no-expert
+    pass, normalised to sum to 1 over the experts, summed over the modules; the row keeps those
+    experts and weights at every module for the whole generation.
+    """
 
     top_k: int = 4
     temperature: float = 1.0
-    mixing: str = "outputs"
+    mixing: Mixing = "outputs"
     general_experts: ExpertSource | None = None  # GenKnowSub: subtract their mean first
+    granularity: Granularity = "token"
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -63,8 +92,18 @@ class Arrow:
         if not self.temperature > 0:
             raise RoutingError(f"temperature must be positive, got {self.temperature}")
         _check_mixing(self.mixing)
+        if self.granularity not in get_args(Granularity):
+            raise RoutingError(
+                f"unknown granularity {self.granularity!r}",
+                hint=f"use one of {get_args(Granularity)}",
+            )
 
-    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, nn.Module]:
+    def choose(self, scores: torch.Tensor) -> SequenceChoice:
+        """Sequence granularity: each row's top-k of its summed prompt scores ``[rows, E]``."""
+        top, index = scores.topk(self.top_k, dim=-1)
+        return SequenceChoice(index, (top / self.temperature).softmax(dim=-1), scores)
+
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, Mixer]:
         if self.top_k > len(experts.names):
             raise RoutingError(
                 f"top_k={self.top_k} but the library has {len(experts.names)} experts",
@@ -77,16 +116,21 @@ class Arrow:
             prototypes = compute_arrow_prototypes(experts)
         else:
             prototypes = stored_prototypes(source, experts) or compute_arrow_prototypes(experts)
-        return {
-            module: ArrowMixer(
-                stack,
-                prototypes.vectors[module].to(stack.A),
-                top_k=self.top_k,
-                temperature=self.temperature,
-                mix_parameters=self.mixing == "parameters",
-            )
-            for module, stack in experts.modules.items()
-        }
+        mix_parameters = self.mixing == "parameters"
+        mixers: dict[str, Mixer] = {}
+        for module, stack in experts.modules.items():
+            vectors = prototypes.vectors[module].to(stack.A)
+            if self.granularity == "sequence":
+                mixers[module] = SequenceArrowMixer(stack, vectors, mix_parameters=mix_parameters)
+            else:
+                mixers[module] = ArrowMixer(
+                    stack,
+                    vectors,
+                    top_k=self.top_k,
+                    temperature=self.temperature,
+                    mix_parameters=mix_parameters,
+                )
+        return mixers
 
 
 @dataclass(frozen=True)
@@ -94,7 +138,7 @@ class Merge:
     """One fixed combination of the experts, applied to every token."""
 
     weights: Mapping[str, float] | None = None  # None: the uniform average (mu)
-    mixing: str = "parameters"
+    mixing: Mixing = "parameters"
 
     def __post_init__(self) -> None:
         _check_mixing(self.mixing)
@@ -110,7 +154,7 @@ class Merge:
             weights[experts.index(name)] = float(weight)
         return weights
 
-    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, nn.Module]:
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, Mixer]:
         weights = self.expert_weights(experts)
         if self.mixing == "parameters":
             experts.require_uniform_rank("a parameter merge")
@@ -138,15 +182,46 @@ def single(expert: str) -> Merge:
 class Oracle:
     """The caller names the expert at run time: ``with routed.use_expert(name): ...``."""
 
-    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, nn.Module]:
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, Mixer]:
         return {m: OracleMixer(stack) for m, stack in experts.modules.items()}
 
 
-STRATEGIES = {
+@dataclass(frozen=True)
+class Base:
+    """No expert: every routed layer adds nothing (the base model, e.g. to compare against)."""
+
+    def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, Mixer]:
+        return {}
+
+
+STRATEGIES: dict[StrategyName, Callable[..., Strategy]] = {
     "arrow": Arrow,
     "uniform": Merge,
     "merge": Merge,
     "single": single,
     "oracle": Oracle,
+    "base": Base,
     "elrea": ELREA,
 }
+
+
+def resolve(strategy: StrategyName | Strategy, options: dict[str, object]) -> Strategy:
+    """A strategy object from a name and its options, or the object given (without options)."""
+    if isinstance(strategy, str):
+        if strategy not in STRATEGIES:
+            raise RoutingError(f"unknown strategy {strategy!r}", hint=f"use one of {[*STRATEGIES]}")
+        try:
+            return STRATEGIES[strategy](**options)
+        except TypeError as error:
+            raise RoutingError(f"bad options for strategy {strategy!r}: {error}") from error
+    if not isinstance(strategy, Strategy):
+        raise RoutingError(
+            f"strategy must be a name or a strategy object, got {type(strategy).__name__}",
+            hint=f"use one of {[*STRATEGIES]} or an object with build(), such as Arrow()",
+        )
+    if options:
+        raise RoutingError(
+            f"options {sorted(options)} given with a strategy object",
+            hint="set them on the strategy object instead",
+        )
+    return strategy
