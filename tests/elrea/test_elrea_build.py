@@ -64,6 +64,8 @@ def test_the_library_pushes_and_pulls_with_its_artifact(planted, hub_server, tok
         routed = route(tiny_model(), source, "elrea")
         choices.append(ensemble_choice(routed, batch.input_ids, batch.attention_mask))
     torch.testing.assert_close(choices[0].weights, choices[1].weights)
+    with torch.no_grad():  # other strategies route an ELREA library's members too
+        assert route(tiny_model(), pulled, "arrow", top_k=2)(**batch).logits.isfinite().all()
 
 
 def test_artifact_round_trip_and_malformed_files(planted, tmp_path):
