@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
         open_registry,
     )
     from quiver.routing import (
+        ELREA,
         Arrow,
         Merge,
         Oracle,
@@ -61,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 # Spelled out (not built from _LAZY_EXPORTS) so linters and editors can read it.
 __all__ = [
+    "ELREA",
     "Arrow",
     "Expert",
     "Library",
