@@ -188,3 +188,38 @@ def test_bad_libraries_and_inputs_are_refused(planted, tokenizer, tmp_path):
         routed.generate(**batch, max_new_tokens=3, num_beams=2, pad_token_id=0)
     with pytest.raises(RoutingError, match="inner modules"):
         routed.model.model(**batch)  # the backbone, past the hooks
+
+
+def test_the_trace_shows_each_prompts_weights(planted, tokenizer):
+    _, library, _, _ = planted
+    routed = route(tiny_model(), library, "elrea", top_k=2)
+    batch = _prompts(tokenizer, [0, 2])
+    choice = ensemble_choice(routed, batch.input_ids, batch.attention_mask)
+    with routed.trace() as trace:
+        routed.generate(
+            **batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0
+        )
+    [recorded] = trace.choices  # one choice per generation, none for the gradient pass
+    assert torch.equal(recorded.index, choice.index)
+    torch.testing.assert_close(recorded.weights, choice.weights)
+    dense = torch.zeros(2, len(routed.expert_names)).scatter(1, choice.index, choice.weights)
+    steps = 1 + 3  # the prompt's pass, then one pass per generated token but the last
+    assert trace.steps == steps and set(trace.modules) == set(routed.routed_layers)
+    for weights in trace.layer_weights().values():  # original rows, every position
+        assert weights.shape == (2, batch.input_ids.shape[1] + 3, len(routed.expert_names))
+        torch.testing.assert_close(weights, dense[:, None].expand_as(weights))
+    assert trace.to_dict(1)["sequence"] == [pytest.approx(choice.as_dicts(routed.expert_names)[1])]
+
+
+def test_using_elrea_on_a_model_routed_otherwise(planted, tokenizer):
+    _, library, _, _ = planted
+    batch = _prompts(tokenizer, [1, 2])
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    routed = route(tiny_model(), library, "arrow", top_k=2)
+    with routed.using("elrea", top_k=2):
+        ours = routed.generate(**batch, **settings)
+    expected = route(tiny_model(), library, "elrea", top_k=2).generate(**batch, **settings)
+    assert torch.equal(ours, expected)
+    with torch.no_grad():  # outside the block the model routes by Arrow again
+        arrow = route(tiny_model(), library, "arrow", top_k=2)(**batch).logits
+        torch.testing.assert_close(routed(**batch).logits, arrow)

@@ -2,7 +2,7 @@
 (arXiv 2502.00089, "Ensembles of Low-Rank Expert Adapters").
 
 A library built by ``quiver.training.build_elrea_library`` holds a base adapter (trained on all
-the data), one expert per gradient cluster (trained on on from the base adapter), and the
+the data), one expert per gradient cluster (trained further from the base adapter), and the
 ``elrea`` artifact (``ElreaArtifact``): a centroid per member (a cluster's mean gradient feature;
 the base adapter's is the mean of all of them), the statistics that standardise similarities to
 it, and the projection (seed and dimension) that made the features. For each prompt:
@@ -22,6 +22,12 @@ cache included) and the inner model's ``generate`` all see ``rows`` rows. The KV
 expanded rows, and the prompt's choice travels with it: a cache is continued with the experts
 and weights of the prompt that started it. Beam search, which reorders the cache by beam, is not
 supported.
+
+Inside ``routed.trace()``, a generation's trace holds its choice among ``trace.choices`` (as
+sequence-level Arrow's) and, at every routed module and position of the caller's rows, that row's
+ensemble weights, so ``layer_weights()`` and ``to_dict()`` read as for any strategy; the gradient
+pass and the expanded rows stay out of it. The hooks act only in calls that route with this
+ensemble: a model routed by another strategy runs ELREA inside ``routed.using("elrea", ...)``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import itertools
 import json
 import weakref
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +51,12 @@ from torch import nn
 
 from quiver.errors import IncompatibleExpertError, RoutingError
 from quiver.fs import atomic_path
+from quiver.routing import context
+from quiver.routing.context import CallState, SequenceChoice
 from quiver.routing.experts import ExpertSet
 from quiver.routing.gradients import CountSketch, GradientPass, check_prompts, prompt_loss
-from quiver.routing.layers import LowRankMixer
+from quiver.routing.layers import Choice, LowRankMixer
+from quiver.routing.trace import RoutingTrace
 
 ARTIFACT_NAME = "elrea"
 FORMAT = "quiver-elrea/1"
@@ -196,14 +205,10 @@ def stored_artifact(source: object) -> ElreaArtifact:
 
 
 @dataclass(frozen=True)
-class EnsembleChoice:
+class EnsembleChoice(SequenceChoice):
     """Each prompt's ensemble: members ``index [rows, K]`` with ``weights [rows, K]`` (summing
     to 1 per row), chosen from ``scores [rows, E]`` (standardised similarities, or the fixed
-    weights)."""
-
-    index: torch.Tensor
-    weights: torch.Tensor
-    scores: torch.Tensor
+    weights). A trace records it among its ``choices``, as sequence-level Arrow's."""
 
     def as_dicts(self, names: tuple[str, ...]) -> list[dict[str, float]]:
         """Per row, ``{expert: weight}`` of its members, heaviest first: ready for JSON or a bar
@@ -216,12 +221,16 @@ class EnsembleChoice:
 
 @dataclass
 class _Call:
-    """One forward's ELREA state: the member of each expanded row, or a gradient pass."""
+    """One forward's ELREA state: the member of each expanded row (and what the forward hook
+    needs to finish the call), or a gradient pass."""
 
     rows: torch.Tensor | None = None
     choice: EnsembleChoice | None = None
     gradients: GradientPass | None = None
     labels: torch.Tensor | None = None
+    positions: int = 0  # of the call's input (its logits may keep only the last)
+    trace: RoutingTrace | None = None  # the caller's, recorded per original row
+    untraced: AbstractContextManager | None = None  # keeps the expanded rows out of it
     token: Token | None = None
 
 
@@ -281,7 +290,7 @@ class Ensemble:
         self._positions = "position_ids" in inspect.signature(model.forward).parameters
         self._choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> choice
         self._handles: list = []
-        self._probe: tuple[str, nn.Module] | None = None
+        self.mixers: dict[str, EnsembleMixer] = {}
 
     @property
     def routes(self) -> bool:
@@ -316,7 +325,7 @@ class Ensemble:
         if self._positions:  # so that features do not depend on the padding side
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
         gradient_pass = GradientPass(len(input_ids))
-        with torch.enable_grad(), self.bound(_Call(gradients=gradient_pass)):
+        with torch.enable_grad(), self.bound(_Call(gradients=gradient_pass)), self._untraced():
             logits = self.model(**inputs).logits
             gradients = gradient_pass.gradients(prompt_loss(logits, input_ids, mask))
         return self.projection(gradients)
@@ -339,29 +348,47 @@ class Ensemble:
         return EnsembleChoice(index, top / top.sum(-1, keepdim=True).clamp_min(1e-12), scores)
 
     # -- the forward hooks -------------------------------------------------------------------
-    def attach(self, mixers: Mapping[str, nn.Module]) -> None:
+    def attach(self) -> None:
         """Hook the model's forward: expand the batch to each row's members, combine logits."""
-        self._probe = next(iter(mixers.items()))
         self._handles = [
             self.model.register_forward_pre_hook(self._before, with_kwargs=True),
             self.model.register_forward_hook(self._after, with_kwargs=True, always_call=True),
         ]
 
-    def _still_routed(self, model: nn.Module) -> bool:
-        """False (and the hooks removed) once ``unroute()`` took the mixers out of ``model``."""
-        name, mixer = self._probe
+    def _owner(self) -> int | None:
+        """The routed model this ensemble's mixers serve (its ``owner`` in the routing context);
+        None once ``unroute()`` took the routed layers out."""
+        name = next(iter(self.mixers))
         try:
-            if getattr(model.get_submodule(name), "mixer", None) is mixer:
-                return True
+            return getattr(self.model.get_submodule(name), "owner", None)
         except AttributeError:
-            pass
-        for handle in self._handles:
-            handle.remove()
-        return False
+            return None
+
+    def _untraced(self) -> AbstractContextManager:
+        """Keep a forward out of the caller's trace (a gradient pass, the expanded rows)."""
+        owner = self._owner()
+        return nullcontext() if owner is None else context.bound(owner, trace=None)
+
+    def _active(self) -> CallState | None:
+        """The routing state of this call when it routes with this ensemble (its routed model's
+        strategy, or ``using()`` it); else None, and the hooks go once the model is unrouted."""
+        owner = self._owner()
+        if owner is None:
+            for handle in self._handles:
+                handle.remove()
+            return None
+        name, mixer = next(iter(self.mixers.items()))
+        call = context.current(owner)
+        layer = self.model.get_submodule(name)
+        active = layer.mixer if call.mixers is None else call.mixers.get(name)
+        return call if active is mixer else None
 
     def _before(self, model: nn.Module, args: tuple, kwargs: dict):
-        if self.current().gradients is not None or not self._still_routed(model):
-            return None  # our own gradient pass, or a model no longer routed
+        if self.current().gradients is not None:
+            return None  # our own gradient pass
+        routing = self._active()
+        if routing is None:
+            return None  # another strategy routes this call, or the model is unrouted
         if len(args) > 1:
             raise RoutingError("an ELREA-routed model takes its inputs as keywords after input_ids")
         kwargs = {"input_ids": args[0], **kwargs} if args else dict(kwargs)
@@ -370,7 +397,9 @@ class Ensemble:
             raise RoutingError(
                 "ELREA routes by the prompt's token ids", hint="pass input_ids, not inputs_embeds"
             )
-        choice = self._choice_for(kwargs)
+        choice, new = self._choice_for(kwargs)
+        if new and routing.trace is not None:
+            routing.trace.record_choice(choice)
         rows, members = choice.index.shape
         cache_rows = _cache_rows(_cache_of(kwargs))
         if len(input_ids) != rows or cache_rows not in (None, rows * members):
@@ -386,16 +415,28 @@ class Ensemble:
             else value
             for key, value in kwargs.items()
         }
-        self._set(_Call(rows=choice.index.flatten(), choice=choice, labels=labels))
+        untraced = self._untraced()
+        untraced.__enter__()
+        self._set(
+            _Call(
+                rows=choice.index.flatten(),
+                choice=choice,
+                labels=labels,
+                positions=input_ids.shape[-1],
+                trace=routing.trace,
+                untraced=untraced,
+            )
+        )
         return (), expanded
 
-    def _choice_for(self, kwargs: dict) -> EnsembleChoice:
-        """The choice of the generation this call continues (by its cache), or a new one."""
+    def _choice_for(self, kwargs: dict) -> tuple[EnsembleChoice, bool]:
+        """The choice of the generation this call continues (by its cache), or a new one; and
+        whether it is new."""
         cache = _cache_of(kwargs)
         if cache is not None:
             choice = self._choices.get(cache)
             if choice is not None:
-                return choice
+                return choice, False
             if _cache_length(cache) > 0:
                 raise RoutingError(
                     "this KV cache was not started by the ELREA-routed model",
@@ -404,13 +445,14 @@ class Ensemble:
         choice = self.choose(kwargs["input_ids"], kwargs.get("attention_mask"))
         if cache is not None:
             self._choices[cache] = choice
-        return choice
+        return choice, True
 
     def _after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any):
         call = self.current()
         if call.rows is None:
             return None
         _CALLS.reset(call.token)
+        call.untraced.__exit__(None, None, None)
         if output is None:  # the forward raised; its error propagates
             return None
         logits = getattr(output, "logits", None)
@@ -428,7 +470,16 @@ class Ensemble:
             output.loss = model.loss_function(
                 logits=output.logits, labels=call.labels, vocab_size=output.logits.shape[-1]
             )
+        if call.trace is not None:
+            self._record(call.trace, choice, torch.Size([rows, call.positions]))
         return output
+
+    def _record(self, trace: RoutingTrace, choice: EnsembleChoice, shape: torch.Size) -> None:
+        """Every module gave each original row's tokens its prompt's ensemble weights."""
+        index = choice.index.repeat_interleave(shape[1], dim=0)
+        weights = choice.weights.repeat_interleave(shape[1], dim=0)
+        for name in self.mixers:
+            trace.record(name, shape, index, weights)
 
 
 class EnsembleMixer(LowRankMixer):
@@ -443,7 +494,7 @@ class EnsembleMixer(LowRankMixer):
         self.base_rows = slice(base * self.rank, base * self.rank + stack.ranks[base])
         self.base_scale = float(stack.scales[base])
 
-    def select(self, x: torch.Tensor, batch_shape: torch.Size, *call: Any):
+    def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
         rows = self.ensemble.current().rows
         if rows is None:
             if self.ensemble.routes:
@@ -458,10 +509,12 @@ class EnsembleMixer(LowRankMixer):
         index = rows.to(x.device).repeat_interleave(len(x) // len(rows))[:, None]
         return index, x.new_ones(index.shape)
 
-    def route_(self, out: torch.Tensor, x: torch.Tensor, batch_shape: torch.Size, *call: Any):
+    def route_(
+        self, out: torch.Tensor, x: torch.Tensor, batch_shape: torch.Size, call: CallState
+    ) -> Choice:
         gradients = self.ensemble.current().gradients
         if gradients is None:
-            return super().route_(out, x, batch_shape, *call)
+            return super().route_(out, x, batch_shape, call)
         lora_a, b_rows = self.a_rows[self.base_rows], self.b_rows[self.base_rows]
         out.add_(gradients.lora_delta(self.module, x, lora_a, b_rows, self.base_scale))
         index = torch.full((len(x), 1), self.ensemble.base_index, device=x.device)
@@ -469,7 +522,8 @@ class EnsembleMixer(LowRankMixer):
 
 
 def _mixers(ensemble: Ensemble, experts: ExpertSet) -> dict[str, EnsembleMixer]:
-    return {m: EnsembleMixer(stack, ensemble, m) for m, stack in experts.modules.items()}
+    ensemble.mixers = {m: EnsembleMixer(stack, ensemble, m) for m, stack in experts.modules.items()}
+    return ensemble.mixers
 
 
 @dataclass(frozen=True)
@@ -509,7 +563,7 @@ class ELREA:
             temperature=self.temperature,
         )
         mixers = _mixers(ensemble, experts)
-        ensemble.attach(mixers)
+        ensemble.attach()
         return mixers
 
     def _fixed(self, experts: ExpertSet) -> torch.Tensor | None:
