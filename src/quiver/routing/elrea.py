@@ -355,33 +355,31 @@ class Ensemble:
             self.model.register_forward_hook(self._after, with_kwargs=True, always_call=True),
         ]
 
-    def _owner(self) -> int | None:
-        """The routed model this ensemble's mixers serve (its ``owner`` in the routing context);
-        None once ``unroute()`` took the routed layers out."""
-        name = next(iter(self.mixers))
+    def _routed_layer(self) -> nn.Module | None:
+        """The routed layer of this ensemble's first module; None once ``unroute()`` took the
+        routed layers out of the model."""
         try:
-            return getattr(self.model.get_submodule(name), "owner", None)
+            layer = self.model.get_submodule(next(iter(self.mixers)))
         except AttributeError:
             return None
+        return layer if hasattr(layer, "owner") else None
 
     def _untraced(self) -> AbstractContextManager:
         """Keep a forward out of the caller's trace (a gradient pass, the expanded rows)."""
-        owner = self._owner()
-        return nullcontext() if owner is None else context.bound(owner, trace=None)
+        layer = self._routed_layer()
+        return nullcontext() if layer is None else context.bound(layer.owner, trace=None)
 
     def _active(self) -> CallState | None:
         """The routing state of this call when it routes with this ensemble (its routed model's
         strategy, or ``using()`` it); else None, and the hooks go once the model is unrouted."""
-        owner = self._owner()
-        if owner is None:
+        layer = self._routed_layer()
+        if layer is None:
             for handle in self._handles:
                 handle.remove()
             return None
-        name, mixer = next(iter(self.mixers.items()))
-        call = context.current(owner)
-        layer = self.model.get_submodule(name)
-        active = layer.mixer if call.mixers is None else call.mixers.get(name)
-        return call if active is mixer else None
+        call = context.current(layer.owner)
+        active = layer.mixer if call.mixers is None else call.mixers.get(layer.name)
+        return call if active is self.mixers[layer.name] else None
 
     def _before(self, model: nn.Module, args: tuple, kwargs: dict):
         if self.current().gradients is not None:
