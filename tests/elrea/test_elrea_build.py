@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from quiver.errors import RoutingError, TrainingError
+from quiver.errors import AlreadyExistsError, RoutingError, TrainingError
 from quiver.registry import Library, open_registry
 from quiver.routing import route
 from quiver.routing.elrea import ElreaArtifact, ensemble_choice, stored_artifact
@@ -95,6 +95,11 @@ def test_bad_builds_are_refused_before_training(tmp_path, tokenizer):
         build_elrea_library(pairs, registry, "me/x", k=2, clustering="dbscan", **common)
     with pytest.raises(TrainingError, match="example 2: the prompt has 1 token"):
         build_elrea_library([*pairs, ("x", "y")], registry, "me/x", k=2, **common)
+    with pytest.raises(TrainingError, match="projection_dim must be at least 1"):
+        build_elrea_library(pairs, registry, "me/x", k=2, projection_dim=0, **common)
     assert registry.head("me/x") is None  # nothing was published
+    Library.create(registry, "me/taken", base_model=model.name_or_path)
+    with pytest.raises(AlreadyExistsError, match="me/taken already exists"):
+        build_elrea_library(pairs, registry, "me/taken", k=2, **common)
     with pytest.raises(TrainingError, match="found fewer than 3 clusters"):
         cluster_features(torch.eye(4)[[0, 0, 0, 1]], 3)  # two distinct points

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from quiver.errors import TrainingError
+from quiver.errors import AlreadyExistsError, TrainingError
 from quiver.registry import Expert, Library, Registry
 from quiver.routing import route
 from quiver.routing.elrea import (
@@ -39,6 +39,7 @@ from quiver.routing.elrea import (
 )
 from quiver.routing.experts import load_experts
 from quiver.routing.gradients import MIN_PROMPT_TOKENS, CountSketch
+from quiver.store import check_repo_id
 from quiver.training.build import _train_clusters
 from quiver.training.data import (
     IGNORE_INDEX,
@@ -218,6 +219,23 @@ class _Training:
         return self.registry.pull(repo_id, revision=commit)
 
 
+def _check_request(registry, repo_id, clustering, threshold, positive) -> None:
+    """Refuse what would fail only after hours of training."""
+    if clustering not in CLUSTERINGS:
+        raise TrainingError(f"unknown clustering {clustering!r}", hint=f"use one of {CLUSTERINGS}")
+    if not threshold > 0:
+        raise TrainingError(f"the BIRCH threshold must be positive, got {threshold}")
+    for name, value in positive.items():
+        if value < 1:
+            raise TrainingError(f"{name} must be at least 1, got {value}")
+    if registry.head(check_repo_id(repo_id)) is not None:
+        raise AlreadyExistsError(
+            f"{repo_id} already exists in {registry.location}",
+            hint="pick another name for the new library",
+            repo_id=repo_id,
+        )
+
+
 def build_elrea_library(
     data: DataSource,
     registry: Registry,
@@ -248,8 +266,12 @@ def build_elrea_library(
     ``registry``). See the module for the steps; route the result with
     ``route(model, library, "elrea")``.
     """
-    if clustering not in CLUSTERINGS:
-        raise TrainingError(f"unknown clustering {clustering!r}", hint=f"use one of {CLUSTERINGS}")
+    settings = {
+        "fit_examples": fit_examples,
+        "projection_dim": projection_dim,
+        "feature_batch_size": feature_batch_size,
+    }
+    _check_request(registry, repo_id, clustering, threshold, settings)
     config = config or TrainConfig()
     examples = load_examples(data)
     if not 1 <= k <= len(examples):
