@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -232,6 +232,18 @@ class _Call:
     trace: RoutingTrace | None = None  # the caller's, recorded per original row
     untraced: AbstractContextManager | None = None  # keeps the expanded rows out of it
     token: Token | None = None
+    _spread: dict = field(default_factory=dict)
+
+    def per_token(self, x: torch.Tensor) -> Choice:
+        """Each token's member (weight 1) for a layer input ``x [N, in]``: made once per call,
+        as every module asks the same."""
+        key = (len(x), x.device, x.dtype)
+        if key not in self._spread:
+            if len(x) % len(self.rows):
+                raise RoutingError(f"{len(x)} tokens cannot be split among {len(self.rows)} rows")
+            index = self.rows.to(x.device).repeat_interleave(len(x) // len(self.rows))[:, None]
+            self._spread[key] = (index, x.new_ones(index.shape))
+        return self._spread[key]
 
 
 _NO_CALL = _Call()
@@ -493,19 +505,16 @@ class EnsembleMixer(LowRankMixer):
         self.base_scale = float(stack.scales[base])
 
     def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
-        rows = self.ensemble.current().rows
-        if rows is None:
-            if self.ensemble.routes:
-                raise RoutingError(
-                    "ELREA's experts run inside the routed model's forward",
-                    hint="call the routed model (routed(...), routed.generate(...)), not its "
-                    "inner modules",
-                )
-            rows = torch.tensor([self.ensemble.base_index])
-        if len(x) % len(rows):
-            raise RoutingError(f"{len(x)} tokens cannot be split among {len(rows)} batch rows")
-        index = rows.to(x.device).repeat_interleave(len(x) // len(rows))[:, None]
-        return index, x.new_ones(index.shape)
+        state = self.ensemble.current()
+        if state.rows is not None:
+            return state.per_token(x)
+        if self.ensemble.routes:
+            raise RoutingError(
+                "ELREA's experts run inside the routed model's forward",
+                hint="call the routed model (routed(...), routed.generate(...)), not its inner "
+                "modules",
+            )
+        return self._base(x)
 
     def route_(
         self, out: torch.Tensor, x: torch.Tensor, batch_shape: torch.Size, call: CallState
@@ -515,6 +524,10 @@ class EnsembleMixer(LowRankMixer):
             return super().route_(out, x, batch_shape, call)
         lora_a, b_rows = self.a_rows[self.base_rows], self.b_rows[self.base_rows]
         out.add_(gradients.lora_delta(self.module, x, lora_a, b_rows, self.base_scale))
+        return self._base(x)
+
+    def _base(self, x: torch.Tensor) -> Choice:
+        """Every token to the base adapter."""
         index = torch.full((len(x), 1), self.ensemble.base_index, device=x.device)
         return index, x.new_ones(index.shape)
 
