@@ -46,7 +46,12 @@ ALLOWED: dict[str, set[str]] = {
 
 
 def layer_of(module: str) -> str | None:
-    """The longest layer name that ``module`` is, or lies in; None for third-party modules."""
+    """The longest layer name that ``module`` is, or lies in; None for third-party modules. A name
+    taken from the top-level package's lazy API (``from quiver import route``) belongs to the
+    package that defines it."""
+    exporter = quiver._LAZY_EXPORTS.get(module.removeprefix("quiver."))
+    if exporter is not None and module.startswith("quiver."):
+        module = exporter
     candidates = [name for name in ALLOWED if module == name or module.startswith(name + ".")]
     return max(candidates, key=len, default=None)
 
@@ -101,4 +106,16 @@ def test_the_check_sees_a_crossing(tmp_path):
     assert violations(fake) == [
         "quiver.registry.bad imports quiver.routing (quiver.registry -> quiver.routing)",
         "quiver.registry.bad imports quiver.routing.route (quiver.registry -> quiver.routing)",
+    ]
+
+
+def test_the_check_sees_a_crossing_through_the_lazy_api(tmp_path):
+    """``from quiver import route`` in the registry is routing, whatever package it is read from."""
+    fake = tmp_path / "quiver"
+    (fake / "registry").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "registry" / "__init__.py").write_text("")
+    (fake / "registry" / "bad.py").write_text("from quiver import route\n")
+    assert violations(fake) == [
+        "quiver.registry.bad imports quiver.route (quiver.registry -> quiver.routing)"
     ]

@@ -188,3 +188,13 @@ def test_other_bad_input_is_refused_before_training(model, tokenizer, tmp_path):
     chat = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
     with pytest.raises(TrainingError, match="the tokenizer has no chat template"):
         train_expert(model, chat, task="t", tokenizer=plain)
+
+
+def test_a_bf16_base_trains_and_its_expert_loads(tokenizer):
+    model = tiny_model("llama", seed=0, dtype=torch.bfloat16)
+    expert = train_expert(model, pairs("upper"), task="upper", config=FAST, tokenizer=tokenizer)
+    assert {t.dtype for t in _weights(expert).values()} == {torch.float32}  # PEFT's adapter dtype
+    assert next(model.parameters()).dtype == torch.bfloat16
+    base_loss = evaluate(model, tokenizer, pairs("upper"))["loss"]
+    loaded = PeftModel.from_pretrained(model, expert.path)
+    assert evaluate(loaded, tokenizer, pairs("upper"))["loss"] < base_loss

@@ -33,6 +33,7 @@ def test_local_backend_trains_each_expert_and_reports_a_failure(model, tokenizer
     assert cluster.expert.card.examples == 14
 
 
+@pytest.mark.slow  # Ray takes ~10-30 s to start
 def test_ray_gives_the_same_experts_as_local_and_workers_push(
     local_ray, hub_server, model, tokenizer, tmp_path
 ):

@@ -12,7 +12,7 @@ from typer.core import TyperGroup
 
 from quiver import __version__
 from quiver.cli import app as app_command
-from quiver.cli import elrea, hub, library, registry  # noqa: F401 (elrea adds `library build-elrea`)
+from quiver.cli import hub, library, registry, toyworld, training
 from quiver.cli._common import console, err_console
 from quiver.errors import QuiverError
 
@@ -64,9 +64,11 @@ def _root(
 
 
 app.add_typer(registry.commands)
+app.add_typer(training.commands)  # also adds `library cluster`, `build-mbc` and `build-elrea`
 app.add_typer(library.library_app, name="library")
 app.add_typer(hub.hub_app, name="hub")
 app.add_typer(app_command.commands)
+app.add_typer(toyworld.toyworld_app, name="toyworld")
 
 
 def main() -> None:

@@ -1,0 +1,154 @@
+"""The embedded default: a prebuilt toy-world library that ships inside the package.
+
+``demo/base`` is the toy world's base model as a plain transformers repo (config.json,
+model.safetensors, tokenizer files, card); ``demo/library`` is the MBC library built on it (one
+expert per cluster, bundled, with its Arrow prototypes) exactly as the registry stored it.
+``install_demo`` commits both into a registry (one commit each, so a reader never sees half of
+one), offline and in well under a second; ``build_demo`` regenerates them, seeded, through the
+same pipeline as the benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from quiver.errors import NotFoundError, QuiverError, RegistryError
+from quiver.registry import LocalRegistry, Registry
+from quiver.toyworld.pipeline import (
+    BASE_NAME,
+    MBC_NAME,
+    NAMESPACE,
+    RunConfig,
+    Stages,
+    build_libraries,
+)
+
+DEMO_FOLDER = Path(__file__).with_name("demo")
+DEMO_LIBRARY = f"{NAMESPACE}/{MBC_NAME}"
+DEMO_BASE_MODEL = f"{NAMESPACE}/{BASE_NAME}"
+MAX_BYTES = 25 * 2**20
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder``."""
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _holds(registry: Registry, repo_id: str, folder: Path) -> bool:
+    """Whether ``repo_id``'s main branch holds exactly the files of ``folder``."""
+    try:
+        snapshot, _ = registry.download(repo_id)
+    except NotFoundError:
+        return False
+    return _files(snapshot) == _files(folder)
+
+
+def install_demo(registry: Registry | None = None) -> str:
+    """Install the demo library and its base model into ``registry`` (default: the local one);
+    return the library's repo id. Its manifest names the base model's repo id
+    (``DEMO_BASE_MODEL``), stored in the same registry.
+
+    Idempotent: when the registry already holds these exact files, nothing is written. A failure
+    leaves no new repo behind and raises ``RegistryError``.
+    """
+    base, library = DEMO_FOLDER / "base", DEMO_FOLDER / "library"
+    if not (base / "config.json").is_file() or not (library / "library.json").is_file():
+        raise NotFoundError(
+            f"the prebuilt demo is missing from {DEMO_FOLDER}",
+            hint="reinstall lora-quiver, or rebuild it with `quiver toyworld build`",
+        )
+    try:
+        registry = registry or LocalRegistry()
+        if _holds(registry, DEMO_LIBRARY, library) and _holds(registry, DEMO_BASE_MODEL, base):
+            return DEMO_LIBRARY
+        _install(registry, base, library)
+    except OSError as error:  # a read-only folder, a full disk
+        where = getattr(registry, "location", "the local registry")
+        raise RegistryError(
+            f"cannot install the demo library into {where}: {error}",
+            hint="make the registry writable (or set QUIVER_HOME to a writable folder)",
+            repo_id=DEMO_LIBRARY,
+        ) from error
+    return DEMO_LIBRARY
+
+
+def _install(registry: Registry, base: Path, library: Path) -> None:
+    """The base model first, then the library that names it; undo the base on failure."""
+    new_repos = [r for r in (DEMO_BASE_MODEL, DEMO_LIBRARY) if not _exists(registry, r)]
+    try:
+        registry.upload(DEMO_BASE_MODEL, base, message="Install the toy-world demo base model")
+        registry.upload(DEMO_LIBRARY, library, message="Install the toy-world demo library")
+    except BaseException:
+        for repo_id in new_repos:
+            _delete_quietly(registry, repo_id)
+        raise
+
+
+def _exists(registry: Registry, repo_id: str) -> bool:
+    try:
+        registry.refs(repo_id)
+    except NotFoundError:
+        return False
+    return True
+
+
+def _delete_quietly(registry: Registry, repo_id: str) -> None:
+    with contextlib.suppress(QuiverError, OSError):  # the store is gone: nothing left to undo
+        registry.delete(repo_id)
+
+
+def build_demo(
+    config: RunConfig | None = None,
+    output: str | Path = DEMO_FOLDER,
+    *,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Regenerate the demo: the benchmark's building stages (seeded), then ``export_demo``."""
+    with tempfile.TemporaryDirectory(prefix="quiver-demo-build-") as scratch:
+        registry = LocalRegistry(Path(scratch) / "registry")
+        built = build_libraries(config or RunConfig(), registry, Stages(say))
+        return export_demo(registry, built.base_id, built.mbc_id, output, say=say)
+
+
+def export_demo(
+    registry: Registry,
+    base_id: str,
+    library_id: str,
+    output: str | Path = DEMO_FOLDER,
+    *,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Copy a base model repo and its library repo, as ``registry`` stores them, into
+    ``output/base`` and ``output/library``; the old folder is replaced only once all is copied."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=output.parent))
+    try:
+        for name, repo_id in (("base", base_id), ("library", library_id)):
+            snapshot, _ = registry.download(repo_id)
+            shutil.copytree(snapshot, staging / name, copy_function=shutil.copyfile)
+        size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+        if size > MAX_BYTES:
+            raise QuiverError(
+                f"the demo would take {size / 2**20:.1f} MiB, over the package's "
+                f"{MAX_BYTES / 2**20:.0f} MiB",
+                hint="use a smaller base model or fewer experts",
+            )
+        retired = output.with_name(f".{output.name}-old")
+        if output.exists():
+            output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"Wrote the demo ({size / 2**20:.1f} MiB) to {output}")
+    return output

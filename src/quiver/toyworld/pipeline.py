@@ -1,0 +1,333 @@
+"""The toy-world benchmark, end to end through Quiver's own code paths.
+
+Pretrain (or reuse) the base model and check it copies; train one private expert per task
+(``quiver.training``), check each masters its task; bundle them as a library; cluster them with MBC
+and train one expert per cluster on the union of its tasks (``build_mbc_library``, which stores the
+Arrow prototypes); train one shared expert on every task; pull the libraries back from the
+registry; route (``quiver.routing``) and score every method on the training and held-out tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sklearn.metrics import adjusted_rand_score
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from quiver.errors import InvalidInputError, TrainingError
+from quiver.registry import Library, Registry
+from quiver.routing import Arrow, route
+from quiver.routing.base_model import push_base_model
+from quiver.toyworld.evaluate import Evaluation, TaskResult, evaluate
+from quiver.toyworld.model import PretrainConfig, pretrain_base, training_pairs
+from quiver.toyworld.tasks import HELD_OUT, Task, copy_tasks, get_tasks
+from quiver.training import TrainConfig, build_mbc_library, train_experts
+
+NAMESPACE = "quiver-demo"
+BASE_NAME, PRIVATE_NAME, MBC_NAME, SHARED_NAME = (
+    "toyworld-base",
+    "toyworld-private",
+    "toyworld",
+    "toyworld-shared",
+)
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that shapes a toy-world run; the defaults are the full benchmark."""
+
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    base: str | None = None  # a saved base model folder to start from instead of pretraining
+    tasks: tuple[str, ...] | None = None  # training tasks (default: all sixteen)
+    held_out: tuple[str, ...] | None = None  # default: every held-out task of their clusters
+    expert_steps: int = 300
+    cluster_steps: int = 400
+    shared_steps: int | None = None  # default: as many as all cluster experts together
+    rank: int = 8
+    alpha: float = 16.0
+    learning_rate: float = 4e-3
+    batch_size: int = 32
+    train_examples: int = 2000  # per task
+    eval_examples: int = 200  # per task
+    k: int | None = None  # MBC clusters (default: the number of designed clusters)
+    embedding: str = "update"
+    seed: int = 0
+    base_gate: float = 0.95  # the base model copies at least this often
+    expert_gate: float = 0.90  # every private expert's exact match on its own task
+
+    def __post_init__(self) -> None:
+        get_tasks(self.tasks)  # unknown names fail here, before any training
+        get_tasks(self.held_out)
+        for name in ("expert_steps", "cluster_steps", "train_examples", "eval_examples"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"RunConfig.{name} must be at least 1")
+
+    @classmethod
+    def reduced(cls, base: str | None = None, **changes: Any) -> RunConfig:
+        """About two minutes on two cores: two clusters of two tasks, from a saved base."""
+        options = dict(
+            base=base,
+            tasks=("digits-each", "digits-last", "colours-each", "colours-last"),
+            expert_steps=120,
+            cluster_steps=150,
+            eval_examples=100,
+            train_examples=1000,
+        )
+        return cls(**{**options, **changes})
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def training_tasks(self) -> list[Task]:
+        return get_tasks(self.tasks)
+
+    def held_out_tasks(self) -> list[Task]:
+        if self.held_out is not None:
+            return get_tasks(self.held_out)
+        clusters = {task.cluster for task in self.training_tasks()}
+        return [task for task in HELD_OUT if task.cluster in clusters]
+
+    def train_config(self, steps: int) -> TrainConfig:
+        return TrainConfig(
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=0.0,
+            target_modules=TARGET_MODULES,
+            learning_rate=self.learning_rate,
+            max_steps=steps,
+            batch_size=self.batch_size,
+        )
+
+
+@dataclass
+class Built:
+    """What the building stages leave in the registry, and the loaded base model."""
+
+    registry: Registry
+    model: PreTrainedModel
+    tokenizer: Any
+    base_id: str
+    private_id: str
+    mbc_id: str
+    shared_folder: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Stages:
+    """Runs named stages with a progress line and a timing for each."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.say(f"[{len(self.timings) + 1}] {name}...")
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 1)
+        self.say(f"    {name}: {self.timings[name]:.0f} s")
+
+
+def check_base(model: PreTrainedModel, tokenizer: Any, gate: float, examples: int = 100) -> float:
+    """The base model's copy rate; ``TrainingError`` naming the gate when it is below ``gate``."""
+    result = evaluate(model, tokenizer, copy_tasks(), examples=examples)
+    rate = result.mean()
+    if rate < gate:
+        each = ", ".join(f"{r.task} {r.exact_match:.2f}" for r in result.results)
+        raise TrainingError(
+            f"gate 'base copies' failed: the base model copies {rate:.1%} of inputs exactly "
+            f"({each}), below {gate:.0%}",
+            hint="pretrain longer (PretrainConfig.steps) before judging any routing",
+        )
+    return rate
+
+
+def check_experts(own: Evaluation, gate: float) -> None:
+    """``TrainingError`` naming every private expert below ``gate`` on its own task."""
+    weak = [r for r in own.select(held_out=False) if r.exact_match < gate]
+    if weak:
+        listed = ", ".join(f"{r.task} {r.exact_match:.2f}" for r in weak)
+        raise TrainingError(
+            f"gate 'private experts' failed: {listed} below {gate:.0%} exact match on their "
+            "own task",
+            hint="train the private experts longer (expert_steps) before judging any routing",
+            expert=weak[0].task,
+        )
+
+
+def load_base(base: str | Path) -> tuple[PreTrainedModel, Any]:
+    model = AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=False).eval()
+    return model, AutoTokenizer.from_pretrained(str(base))
+
+
+def build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Built:
+    """The building half of a run: base, private experts, MBC library, shared expert."""
+    with stages.stage("base model"):
+        if config.base is None:
+            model, tokenizer = pretrain_base(config.pretrain)
+        else:
+            model, tokenizer = load_base(config.base)
+        check_base(model, tokenizer, config.base_gate)
+        base_id = f"{NAMESPACE}/{BASE_NAME}"
+        model.name_or_path = model.config._name_or_path = base_id  # what the experts' cards name
+        push_base_model(registry, base_id, model, tokenizer, message="Toy-world base model")
+    tasks = config.training_tasks()
+    data = {
+        t.name: training_pairs(tokenizer, t.examples(config.train_examples, seed=config.seed))
+        for t in tasks
+    }
+    with tempfile.TemporaryDirectory(prefix="quiver-toyworld-") as scratch:
+        with stages.stage(f"{len(tasks)} private experts"):
+            private = _train_private(config, registry, model, tokenizer, data, Path(scratch))
+        with stages.stage("private experts' gate"):
+            check_experts(
+                oracle_evaluation(model, tokenizer, private, tasks, config), config.expert_gate
+            )
+        with stages.stage("MBC clusters and one expert per cluster"):
+            mbc = build_mbc_library(
+                private,
+                registry,
+                f"{NAMESPACE}/{MBC_NAME}",
+                k=config.k or len({t.cluster for t in tasks}),
+                embedding=config.embedding,
+                seed=config.seed,
+                data=data,
+                base_model=model,
+                tokenizer=tokenizer,
+                config=config.train_config(config.cluster_steps),
+            )
+    return Built(registry, model, tokenizer, base_id, private.repo_id, mbc.repo_id)
+
+
+def _train_private(config, registry, model, tokenizer, data, scratch: Path) -> Library:
+    results = train_experts(
+        model,
+        data,
+        config=config.train_config(config.expert_steps),
+        seed=config.seed,
+        tokenizer=tokenizer,
+        output_dir=scratch / "private",
+    )
+    failed = [f"{r.name}: {r.error}" for r in results if not r.ok]
+    if failed:
+        raise TrainingError("private experts failed to train: " + "; ".join(failed))
+    library = Library.create(
+        registry,
+        f"{NAMESPACE}/{PRIVATE_NAME}",
+        base_model=model.name_or_path,
+        description="One private expert per toy-world task.",
+    )
+    for result in results:
+        library.add(result.expert, name=result.name)
+    return library
+
+
+def oracle_evaluation(
+    model, tokenizer, library: Library, tasks: Sequence[Task], config: RunConfig
+) -> Evaluation:
+    """Each task scored with its own expert (by task name, or by the cluster holding it)."""
+    owners = task_owners(library)
+    routed = route(model, library, "oracle")
+    try:
+        oracle = {task.name: owners[task.name] for task in tasks}
+        return evaluate(
+            routed, tokenizer, tasks, examples=config.eval_examples, seed=config.seed, oracle=oracle
+        )
+    finally:
+        routed.unroute()
+
+
+def task_owners(library: Library) -> dict[str, str]:
+    """Task name -> the library's expert trained on it (MBC libraries record their clusters)."""
+    build = library.manifest.build or {}
+    owners = {name: name for name in library.names}
+    for cluster, tasks in build.get("tasks", {}).items():
+        owners.update(dict.fromkeys(tasks, cluster))
+    return owners
+
+
+def expert_clusters(library: Library, tasks: Sequence[Task]) -> dict[str, str]:
+    """Each expert's designed cluster: its task's, or the majority of the tasks it was built on."""
+    designed = {task.name: task.cluster for task in tasks}
+    out = {}
+    for task, expert in task_owners(library).items():
+        out.setdefault(expert, []).append(designed.get(task))
+    return {e: max(set(cs), key=cs.count) for e, cs in out.items() if any(cs)}
+
+
+def adjusted_rand(library: Library, tasks: Sequence[Task]) -> float:
+    """How well MBC's clusters match the designed ones (1.0: the same partition)."""
+    owners = task_owners(library)
+    return adjusted_rand_score([t.cluster for t in tasks], [owners[t.name] for t in tasks])
+
+
+def best_single(
+    model, tokenizer, library: Library, tasks: Sequence[Task], config: RunConfig
+) -> list[TaskResult]:
+    """For each task, the result of the library's best single expert on it (held-out oracle)."""
+    routed = route(model, library, "oracle")
+    try:
+        best: dict[str, TaskResult] = {}
+        for expert in library.names:
+            oracle = {task.name: expert for task in tasks}
+            scored = evaluate(
+                routed, tokenizer, tasks, examples=config.eval_examples, oracle=oracle
+            )
+            for result in scored.results:
+                if result.task not in best or _better(result, best[result.task]):
+                    best[result.task] = result
+    finally:
+        routed.unroute()
+    return [best[task.name] for task in tasks]
+
+
+def _better(a: TaskResult, b: TaskResult) -> bool:
+    return (a.exact_match, -a.answer_nll) > (b.exact_match, -b.answer_nll)
+
+
+def train_shared(config: RunConfig, built: Built, scratch: Path) -> Path:
+    """One expert on every training task together, with the compute of the whole MBC library."""
+    tasks = config.training_tasks()
+    k = config.k or len({t.cluster for t in tasks})
+    steps = config.shared_steps or config.cluster_steps * k
+    union = {
+        t.name: training_pairs(built.tokenizer, t.examples(config.train_examples, seed=config.seed))
+        for t in tasks
+    }
+    (result,) = train_experts(
+        built.model,
+        {SHARED_NAME: union},
+        config=config.train_config(steps),
+        seed=config.seed,
+        tokenizer=built.tokenizer,
+        output_dir=scratch,
+    )
+    if not result.ok:
+        raise TrainingError(f"the shared expert failed to train: {result.error}")
+    return result.path
+
+
+def method_list(libraries: dict[str, Library]) -> list[tuple[str, str, Any]]:
+    """``(method, library, strategy)`` for every routed row of the table."""
+    rows = []
+    for label, library in libraries.items():
+        count = len(library.names)
+        rows.append(("uniform merge (mu)", label, "uniform"))
+        rows += [
+            (f"Arrow per token, top-{k}", label, Arrow(top_k=k)) for k in (1, 2, 4) if k <= count
+        ]
+        rows += [
+            (f"Arrow per sequence, top-{k}", label, Arrow(top_k=k, granularity="sequence"))
+            for k in (1, 2)
+            if k <= count
+        ]
+    return rows

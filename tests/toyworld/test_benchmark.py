@@ -1,0 +1,61 @@
+"""The benchmark end to end (a reduced run from the prebuilt base), its gates and bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from quiver.errors import InvalidInputError, TrainingError
+from quiver.registry import LocalRegistry
+from quiver.toyworld import DEMO_FOLDER, RunConfig, run_benchmark
+from quiver.toyworld.evaluate import Evaluation, TaskResult
+from quiver.toyworld.model import build_tokenizer, model_config
+from quiver.toyworld.pipeline import check_base, check_experts
+
+
+@pytest.mark.slow
+def test_reduced_run_routes_held_out_tasks_to_the_right_cluster(tmp_path):
+    torch.set_num_threads(1)
+    config = RunConfig.reduced(base=str(DEMO_FOLDER / "base"))
+    registry = LocalRegistry(tmp_path / "registry")
+    results = run_benchmark(config, tmp_path / "out", registry=registry, say=print)
+
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (tmp_path / "out" / "results.png").stat().st_size > 10_000
+    assert "| Arrow per sequence, top-1 | MBC |" in (tmp_path / "out" / "results.md").read_text()
+    methods = {(row["method"], row["library"]) for row in saved["rows"]}
+    for expected in [("base", "-"), ("shared", "-"), ("ELREA", "-"), ("oracle", "MBC"),
+                     ("uniform merge (mu)", "private"), ("Arrow per token, top-4", "private"),
+                     ("Arrow per sequence, top-1", "MBC")]:  # fmt: skip
+        assert expected in methods
+    assert results.adjusted_rand == 1.0  # MBC finds the two designed clusters
+    sequence = results.row("Arrow per sequence, top-1", "MBC").summary()
+    assert sequence["right_cluster_held_out"] > 0.5  # better than chance between two clusters
+    assert sequence["held_out_em"] > results.row("base", "-").summary()["held_out_em"]
+    assert results.row("oracle", "MBC").summary()["train_em"] >= 0.9
+    assert registry.refs("quiver-demo/toyworld")  # the libraries went through the registry
+
+
+def _result(task, exact_match):
+    return TaskResult(task, "digits", "train", 10, exact_match, exact_match, 1.0)
+
+
+def test_gates_stop_the_run_with_an_error_that_names_them():
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    untrained = LlamaForCausalLM(model_config(tokenizer, hidden=32, layers=1, mlp=64)).eval()
+    with pytest.raises(TrainingError, match="gate 'base copies' failed"):
+        check_base(untrained, tokenizer, gate=0.95, examples=5)
+    weak = Evaluation([_result("digits-each", 1.0), _result("digits-last", 0.5)])
+    with pytest.raises(TrainingError, match="gate 'private experts' failed: digits-last") as info:
+        check_experts(weak, gate=0.9)
+    assert info.value.expert == "digits-last"
+    check_experts(weak, gate=0.5)  # passes
+
+
+def test_unknown_task_names_fail_before_any_training():
+    with pytest.raises(InvalidInputError, match="digits-backwards"):
+        RunConfig(tasks=("digits-each", "digits-backwards"))
+    with pytest.raises(InvalidInputError, match="nope"):
+        RunConfig.reduced(held_out=("nope",))

@@ -1,0 +1,27 @@
+"""``quiver toyworld tasks | install``: thin over the toy world's API."""
+
+from typer.testing import CliRunner
+
+from quiver.cli import app
+from quiver.registry import Library, LocalRegistry
+from quiver.toyworld import DEMO_BASE_MODEL, DEMO_LIBRARY, HELD_OUT, TASKS
+
+
+def quiver(*args: str):
+    return CliRunner().invoke(app, [str(arg) for arg in args], catch_exceptions=False)
+
+
+def test_tasks_lists_every_task_with_its_cluster_and_kind():
+    result = quiver("toyworld", "tasks")
+    assert result.exit_code == 0
+    for task in (*TASKS, *HELD_OUT):
+        assert task.name in result.stdout
+    assert "paraphrase" in result.stdout and "new format" in result.stdout
+
+
+def test_install_puts_the_demo_into_the_named_registry(tmp_path):
+    result = quiver("toyworld", "install", "-r", tmp_path / "store")
+    assert result.exit_code == 0, result.output
+    assert DEMO_LIBRARY in result.stdout and DEMO_BASE_MODEL in result.stdout
+    library = Library.open(LocalRegistry(tmp_path / "store"), DEMO_LIBRARY)
+    assert library.manifest.base_model == DEMO_BASE_MODEL
