@@ -202,12 +202,20 @@ def library_build_mbc(
         merge=merge,
     )
     how = built.manifest.build["experts"]
-    console.print(
-        f"Built {built.repo_id}@{built.commit[:10]} in {target.location}: "
-        f"{len(built.experts)} cluster experts ({how}), Arrow prototypes attached"
+    clusters = built.manifest.build["clusters"]
+    _show_built(
+        built,
+        target,
+        f"{len(built.experts)} cluster experts ({how}), Arrow prototypes attached",
+        {cluster: ", ".join(members) for cluster, members in clusters.items()},
     )
-    for cluster, members in built.manifest.build["clusters"].items():
-        console.print(f"  {cluster}: {', '.join(members)}")
+
+
+def _show_built(library, target, summary: str, clusters: dict[str, str]) -> None:
+    """What a build published, and a line per cluster."""
+    console.print(f"Built {library.repo_id}@{library.commit[:10]} in {target.location}: {summary}")
+    for cluster, line in clusters.items():
+        console.print(f"  {cluster}: {line}")
 
 
 @library_app.command("build-elrea")
@@ -262,9 +270,9 @@ def library_build_elrea(
         progress=progress,
     )
     sizes = library.manifest.build["cluster_sizes"]
-    console.print(
-        f"Built {library.repo_id}@{library.commit[:10]} in {target.location}: a base adapter "
-        f"and {len(sizes)} experts, elrea artifact attached"
+    _show_built(
+        library,
+        target,
+        f"a base adapter and {len(sizes)} experts, elrea artifact attached",
+        {cluster: f"{size} examples" for cluster, size in sizes.items()},
     )
-    for cluster, size in sizes.items():
-        console.print(f"  {cluster}: {size} examples")
