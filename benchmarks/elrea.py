@@ -34,7 +34,8 @@ from rich.console import Console
 from transformers import DynamicCache
 
 from quiver.routing import route
-from quiver.routing.elrea import ElreaArtifact, ensemble_choice, gradient_dim
+from quiver.routing.elrea import ensemble_choice
+from quiver.routing.elrea_artifact import ElreaArtifact, gradient_dim
 from quiver.routing.experts import load_experts
 from quiver.routing.gradients import CountSketch
 from quiver.testing import make_random_expert, tiny_model

@@ -9,7 +9,8 @@ from sklearn.metrics import adjusted_rand_score
 from quiver.errors import AlreadyExistsError, RoutingError, TrainingError
 from quiver.registry import Library, open_registry
 from quiver.routing import route
-from quiver.routing.elrea import ElreaArtifact, ensemble_choice, stored_artifact
+from quiver.routing.elrea import ensemble_choice
+from quiver.routing.elrea_artifact import ElreaArtifact, stored_artifact
 from quiver.routing.gradients import CountSketch
 from quiver.testing import tiny_model
 from quiver.training.data import load_examples

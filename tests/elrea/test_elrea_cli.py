@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from quiver.cli import app
 from quiver.registry import Library, LocalRegistry
-from quiver.routing.elrea import stored_artifact
+from quiver.routing.elrea_artifact import stored_artifact
 from quiver.testing import tiny_model
 from quiver.training import build_elrea_library
 

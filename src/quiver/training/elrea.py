@@ -30,13 +30,8 @@ from tqdm.auto import tqdm
 from quiver.errors import AlreadyExistsError, TrainingError
 from quiver.registry import Expert, Library, Registry
 from quiver.routing import route
-from quiver.routing.elrea import (
-    ARTIFACT_NAME,
-    ElreaArtifact,
-    PromptGradients,
-    gradient_dim,
-    prompt_features,
-)
+from quiver.routing.elrea import PromptGradients, prompt_features
+from quiver.routing.elrea_artifact import ARTIFACT_NAME, ElreaArtifact, gradient_dim
 from quiver.routing.experts import load_experts
 from quiver.routing.gradients import MIN_PROMPT_TOKENS, CountSketch
 from quiver.store import check_repo_id
