@@ -1,10 +1,11 @@
 """The Hub registry: every call through huggingface_hub, against huggingface.co or any endpoint.
 
 Downloads go through a Hugging Face cache (``snapshot_download``), so a second pull of a pinned
-commit makes no request and ``HF_HUB_OFFLINE=1`` works after a pull. The cache is kept apart per
-endpoint, because it is keyed by repo id only: huggingface.co uses the normal Hugging Face cache
-(shared with transformers and PEFT), any other endpoint one of its own under
-``$QUIVER_HOME/hub-cache``, so a pull only ever returns bytes that came from the endpoint it asked.
+commit makes no request and ``HF_HUB_OFFLINE=1`` works after a pull. Each endpoint, huggingface.co
+included, has a cache of its own under ``$QUIVER_HOME/hub-cache``, because a Hugging Face cache is
+keyed by repo id only and does not record where its files came from: the normal one holds whatever
+transformers, PEFT or the ``hf`` CLI fetched, from whichever endpoint ``HF_ENDPOINT`` named at the
+time. So a pull only ever returns bytes that came from the endpoint it asked.
 huggingface_hub's errors become Quiver's typed errors, each with a hint.
 """
 
@@ -66,12 +67,10 @@ def normalize_endpoint(endpoint: str) -> str:
     return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
 
 
-def endpoint_cache(endpoint: str) -> Path | None:
-    """The Hugging Face cache for pulls from ``endpoint``: None (the normal one) for
-    huggingface.co, else a folder of its own, named after the URL and a hash of it."""
+def endpoint_cache(endpoint: str) -> Path:
+    """The Hugging Face cache for pulls from ``endpoint``: a folder of its own, named after the URL
+    and a hash of it."""
     endpoint = normalize_endpoint(endpoint)
-    if endpoint == HF_HUB_URL:
-        return None
     parts = urlsplit(endpoint)
     readable = re.sub(r"[^A-Za-z0-9.]+", "-", f"{parts.netloc}{parts.path}").strip("-")
     digest = hashlib.sha256(endpoint.encode()).hexdigest()[:8]
@@ -91,8 +90,7 @@ class HubRegistry(Registry):
         self.endpoint = normalize_endpoint(endpoint)
         self.location = self.endpoint
         self.token = token  # None: huggingface_hub's own (HF_TOKEN, or `hf auth login`)
-        # None: the normal Hugging Face cache, which is huggingface.co's (see endpoint_cache)
-        self.cache_dir = cache_dir if cache_dir is not None else endpoint_cache(self.endpoint)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else endpoint_cache(self.endpoint)
         self.api = HfApi(endpoint=self.endpoint, token=token)
 
     @contextmanager
