@@ -251,21 +251,6 @@ def test_hub_registry_push_error_from_the_server_is_one_line(tmp_path):
         assert HubRegistry(hub.endpoint, token=token).list(author="max") == []
 
 
-@contextmanager
-def small_disk(path: Path, size: str):
-    """A tmpfs of ``size`` at ``path``: a real disk that fills up (needs the right to mount)."""
-    path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
 def _assert_full_then_fine(api: HfApi, repo: str, root: Path, before: str, refused) -> None:
     """The refusal is a one-line 507; nothing was half-written; the next requests work."""
     assert refused.value.response.status_code == 507
@@ -279,9 +264,10 @@ def _assert_full_then_fine(api: HfApi, repo: str, root: Path, before: str, refus
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
-def test_a_full_disk_is_a_clear_error_and_the_store_stays_consistent(tmp_path):
+def test_a_full_disk_is_a_clear_error_and_the_store_stays_consistent(tmp_path, small_disk):
     """A real full disk (a 3 MiB tmpfs) under the server and under a local push."""
-    with small_disk(tmp_path / "disk", "3m") as disk, HubServer(disk / "hub") as hub:
+    disk = small_disk("3m")
+    with HubServer(disk / "hub") as hub:
         api = HfApi(endpoint=hub.endpoint, token=hub.create_token("flo"))
         api.create_repo("flo/repo")
         before = api.model_info("flo/repo").sha

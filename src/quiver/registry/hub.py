@@ -11,6 +11,7 @@ huggingface_hub's errors become Quiver's typed errors, each with a hint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx2
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -51,6 +52,7 @@ from quiver.registry.base import (
     tag_taken,
 )
 from quiver.registry.local import LocalRegistry
+from quiver.store import StorageFullError
 
 HF_HUB_URL = "https://huggingface.co"
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -123,11 +125,7 @@ class HubRegistry(Registry):
         except RemoteEntryNotFoundError as error:
             raise NotFoundError(f"{what}: a file is missing {where}", **about) from error
         except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError) as error:
-            raise ConnectionFailedError(
-                f"{what}: cannot reach {self.endpoint} and the files are not in its local cache",
-                hint="check the endpoint URL and your network, or unset HF_HUB_OFFLINE",
-                **about,
-            ) from error
+            raise self._unreachable(what, error, about) from error
         except LocalTokenNotFoundError as error:
             raise AuthenticationError(
                 f"{what}: no access token", hint="pass --token or run `hf auth login`", **about
@@ -142,6 +140,40 @@ class HubRegistry(Registry):
             ) from error
         except HfHubHTTPError as error:
             raise self._http_error(what, error, about) from error
+        except OSError as error:  # last: the errors above are OSErrors too
+            if error.errno is None:
+                raise
+            raise self._disk_error(what, error, about) from error
+
+    def _unreachable(self, what: str, error: Exception, about: dict) -> Exception:
+        """Nothing usable came back, and the cache has nothing: an endpoint that answered with an
+        error (a wrong URL, a server failing) is told apart from one that did not answer."""
+        if isinstance(error.__cause__, HfHubHTTPError):
+            return self._http_error(what, error.__cause__, about)
+        uncached = isinstance(error, LocalEntryNotFoundError)
+        return ConnectionFailedError(
+            f"{what}: cannot reach {self.endpoint}"
+            + (" and the files are not in its local cache" if uncached else ""),
+            hint="unset HF_HUB_OFFLINE to fetch them"
+            if constants.HF_HUB_OFFLINE
+            else "check the endpoint URL and your network",
+            **about,
+        )
+
+    def _disk_error(self, what: str, error: OSError, about: dict) -> Exception:
+        """The local side failing: the cache's disk full or not writable."""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageFullError(
+                f"{what}: no space left on the disk of {self.cache_dir}",
+                hint="free some space and pull again",
+                **about,
+            )
+        where = f": {error.filename}" if error.filename else ""
+        return RegistryError(
+            f"{what}: {error.strerror or error}{where}",
+            hint=f"check the permissions of {self.cache_dir} and of the files pushed",
+            **about,
+        )
 
     def _http_error(self, what: str, error: HfHubHTTPError, about: dict) -> Exception:
         status = error.response.status_code
