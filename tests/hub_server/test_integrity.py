@@ -106,6 +106,29 @@ def test_malformed_fields_get_a_json_400_naming_the_field(
     assert [b.name for b in owner.list_repo_refs("ivy/repo").branches] == ["main"]
 
 
+def test_a_card_whose_yaml_would_explode_is_refused_not_expanded(owner, hub_server):
+    """Each line of this card refers to the one before ten times: 10**9 strings once expanded."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    readme = ("---\n" + "\n".join(lines) + "\ntags: *a8\n---\n").encode()
+    owner.create_repo("ivy/cards")
+    with pytest.raises(
+        ValueError, match=r"aliases \(\*name\) are not allowed, at README.md line 3"
+    ):
+        owner.upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id="ivy/cards")
+    # Past the client's validation, straight to the commit: it lands, with no card to expand.
+    response = httpx.post(
+        f"{hub_server.endpoint}/api/models/ivy/cards/commit/main",
+        content=_HEADER
+        + _line("file", {"path": "README.md", "content": base64.b64encode(readme).decode()}),
+        headers={"Authorization": f"Bearer {owner.token}"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    info = owner.model_info("ivy/cards")
+    assert (info.card_data, info.tags) == (None, [])
+
+
 def test_a_short_sha_resolves_as_a_unique_prefix(owner, tmp_path, hub_server):
     first = owner.upload_file(path_or_fileobj=b"v1", path_in_repo="v.txt", repo_id="ivy/repo").oid
     owner.upload_file(path_or_fileobj=b"v2", path_in_repo="v.txt", repo_id="ivy/repo")

@@ -26,6 +26,7 @@ class _OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except (QuiverError, OSError) as error:
             message = str(error) if isinstance(error, QuiverError) else _os_error_line(error)
+            message = " ".join(message.split())  # one line, whatever the message embeds
             err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
             raise typer.Exit(1) from error
 

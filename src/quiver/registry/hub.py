@@ -134,7 +134,7 @@ class HubRegistry(Registry):
             if not str(error).startswith("Invalid metadata in README.md"):
                 raise
             raise CardError(
-                f"{what}: {self.endpoint} refused the model card: {error}",
+                f"{what}: {self.endpoint} refused the model card: {' '.join(str(error).split())}",
                 hint="fix the front matter between the '---' lines of README.md",
                 **about,
             ) from error
