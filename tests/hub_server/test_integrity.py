@@ -85,6 +85,7 @@ _FILE = {"path": "f.txt", "content": base64.b64encode(b"f").decode()}
         ("POST", _COMMIT, [_HEADER, _line("lfsFile", {"path": "w"})], "value.oid"),
         ("POST", _COMMIT, [_HEADER, _line("upload", {})], "key"),
         ("POST", _COMMIT, [b'{"key": "header", "value": 1}\n'], "value"),
+        ("POST", "/api/repos/create", [b"[" * 5000 + b"]" * 5000], "error parsing the body"),
     ],
 )  # fmt: skip
 def test_malformed_fields_get_a_json_400_naming_the_field(
@@ -127,6 +128,21 @@ def test_a_card_whose_yaml_would_explode_is_refused_not_expanded(owner, hub_serv
     assert response.status_code == 200, response.text
     info = owner.model_info("ivy/cards")
     assert (info.card_data, info.tags) == (None, [])
+
+
+def test_a_bug_of_the_server_is_answered_in_json(owner, hub_server, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    refs = f"{hub_server.endpoint}/api/models/ivy/repo/refs"
+    monkeypatch.setattr(type(hub_server.store), "refs", broken)
+    response = httpx.get(refs)
+    assert (response.status_code, response.json()) == (
+        500,
+        {"error": "internal error of quiver hub serve: RuntimeError('a bug')"},
+    )
+    monkeypatch.undo()
+    assert httpx.get(refs).status_code == 200
 
 
 def test_a_short_sha_resolves_as_a_unique_prefix(owner, tmp_path, hub_server):
