@@ -3,8 +3,10 @@ files only when asked, and a library push moves no expert repo that holds other 
 asked. Every refusal comes before anything is written."""
 
 import itertools
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi
@@ -218,3 +220,28 @@ def test_a_push_whose_writes_fail_is_one_line_and_leaves_the_store_as_it_was(tmp
     )
     assert result.stderr.count("\n") == 1
     assert store_state(LocalRegistry(store)) == before
+
+
+@pytest.mark.parametrize("where", ["local", "hub"])
+def test_a_folder_with_what_a_repo_cannot_hold_is_refused_before_writing(
+    where, hub_server, token, user, local, tmp_path
+):
+    registry = local if where == "local" else HubRegistry(hub_server.endpoint, token=token)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("fine")
+    spoilers = [
+        (lambda: os.mkfifo(folder / "pipe"), "pipe is not a regular file"),  # reads would block
+        (lambda: (folder / "gone").symlink_to(tmp_path / "nowhere"), "gone is not a regular"),
+        (lambda: Path(os.fsdecode(bytes(folder) + b"/caf\xe9.txt")).touch(), "not valid UTF-8"),
+    ]
+    for spoil, message in spoilers:
+        spoil()
+        with pytest.raises(InvalidInputError, match=message):
+            registry.upload(f"{user}/notes", folder, message="notes")
+        for entry in list(folder.iterdir()):
+            if entry.name != "notes.txt":
+                entry.unlink()
+    assert registry.head(f"{user}/notes") is None
+    registry.upload(f"{user}/notes", folder, message="notes")
+    assert "notes.txt" in registry.files(f"{user}/notes", revision="main")

@@ -48,6 +48,7 @@ from quiver.registry.base import (
     Version,
     check_repo_id,
     commits_to_refs,
+    folder_files,
     kind_of,
     tag_taken,
 )
@@ -200,6 +201,7 @@ class HubRegistry(Registry):
         parent_commit: str | None = None,
     ) -> str:
         check_repo_id(repo_id)
+        folder_files(folder)  # names the Hub can hold, and no file that would block the reads
         with self._translate_errors(f"push {repo_id}", repo_id, branch):
             created = self._create_repo(repo_id)
             try:

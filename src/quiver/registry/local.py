@@ -18,6 +18,7 @@ from quiver.registry.base import (
     RepoSummary,
     Version,
     commits_to_refs,
+    folder_files,
     kind_of,
     tag_taken,
 )
@@ -84,12 +85,9 @@ class LocalRegistry(Registry):
         parent_commit: str | None = None,
     ) -> str:
         key = RepoKey.parse(repo_id)
+        listing = folder_files(folder)
         with self.store.staging() as staging:
-            files = [
-                staging.add_file(path.relative_to(folder).as_posix(), path)
-                for path in sorted(folder.rglob("*"))
-                if path.is_file()
-            ]
+            files = [staging.add_file(name, path) for name, path in listing.items()]
             return self.store.commit_snapshot(
                 key,
                 branch,
