@@ -245,3 +245,25 @@ def test_a_folder_with_what_a_repo_cannot_hold_is_refused_before_writing(
     assert registry.head(f"{user}/notes") is None
     registry.upload(f"{user}/notes", folder, message="notes")
     assert "notes.txt" in registry.files(f"{user}/notes", revision="main")
+
+
+@pytest.mark.parametrize("where", ["local", "hub"])
+def test_of_two_first_pushes_one_lands_and_the_other_is_told(
+    where, hub_server, token, user, local, make_expert
+):
+    """Two pushes to a repo that does not exist yet: the one that finds it created meanwhile
+    (by the other, here landing right after the look) is refused, instead of landing on top."""
+    registry = local if where == "local" else HubRegistry(hub_server.endpoint, token=token)
+    repo_id, landed = f"{user}/race", []
+
+    def looked_before_the_other_push_landed(repo_id: str) -> dict:
+        del registry._refs_if_any  # the other push, unhindered
+        landed.append(registry.push(make_expert(seed=1), repo_id))
+        return {}
+
+    registry._refs_if_any = looked_before_the_other_push_landed
+    with pytest.raises(ConflictError, match="another writer") as refused:
+        registry.push(make_expert(seed=2), repo_id)
+    assert refused.value.repo_id == repo_id
+    assert registry.head(repo_id) == landed[0].commit
+    assert registry.pull(repo_id).weights_sha256 == landed[0].weights_sha256

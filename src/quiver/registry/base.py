@@ -142,11 +142,13 @@ class Registry(ABC):
         branch: str = "main",
         replace: bool = True,
         parent_commit: str | None = None,
+        new_repo: bool = False,
     ) -> str:
         """Commit ``folder``'s files to ``repo_id`` on ``branch`` (a new branch starts from main);
         return the commit. ``replace``: the folder is the whole new snapshot; otherwise the files
         it does not hold are kept. ``parent_commit``: refuse with ``ConflictError`` unless the
-        branch (or main, for a new branch) is still at that commit."""
+        branch (or main, for a new branch) is still at that commit; ``new_repo``: unless the repo
+        does not exist yet (two first pushes: one wins, the other is told)."""
 
     @abstractmethod
     def files(self, repo_id: str, *, revision: str) -> list[str]:
@@ -250,6 +252,7 @@ class Registry(ABC):
                 branch=branch,
                 replace=replace,
                 parent_commit=head,
+                new_repo=head is None,
             )
         if tag:
             self.tag(repo_id, tag, revision=commit)

@@ -199,11 +199,19 @@ class HubRegistry(Registry):
         branch: str = "main",
         replace: bool = True,
         parent_commit: str | None = None,
+        new_repo: bool = False,
     ) -> str:
         check_repo_id(repo_id)
         folder_files(folder)  # names the Hub can hold, and no file that would block the reads
         with self._translate_errors(f"push {repo_id}", repo_id, branch):
             created = self._create_repo(repo_id)
+            if new_repo and not created:
+                raise ConflictError(
+                    f"push {repo_id}: it was created on {self.endpoint} by another writer "
+                    "while this push ran",
+                    hint="look at what it holds now, then push again",
+                    repo_id=repo_id,
+                )
             try:
                 if branch != "main":
                     self.api.create_branch(repo_id, branch=branch, exist_ok=True)

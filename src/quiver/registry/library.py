@@ -605,5 +605,11 @@ def _publish(
             (staging / "artifacts" / f"{name}.safetensors").symlink_to(Path(path).resolve())
         (staging / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
         _library_card(repo_id, manifest).save(staging / CARD)
-        commit = registry.upload(repo_id, staging, message=message, parent_commit=parent_commit)
+        commit = registry.upload(
+            repo_id,
+            staging,
+            message=message,
+            parent_commit=parent_commit,
+            new_repo=parent_commit is None,  # every caller passes the head it saw
+        )
     return Library.open(registry, repo_id, revision=commit)

@@ -83,6 +83,7 @@ class LocalRegistry(Registry):
         branch: str = "main",
         replace: bool = True,
         parent_commit: str | None = None,
+        new_repo: bool = False,
     ) -> str:
         key = RepoKey.parse(repo_id)
         listing = folder_files(folder)
@@ -96,6 +97,7 @@ class LocalRegistry(Registry):
                 author=key.namespace,
                 replace=replace,
                 parent_commit=parent_commit,
+                new_repo=new_repo,
             )
 
     def tag(self, repo_id: str, tag: str, *, revision: str) -> None:

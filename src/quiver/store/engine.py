@@ -432,14 +432,22 @@ class RepoStore:
         author: str,
         replace: bool = True,
         parent_commit: str | None = None,
+        new_repo: bool = False,
     ) -> str:
         """Commit ``files`` (staged) to ``branch``, creating the repo (public) and the branch
         (from ``main``) if need be; return the commit. ``replace``: they are the whole snapshot,
         else the branch's other files are kept. ``parent_commit``: refuse (``StaleParentError``)
-        unless the branch (or main, for a new branch) is still there. Nothing changed: no new
-        commit, the head is returned."""
+        unless the branch (or main, for a new branch) is still there; ``new_repo``: unless the
+        repo does not exist yet. Nothing changed: no new commit, the head is returned."""
         with self._transaction() as db:
-            repo = self._repo_row(db, key) or self._insert_repo(db, key, private=False)
+            repo = self._repo_row(db, key)
+            if repo is not None and new_repo:
+                raise StaleParentError(
+                    f"{repo.key.id} was created by another writer while committing",
+                    hint="look at what it holds now, then push again",
+                    repo_id=repo.key.id,
+                )
+            repo = repo or self._insert_repo(db, key, private=False)
             head = self._head(db, repo, branch)
             if head is None:
                 check_ref_name(branch, "branch")
