@@ -27,7 +27,7 @@ class _OneLineErrors(TyperGroup):
         except (QuiverError, OSError) as error:
             message = str(error) if isinstance(error, QuiverError) else _os_error_line(error)
             message = " ".join(message.split())  # one line, whatever the message embeds
-            err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+            err_console.print(Text.assemble(("error: ", "bold red"), message))
             raise typer.Exit(1) from error
 
 

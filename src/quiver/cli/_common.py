@@ -8,7 +8,7 @@ import warnings
 import typer
 from rich.console import Console
 
-console = Console()
+console = Console(soft_wrap=True)  # a line a script reads is never wrapped
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
 
 REGISTRY_HELP = (

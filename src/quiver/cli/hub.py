@@ -30,7 +30,7 @@ def hub_serve(
     from quiver.server import serve
 
     def announce(endpoint: str) -> None:
-        console.print(f"Serving {root} at {endpoint} (HF_ENDPOINT={endpoint})", soft_wrap=True)
+        console.print(f"Serving {root} at {endpoint} (HF_ENDPOINT={endpoint})")
 
     serve(
         root,
