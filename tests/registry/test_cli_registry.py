@@ -177,7 +177,7 @@ def test_a_mistyped_registry_creates_no_store(tmp_path, make_expert, monkeypatch
         if "--from" not in command:
             command = [*command, "-r", "./does-not-exist"]
         assert "error: no Quiver store at does-not-exist (" in quiver_error(*command)
-    for scheme in ("ftp://x", "s3://bucket/store"):
+    for scheme in ("ftp://x", "s3://bucket/store", "http:/127.0.0.1:8000", "HTTPS:host"):
         assert "is not an http(s) Hub endpoint" in quiver_error(
             "push", make_expert(), "a/b", "-r", scheme
         )

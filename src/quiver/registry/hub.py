@@ -56,7 +56,8 @@ from quiver.registry.local import LocalRegistry
 from quiver.store import StorageFullError
 
 HF_HUB_URL = "https://huggingface.co"
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# A URL, or a mistyped http(s) one ("http:/host"): never taken for a folder to create.
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|https?:)", re.IGNORECASE)
 
 
 def normalize_endpoint(endpoint: str) -> str:
