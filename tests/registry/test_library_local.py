@@ -111,8 +111,8 @@ def test_tampered_or_truncated_expert_is_caught_on_pull(library, local):
     with pytest.raises(IntegrityError, match="sha256"):
         Library.pull(local, "alice/lib")
     # A card that agrees with tampered weights does not help: the manifest pins them too.
-    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-    snapshot = local.download("alice/math", revision=math.commit)[0]
+    snapshot = local.download("alice/math", revision=math.commit)[0]  # linked anew: same blob
+    (snapshot / "adapter_model.safetensors").write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     (snapshot / "README.md").chmod(0o644)
     (snapshot / "README.md").write_text("---\nbase_model: quiver-testing/tiny-llama\n---\n")
     with pytest.raises(IntegrityError, match="expert 'math'"):

@@ -284,6 +284,19 @@ def test_tampered_store_blob_is_caught_on_pull(local, make_expert):
     weights.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match=r"adapter_model\.safetensors"):
         local.pull("alice/e")
+    with pytest.raises(IntegrityError):  # the blob itself is damaged: pulling cannot repair it
+        local.pull("alice/e")
+
+
+def test_a_damaged_snapshot_is_made_anew_by_the_next_pull(local, make_expert):
+    """A snapshot folder is links to the blobs: one whose files were deleted or replaced fails
+    verification once, and the next pull, as the error says, gets the stored bytes."""
+    pushed = local.push(make_expert(), "alice/e")
+    snapshot = local.pull("alice/e").path
+    (snapshot / "adapter_model.safetensors").unlink()
+    with pytest.raises(IntegrityError, match="pull it again"):
+        local.pull("alice/e")
+    assert local.pull("alice/e").weights_sha256 == pushed.weights_sha256
 
 
 def test_store_files_are_read_only_and_shared(local, make_expert):

@@ -7,6 +7,7 @@ snapshot folder (``snapshots/<commit>/``, hard links to the read-only blobs, mad
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,7 +109,13 @@ class LocalRegistry(Registry):
                 raise tag_taken(repo_id, tag) from error
 
     def discard(self, folder: Path) -> None:
-        """Nothing to forget: snapshots are the store itself, repaired by pushing again."""
+        """Drop the snapshot folder holding ``folder``: the next pull links it anew from the
+        blobs (and fails again only if a blob itself is damaged; pushing again repairs that)."""
+        snapshots = self.store.snapshots.resolve()
+        for path in (folder.resolve(), *folder.resolve().parents):
+            if path.parent == snapshots:
+                shutil.rmtree(path, ignore_errors=True)
+                return
 
     def delete(self, repo_id: str) -> None:
         with self._errors(repo_id):
