@@ -128,6 +128,12 @@ def test_a_card_whose_yaml_would_explode_is_refused_not_expanded(owner, hub_serv
     assert response.status_code == 200, response.text
     info = owner.model_info("ivy/cards")
     assert (info.card_data, info.tags) == (None, [])
+    # A README too big to be a card is stored, and not parsed in the commit's transaction.
+    big = b"---\ntags: [big]\n---\n" + b"x" * (2 << 20)
+    owner.upload_file(path_or_fileobj=big, path_in_repo="README.md", repo_id="ivy/cards")
+    info = owner.model_info("ivy/cards")
+    assert (info.card_data, info.tags) == (None, [])
+    assert httpx.get(f"{hub_server.endpoint}/ivy/cards/resolve/main/README.md").content == big
 
 
 def test_a_bug_of_the_server_is_answered_in_json(owner, hub_server, monkeypatch):

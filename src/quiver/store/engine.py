@@ -45,6 +45,7 @@ from quiver.store.staging import Staging
 README = "README.md"
 _DATABASE = "store.sqlite"
 SHORT_SHA = 7  # the shortest commit sha prefix that resolves, as git abbreviates
+MAX_CARD_BYTES = 1 << 20  # a README.md beyond this is stored, but not indexed as a card
 _FILE_COLUMNS = "path, size, sha256, oid, lfs"
 _HEADS = (
     "SELECT r.*, c.sha, c.parent, c.author, c.date, c.title, c.message, c.card FROM repos r "
@@ -512,7 +513,9 @@ class RepoStore:
         return sha
 
     def _card(self, readme: FileEntry | None) -> tuple[dict | None, str]:
-        if readme is None:
+        """The README's metadata and text, read inside the commit's transaction: one too big
+        to be a model card is not read at all, so no writer can hold the others up with it."""
+        if readme is None or readme.size > MAX_CARD_BYTES:
             return None, ""
         try:
             return read_card(self.blobs.path(readme.sha256).read_text("utf-8"))
