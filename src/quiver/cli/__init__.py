@@ -26,7 +26,8 @@ class _OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except (QuiverError, OSError) as error:
             message = str(error) if isinstance(error, QuiverError) else _os_error_line(error)
-            err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+            message = " ".join(message.split())  # one line, whatever the message embeds
+            err_console.print(Text.assemble(("error: ", "bold red"), message))
             raise typer.Exit(1) from error
 
 
