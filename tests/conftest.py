@@ -3,6 +3,7 @@ HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE at import time."""
 
 import os
 import socket
+import subprocess
 import tempfile
 
 
@@ -34,3 +35,24 @@ def hub_server(tmp_path_factory):
 
     with HubServer(tmp_path_factory.mktemp("hub-root"), port=HUB_PORT) as server:
         yield server
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(size)``: a tmpfs of ``size`` ("3m") under tmp_path, a real disk that fills up.
+    Mounting needs the right to; without it the test is skipped."""
+    mounts = []
+
+    def mount(size: str):
+        path = tmp_path / f"disk-{len(mounts)}"
+        path.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+        mounted = subprocess.run(command, capture_output=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=True)

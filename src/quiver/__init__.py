@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
         open_registry,
     )
     from quiver.routing import (
+        ELREA,
         Arrow,
         Merge,
         Oracle,
@@ -40,6 +41,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "Arrow": "quiver.routing",
     "Merge": "quiver.routing",
     "Oracle": "quiver.routing",
+    "ELREA": "quiver.routing",
     "Strategy": "quiver.routing",
     "RoutingTrace": "quiver.routing",
     "compute_arrow_prototypes": "quiver.routing",
@@ -60,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 # Spelled out (not built from _LAZY_EXPORTS) so linters and editors can read it.
 __all__ = [
+    "ELREA",
     "Arrow",
     "Expert",
     "Library",

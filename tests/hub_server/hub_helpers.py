@@ -24,8 +24,9 @@ def server_process(root: Path, *options: str, quiver: tuple[str, ...] = (QUIVER,
     port = free_port()
     process = subprocess.Popen(
         [*quiver, "hub", "serve", "--root", str(root), "--port", str(port), *options],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,  # one line: where it serves
         stderr=subprocess.PIPE,
+        text=True,
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
@@ -35,7 +36,7 @@ def server_process(root: Path, *options: str, quiver: tuple[str, ...] = (QUIVER,
                 httpx.get(f"{endpoint}/api/models", timeout=1)
                 break
             except httpx.TransportError:
-                assert process.poll() is None, process.stderr.read().decode()
+                assert process.poll() is None, process.stderr.read()
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.1)
         yield process, endpoint
@@ -43,4 +44,5 @@ def server_process(root: Path, *options: str, quiver: tuple[str, ...] = (QUIVER,
         if process.poll() is None:
             process.kill()
         process.wait(timeout=30)
+        process.stdout.close()
         process.stderr.close()

@@ -85,6 +85,7 @@ _FILE = {"path": "f.txt", "content": base64.b64encode(b"f").decode()}
         ("POST", _COMMIT, [_HEADER, _line("lfsFile", {"path": "w"})], "value.oid"),
         ("POST", _COMMIT, [_HEADER, _line("upload", {})], "key"),
         ("POST", _COMMIT, [b'{"key": "header", "value": 1}\n'], "value"),
+        ("POST", "/api/repos/create", [b"[" * 5000 + b"]" * 5000], "error parsing the body"),
     ],
 )  # fmt: skip
 def test_malformed_fields_get_a_json_400_naming_the_field(
@@ -104,6 +105,50 @@ def test_malformed_fields_get_a_json_400_naming_the_field(
     assert field in response.headers["X-Error-Message"]
     assert owner.model_info("ivy/repo").sha == before
     assert [b.name for b in owner.list_repo_refs("ivy/repo").branches] == ["main"]
+
+
+def test_a_card_whose_yaml_would_explode_is_refused_not_expanded(owner, hub_server):
+    """Each line of this card refers to the one before ten times: 10**9 strings once expanded."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    readme = ("---\n" + "\n".join(lines) + "\ntags: *a8\n---\n").encode()
+    owner.create_repo("ivy/cards")
+    with pytest.raises(
+        ValueError, match=r"aliases \(\*name\) are not allowed, at README.md line 3"
+    ):
+        owner.upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id="ivy/cards")
+    # Past the client's validation, straight to the commit: it lands, with no card to expand.
+    response = httpx.post(
+        f"{hub_server.endpoint}/api/models/ivy/cards/commit/main",
+        content=_HEADER
+        + _line("file", {"path": "README.md", "content": base64.b64encode(readme).decode()}),
+        headers={"Authorization": f"Bearer {owner.token}"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    info = owner.model_info("ivy/cards")
+    assert (info.card_data, info.tags) == (None, [])
+    # A README too big to be a card is stored, and not parsed in the commit's transaction.
+    big = b"---\ntags: [big]\n---\n" + b"x" * (2 << 20)
+    owner.upload_file(path_or_fileobj=big, path_in_repo="README.md", repo_id="ivy/cards")
+    info = owner.model_info("ivy/cards")
+    assert (info.card_data, info.tags) == (None, [])
+    assert httpx.get(f"{hub_server.endpoint}/ivy/cards/resolve/main/README.md").content == big
+
+
+def test_a_bug_of_the_server_is_answered_in_json(owner, hub_server, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    refs = f"{hub_server.endpoint}/api/models/ivy/repo/refs"
+    monkeypatch.setattr(type(hub_server.store), "refs", broken)
+    response = httpx.get(refs)
+    assert (response.status_code, response.json()) == (
+        500,
+        {"error": "internal error of quiver hub serve: RuntimeError('a bug')"},
+    )
+    monkeypatch.undo()
+    assert httpx.get(refs).status_code == 200
 
 
 def test_a_short_sha_resolves_as_a_unique_prefix(owner, tmp_path, hub_server):
@@ -251,21 +296,6 @@ def test_hub_registry_push_error_from_the_server_is_one_line(tmp_path):
         assert HubRegistry(hub.endpoint, token=token).list(author="max") == []
 
 
-@contextmanager
-def small_disk(path: Path, size: str):
-    """A tmpfs of ``size`` at ``path``: a real disk that fills up (needs the right to mount)."""
-    path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
 def _assert_full_then_fine(api: HfApi, repo: str, root: Path, before: str, refused) -> None:
     """The refusal is a one-line 507; nothing was half-written; the next requests work."""
     assert refused.value.response.status_code == 507
@@ -279,9 +309,10 @@ def _assert_full_then_fine(api: HfApi, repo: str, root: Path, before: str, refus
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
-def test_a_full_disk_is_a_clear_error_and_the_store_stays_consistent(tmp_path):
+def test_a_full_disk_is_a_clear_error_and_the_store_stays_consistent(tmp_path, small_disk):
     """A real full disk (a 3 MiB tmpfs) under the server and under a local push."""
-    with small_disk(tmp_path / "disk", "3m") as disk, HubServer(disk / "hub") as hub:
+    disk = small_disk("3m")
+    with HubServer(disk / "hub") as hub:
         api = HfApi(endpoint=hub.endpoint, token=hub.create_token("flo"))
         api.create_repo("flo/repo")
         before = api.model_info("flo/repo").sha

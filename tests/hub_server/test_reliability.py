@@ -428,7 +428,9 @@ def test_serve_options_reach_the_server(tmp_path):
     root = tmp_path / "hub"
     token = HubStore(root).create_token("opt", write=True)
     options = ("--max-body-bytes", "50000", "--lfs-threshold", "1000", "--latency-ms", "200")
-    with server_process(root, *options) as (_, endpoint):
+    with server_process(root, *options) as (process, endpoint):
+        serving = f"Serving {root} at {endpoint} (HF_ENDPOINT={endpoint})\n"
+        assert process.stdout.readline() == serving  # one line, however long
         api = HfApi(endpoint=endpoint, token=token)
         started = time.monotonic()
         api.create_repo("opt/repo")

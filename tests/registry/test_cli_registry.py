@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from quiver.cli import app
 from quiver.registry import HubRegistry, Library, LocalRegistry
+from quiver.store import StorageFullError
 from quiver.testing import make_random_expert
 
 BASE = "quiver-testing/tiny-llama"
@@ -136,6 +138,33 @@ def test_a_pull_returns_only_what_the_endpoint_it_asked_holds(hub_server, make_e
     assert (offline.returncode, offline.stdout.strip()) == (0, folder)  # its own cache works
 
 
+def test_a_failed_pull_or_search_says_why_in_one_line(hub_server, make_expert, small_disk):
+    """An endpoint that answers with an error is not called unreachable; the retries of a dead
+    one print nothing; a full disk under the cache is a StorageFullError."""
+    token = hub_server.create_token("why")
+    quiver("push", make_expert(rank=16), "why/math", "-r", hub_server.endpoint, "--token", token)
+    wrong = quiver_error("pull", "why/math", "-r", f"{hub_server.endpoint}/wrong")
+    assert wrong.startswith(f"error: pull why/math@main: {hub_server.endpoint}/wrong answered 501")
+    assert "not supported by quiver hub serve" in wrong
+    no_waiting = "import huggingface_hub.utils._http as http; http.time.sleep = lambda s: None; "
+    code = no_waiting + "from quiver.cli import main; main()"
+    dead = subprocess.run(
+        [sys.executable, "-c", code, "search", "-r", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (dead.returncode, dead.stderr) == (
+        1,
+        "error: search: cannot reach http://127.0.0.1:9 (check the endpoint URL and your "
+        "network)\n",
+    )
+    hub = HubRegistry(hub_server.endpoint, cache_dir=small_disk("64k"))
+    with pytest.raises(StorageFullError, match="no space left on the disk of") as full:
+        hub.pull("why/math")
+    assert full.value.repo_id == "why/math"
+
+
 def test_a_mistyped_registry_creates_no_store(tmp_path, make_expert, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for command in (
@@ -148,7 +177,7 @@ def test_a_mistyped_registry_creates_no_store(tmp_path, make_expert, monkeypatch
         if "--from" not in command:
             command = [*command, "-r", "./does-not-exist"]
         assert "error: no Quiver store at does-not-exist (" in quiver_error(*command)
-    for scheme in ("ftp://x", "s3://bucket/store"):
+    for scheme in ("ftp://x", "s3://bucket/store", "http:/127.0.0.1:8000", "HTTPS:host"):
         assert "is not an http(s) Hub endpoint" in quiver_error(
             "push", make_expert(), "a/b", "-r", scheme
         )

@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from huggingface_hub import HfApi, constants, get_session
+from huggingface_hub import HfApi, constants, get_session, snapshot_download
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import ArrowConfig, create_arrow_model
 from peft.utils import get_peft_model_state_dict
@@ -285,8 +285,13 @@ def test_each_endpoint_pulls_from_its_own_cache_also_offline(hub_server, user, m
     Library.pull(hub, f"{user}/lib")
     expert = hub.pull(f"{user}/math")
     assert expert.path.is_relative_to(endpoint_cache(hub_server.endpoint))
-    assert not expert.path.is_relative_to(constants.HF_HUB_CACHE)  # huggingface.co's cache
-    assert HubRegistry("https://huggingface.co/").cache_dir is None  # shared with transformers
+    assert not expert.path.is_relative_to(constants.HF_HUB_CACHE)
+    # The normal Hugging Face cache holds what plain clients fetched through HF_ENDPOINT (here,
+    # this Hub): not huggingface.co's bytes, so Quiver keeps huggingface.co's apart too.
+    snapshot_download(f"{user}/math")
+    assert not HubRegistry("https://huggingface.co/").cache_dir.is_relative_to(
+        constants.HF_HUB_CACHE
+    )
     # Another endpoint has none of it cached: it must fail, not serve this Hub's copy.
     with pytest.raises(ConnectionFailedError, match="cannot reach") as error:
         HubRegistry(_dead_endpoint()).pull(f"{user}/math")

@@ -1,6 +1,7 @@
 """Libraries in the local store: pinning, versions, artifacts, verified pulls, refused experts."""
 
 import json
+import os
 import shutil
 import threading
 
@@ -11,11 +12,14 @@ from peft import ArrowConfig, PeftModel
 from peft.tuners.lora import create_arrow_model
 from registry_helpers import logits, store_state
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
+from quiver.cli import app
 from quiver.errors import (
     CardError,
     IncompatibleExpertError,
     IntegrityError,
+    InvalidInputError,
     NotFoundError,
     QuiverError,
 )
@@ -107,8 +111,8 @@ def test_tampered_or_truncated_expert_is_caught_on_pull(library, local):
     with pytest.raises(IntegrityError, match="sha256"):
         Library.pull(local, "alice/lib")
     # A card that agrees with tampered weights does not help: the manifest pins them too.
-    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-    snapshot = local.download("alice/math", revision=math.commit)[0]
+    snapshot = local.download("alice/math", revision=math.commit)[0]  # linked anew: same blob
+    (snapshot / "adapter_model.safetensors").write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     (snapshot / "README.md").chmod(0o644)
     (snapshot / "README.md").write_text("---\nbase_model: quiver-testing/tiny-llama\n---\n")
     with pytest.raises(IntegrityError, match="expert 'math'"):
@@ -166,6 +170,12 @@ def test_name_clash_unknown_expert_and_malformed_manifest(library, local, make_e
     local.upload("alice/broken", bad, message="broken")
     with pytest.raises(CardError, match=r"malformed library\.json"):
         Library.open(local, "alice/broken")
+    before = store_state(local)
+    os.mkfifo(tmp_path / "fifo")  # reading it would block forever
+    for artifact in (tmp_path / "fifo", tmp_path):
+        with pytest.raises(InvalidInputError, match="is not a regular file"):
+            library.add_artifact("prototypes", artifact)
+    assert store_state(local) == before
 
 
 def test_push_library_to_another_registry_copies_referenced_experts(library, tmp_path):
@@ -221,3 +231,51 @@ def test_a_bundled_expert_missing_from_the_snapshot_is_refused(library, local, t
     with pytest.raises(NotFoundError, match="no experts/code/ folder") as error:
         opened.fetch()
     assert "versions" in error.value.hint
+
+
+def _manifest(**changes) -> bytes:
+    pin = {"name": "m", "sha256": "a" * 64, "repo_id": "alice/math", "commit": "b" * 40}
+    pin.update(changes.pop("pin", {}))
+    manifest = {"format": "quiver-library/1", "name": "alice/bad", "base_model": BASE}
+    return json.dumps({**manifest, "experts": [pin], **changes}).encode()
+
+
+@pytest.mark.parametrize(
+    ("manifest", "problem"),
+    [
+        (b"[]", "it is not a JSON object"),
+        (b'{"format": "quiver-library/1"}', "experts is not a list of objects"),
+        (b'{"format": "\xff"}', "can't decode byte 0xff"),
+        (b"[" * 100_000, "recursion"),
+        (_manifest(pin={"commit": 5}), "expert 'm': commit 5 does not fit repo_id 'alice/math'"),
+        (_manifest(pin={"commit": None}), "expert 'm': commit None does not fit"),
+        (_manifest(pin={"repo_id": "../x"}), "invalid repo id '../x'"),
+        (_manifest(artifacts={"../../x": "a" * 64}), "invalid artifact name '../../x'"),
+        (_manifest(base_model=5), "base_model must be a model id"),
+        (_manifest(rank="8"), "rank must be a positive integer"),
+    ],
+)
+def test_a_malformed_manifest_is_one_line_and_never_followed(local, tmp_path, manifest, problem):
+    """library.json is checked whole before anything in it is used (paths, repos, commits)."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "library.json").write_bytes(manifest)
+    local.upload("alice/bad", folder, message="a broken manifest")
+    result = CliRunner().invoke(app, ["library", "pull", "alice/bad", "-r", str(local.root)])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr.startswith("error: malformed library.json in alice/bad@")
+    assert problem in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_deleted_pinned_expert_is_named_with_the_way_out(library, local, tmp_path):
+    local.delete("alice/math")
+    with pytest.raises(NotFoundError, match=r"alice/lib pins expert 'math' at alice/math@") as gone:
+        Library.pull(local, "alice/lib")
+    assert gone.value.expert == "math" and "quiver library remove alice/lib math" in gone.value.hint
+    assert list(library.remove("math").expert_paths()) == ["code"]
+    # An expert of another registry is never pinned here, where its commit does not exist.
+    elsewhere = LocalRegistry(tmp_path / "elsewhere")
+    foreign = elsewhere.push(library.fetch()["code"], "bob/code")
+    with pytest.raises(NotFoundError, match=r"bob/code@\w+ is not in .*, where alice/lib lives"):
+        library.add(foreign)
+    assert library.add(foreign, name="bobs-code", bundle=True).experts[-1].bundled

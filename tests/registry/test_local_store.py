@@ -201,6 +201,14 @@ def _bad_quiver_section(folder):
     return folder
 
 
+def _card(content: bytes):
+    def spoil(folder):
+        (folder / "README.md").write_bytes(content)
+        return folder
+
+    return spoil
+
+
 def _tampered(folder):
     """A card that pins hashes, then weights that changed after it was written."""
     Expert.from_folder(folder).save(folder)
@@ -227,9 +235,27 @@ def _missing_config(folder):
         (_tampered, IntegrityError, "does not match its pinned sha256"),
         (_malformed_card, CardError, "malformed model card YAML"),
         (_bad_quiver_section, CardError, "quiver.tasks"),
+        (_card(b"---\nquiver:\n  training: {hyperparameters: 5}\n---\n"), CardError, "hyperp"),
+        (_card(b"---\ntags: [[math]]\n---\n"), CardError, "tags must be a string or a list"),
+        (_card(b"---\na: &a [x, x]\nb: *a\n---\n"), CardError, r"aliases \(\*name\) are not"),
+        (_card(b"\xff\xfe---\n"), CardError, "README.md is not UTF-8 text"),
         (_missing_config, InvalidAdapterError, "no adapter_config.json"),
     ],
-    ids=["ia3", "dora", "pickle", "bin-only", "truncated", "tampered", "yaml", "section", "config"],
+    ids=[
+        "ia3",
+        "dora",
+        "pickle",
+        "bin-only",
+        "truncated",
+        "tampered",
+        "yaml",
+        "section",
+        "types",
+        "tags",
+        "aliases",
+        "not-utf8",
+        "config",
+    ],
 )
 def test_bad_adapters_are_refused_and_nothing_lands(
     local, make_expert, tmp_path, spoil, error, message
@@ -244,7 +270,7 @@ def test_bad_adapters_are_refused_and_nothing_lands(
         folder = spoil(make_expert())
     with pytest.raises(error, match=message) as raised:
         local.push(folder, "alice/bad")
-    assert raised.value.hint
+    assert raised.value.hint and "\n" not in str(raised.value)
     assert store_state(local) == before
     assert not any((local.root / "tmp").iterdir())
 
@@ -258,6 +284,19 @@ def test_tampered_store_blob_is_caught_on_pull(local, make_expert):
     weights.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match=r"adapter_model\.safetensors"):
         local.pull("alice/e")
+    with pytest.raises(IntegrityError):  # the blob itself is damaged: pulling cannot repair it
+        local.pull("alice/e")
+
+
+def test_a_damaged_snapshot_is_made_anew_by_the_next_pull(local, make_expert):
+    """A snapshot folder is links to the blobs: one whose files were deleted or replaced fails
+    verification once, and the next pull, as the error says, gets the stored bytes."""
+    pushed = local.push(make_expert(), "alice/e")
+    snapshot = local.pull("alice/e").path
+    (snapshot / "adapter_model.safetensors").unlink()
+    with pytest.raises(IntegrityError, match="pull it again"):
+        local.pull("alice/e")
+    assert local.pull("alice/e").weights_sha256 == pushed.weights_sha256
 
 
 def test_store_files_are_read_only_and_shared(local, make_expert):

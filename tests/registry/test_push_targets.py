@@ -3,8 +3,10 @@ files only when asked, and a library push moves no expert repo that holds other 
 asked. Every refusal comes before anything is written."""
 
 import itertools
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi
@@ -218,3 +220,50 @@ def test_a_push_whose_writes_fail_is_one_line_and_leaves_the_store_as_it_was(tmp
     )
     assert result.stderr.count("\n") == 1
     assert store_state(LocalRegistry(store)) == before
+
+
+@pytest.mark.parametrize("where", ["local", "hub"])
+def test_a_folder_with_what_a_repo_cannot_hold_is_refused_before_writing(
+    where, hub_server, token, user, local, tmp_path
+):
+    registry = local if where == "local" else HubRegistry(hub_server.endpoint, token=token)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("fine")
+    spoilers = [
+        (lambda: os.mkfifo(folder / "pipe"), "pipe is not a regular file"),  # reads would block
+        (lambda: (folder / "gone").symlink_to(tmp_path / "nowhere"), "gone is not a regular"),
+        (lambda: Path(os.fsdecode(bytes(folder) + b"/caf\xe9.txt")).touch(), "not valid UTF-8"),
+    ]
+    for spoil, message in spoilers:
+        spoil()
+        with pytest.raises(InvalidInputError, match=message):
+            registry.upload(f"{user}/notes", folder, message="notes")
+        for entry in list(folder.iterdir()):
+            if entry.name != "notes.txt":
+                entry.unlink()
+    assert registry.head(f"{user}/notes") is None
+    registry.upload(f"{user}/notes", folder, message="notes")
+    assert "notes.txt" in registry.files(f"{user}/notes", revision="main")
+
+
+@pytest.mark.parametrize("where", ["local", "hub"])
+def test_of_two_first_pushes_one_lands_and_the_other_is_told(
+    where, hub_server, token, user, local, make_expert
+):
+    """Two pushes to a repo that does not exist yet: the one that finds it created meanwhile
+    (by the other, here landing right after the look) is refused, instead of landing on top."""
+    registry = local if where == "local" else HubRegistry(hub_server.endpoint, token=token)
+    repo_id, landed = f"{user}/race", []
+
+    def looked_before_the_other_push_landed(repo_id: str) -> dict:
+        del registry._refs_if_any  # the other push, unhindered
+        landed.append(registry.push(make_expert(seed=1), repo_id))
+        return {}
+
+    registry._refs_if_any = looked_before_the_other_push_landed
+    with pytest.raises(ConflictError, match="another writer") as refused:
+        registry.push(make_expert(seed=2), repo_id)
+    assert refused.value.repo_id == repo_id
+    assert registry.head(repo_id) == landed[0].commit
+    assert registry.pull(repo_id).weights_sha256 == landed[0].weights_sha256

@@ -26,7 +26,8 @@ class _OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except (QuiverError, OSError) as error:
             message = str(error) if isinstance(error, QuiverError) else _os_error_line(error)
-            err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+            message = " ".join(message.split())  # one line, whatever the message embeds
+            err_console.print(Text.assemble(("error: ", "bold red"), message))
             raise typer.Exit(1) from error
 
 
@@ -64,7 +65,7 @@ def _root(
 
 
 app.add_typer(registry.commands)
-app.add_typer(training.commands)  # also adds `library cluster` and `library build-mbc`
+app.add_typer(training.commands)  # also adds `library cluster`, `build-mbc` and `build-elrea`
 app.add_typer(library.library_app, name="library")
 app.add_typer(hub.hub_app, name="hub")
 app.add_typer(app_command.commands)

@@ -145,7 +145,7 @@ def library_push(
         ("artifacts replaced", report.replaced_artifacts),
     ):
         if repos:
-            console.print(f"  {label}: {', '.join(repos)}", soft_wrap=True)
+            console.print(f"  {label}: {', '.join(repos)}")
 
 
 @library_app.command("pull")

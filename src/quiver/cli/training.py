@@ -1,4 +1,4 @@
-"""``quiver train``, ``quiver library cluster`` and ``quiver library build-mbc``: make libraries."""
+"""``quiver train``, ``quiver library cluster``, ``build-mbc``, ``build-elrea``: make libraries."""
 
 from __future__ import annotations
 
@@ -202,9 +202,77 @@ def library_build_mbc(
         merge=merge,
     )
     how = built.manifest.build["experts"]
-    console.print(
-        f"Built {built.repo_id}@{built.commit[:10]} in {target.location}: "
-        f"{len(built.experts)} cluster experts ({how}), Arrow prototypes attached"
+    clusters = built.manifest.build["clusters"]
+    _show_built(
+        built,
+        target,
+        f"{len(built.experts)} cluster experts ({how}), Arrow prototypes attached",
+        {cluster: ", ".join(members) for cluster, members in clusters.items()},
     )
-    for cluster, members in built.manifest.build["clusters"].items():
-        console.print(f"  {cluster}: {', '.join(members)}")
+
+
+def _show_built(library, target, summary: str, clusters: dict[str, str]) -> None:
+    """What a build published, and a line per cluster."""
+    console.print(f"Built {library.repo_id}@{library.commit[:10]} in {target.location}: {summary}")
+    for cluster, line in clusters.items():
+        console.print(f"  {cluster}: {line}")
+
+
+@library_app.command("build-elrea")
+def library_build_elrea(
+    data: Path = typer.Argument(..., help="A JSONL file, or a folder saved by `datasets`."),
+    new_repo_id: str = typer.Argument(..., help="The library to create: namespace/name."),
+    base_model: str = typer.Option(..., help="Hub id or local folder of the base model."),
+    k: int = typer.Option(..., "--k", help="Number of gradient clusters, i.e. of experts."),
+    backend: str = typer.Option("local", help="'local' or 'ray'."),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: a local Ray)."),
+    num_cpus: int | None = typer.Option(None, help="CPUs of a local Ray (default: all)."),
+    clustering: str = typer.Option("birch", help="'birch' (the paper's) or 'kmeans'."),
+    fit_examples: int = typer.Option(5000, help="Examples the clustering is fitted on."),
+    threshold: float = typer.Option(0.3, help="BIRCH's subcluster radius (unit features)."),
+    projection_dim: int = typer.Option(8192, help="Dimension of the gradient features."),
+    projection_seed: int = typer.Option(0, help="Seed of the gradient projection."),
+    rank: Rank = 4,
+    alpha: Alpha = 16.0,
+    learning_rate: LearningRate = 1e-4,
+    epochs: Epochs = 1.0,
+    max_steps: MaxSteps = None,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    init_seed: InitSeed = 0,
+    description: str = typer.Option("", help="One paragraph for the library card."),
+    progress: Progress = None,
+    registry: str | None = RegistryOption,
+    token: str | None = TokenOption,
+) -> None:
+    """Train a base LoRA on DATA, cluster the examples by their gradients, train one expert per
+    cluster from the base adapter, and publish them as NEW_LIBRARY (route it with 'elrea')."""
+    from quiver.training import build_elrea_library
+
+    target = registry_from(registry, token, create=True)
+    library = build_elrea_library(
+        data,
+        target,
+        new_repo_id,
+        base_model=base_model,
+        k=k,
+        config=_config(rank, alpha, learning_rate, epochs, max_steps, batch_size, init_seed),
+        clustering=clustering,
+        fit_examples=fit_examples,
+        threshold=threshold,
+        projection_dim=projection_dim,
+        projection_seed=projection_seed,
+        seed=seed,
+        backend=backend,
+        address=address,
+        num_cpus=num_cpus,
+        description=description,
+        progress=progress,
+    )
+    sizes = library.manifest.build["cluster_sizes"]
+    _show_built(
+        library,
+        target,
+        f"a base adapter and {len(sizes)} experts, elrea artifact attached",
+        {cluster: f"{size} examples" for cluster, size in sizes.items()},
+    )

@@ -27,7 +27,7 @@ from quiver.errors import (
 from quiver.registry.adapter import ADAPTER_CONFIG, read_adapter_config
 from quiver.registry.card import EXPERT_TAG, LIBRARY_TAG, base_model_tag, task_tag
 from quiver.registry.expert import EXPERT_FILES, Expert, check_hash
-from quiver.store import check_ref_name, check_repo_id
+from quiver.store import check_path, check_ref_name, check_repo_id
 
 LIBRARY_MANIFEST = "library.json"
 HUB_FILES = (".gitattributes",)  # files a Hub adds to every repo on its own
@@ -53,6 +53,23 @@ def writing(what: str, repo_id: str) -> Iterator[None]:
             hint="free some disk space or fix the folder's permissions, then push again",
             repo_id=repo_id,
         ) from error
+
+
+def folder_files(folder: Path) -> dict[str, Path]:
+    """The files under ``folder`` by their path in a repo, each path checked as the store checks
+    it (symlinks are followed). Anything else (a FIFO, a socket, a device, a broken link) is
+    refused: reading it could block forever, and it has no content to publish."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir():
+            continue
+        if not path.is_file():
+            raise InvalidInputError(
+                f"{path} is not a regular file (a FIFO, a socket, a device or a broken link)",
+                hint="remove it from the folder",
+            )
+        files[check_path(path.relative_to(folder).as_posix())] = path
+    return files
 
 
 @dataclass(frozen=True)
@@ -125,11 +142,13 @@ class Registry(ABC):
         branch: str = "main",
         replace: bool = True,
         parent_commit: str | None = None,
+        new_repo: bool = False,
     ) -> str:
         """Commit ``folder``'s files to ``repo_id`` on ``branch`` (a new branch starts from main);
         return the commit. ``replace``: the folder is the whole new snapshot; otherwise the files
         it does not hold are kept. ``parent_commit``: refuse with ``ConflictError`` unless the
-        branch (or main, for a new branch) is still at that commit."""
+        branch (or main, for a new branch) is still at that commit; ``new_repo``: unless the repo
+        does not exist yet (two first pushes: one wins, the other is told)."""
 
     @abstractmethod
     def files(self, repo_id: str, *, revision: str) -> list[str]:
@@ -233,6 +252,7 @@ class Registry(ABC):
                 branch=branch,
                 replace=replace,
                 parent_commit=head,
+                new_repo=head is None,
             )
         if tag:
             self.tag(repo_id, tag, revision=commit)

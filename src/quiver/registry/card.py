@@ -15,6 +15,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from quiver.errors import CardError
+from quiver.store import parse_front_matter
 
 QUIVER_TAG = "quiver"
 EXPERT_TAG = "lora"
@@ -52,20 +53,37 @@ def task_tag(task: str) -> str:
 
 
 def parse_card(text: str) -> ModelCard:
-    """Parse README.md text into a ModelCard, raising ``CardError`` on malformed YAML."""
+    """Parse README.md text into a ModelCard, raising ``CardError`` on malformed YAML (the
+    store's rule first: one mapping, no aliases)."""
     try:
-        return ModelCard(text)
+        metadata = parse_front_matter(text) or {}
+        card = None if _metadata_problem(metadata) else ModelCard(text)
     except (yaml.YAMLError, ValueError, TypeError) as error:
         raise CardError(
-            f"malformed model card YAML: {error}",
+            f"malformed model card YAML: {' '.join(str(error).split())}",
             hint="fix the front matter between the '---' lines of README.md",
         ) from error
+    if card is None:
+        raise CardError(
+            f"malformed model card: {_metadata_problem(metadata)}",
+            hint="fix the front matter between the '---' lines of README.md",
+        )
+    return card
 
 
-def _as_list(value: Any) -> list[str]:
+def _metadata_problem(metadata: dict[str, Any]) -> str | None:
+    """What makes the Hub fields of a card's metadata unusable, if anything."""
+    for name in ("base_model", "tags", "datasets", "license"):
+        value = metadata.get(name)
+        if value is not None and not _is_texts(_as_list(value)):
+            return f"{name} must be a string or a list of strings"
+    return None
+
+
+def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
-    return [value] if isinstance(value, str) else list(value)
+    return value if isinstance(value, list) else [value]
 
 
 def _require(condition: bool, what: str) -> None:
@@ -74,6 +92,40 @@ def _require(condition: bool, what: str) -> None:
             f"malformed quiver section in the model card: {what}",
             hint="fix the 'quiver:' block of README.md or delete it to have it rebuilt",
         )
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_texts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_section(section: dict[str, Any], training: dict[str, Any]) -> None:
+    """Every field of the quiver section that is set has the type the card gives it."""
+    fields = (
+        ("tasks", section, _is_texts, "a list of strings"),
+        ("library", section, _is_text, "a repo id"),
+        ("description", section, _is_text, "text"),
+        ("training.examples", training, _is_count, "a whole number"),
+        ("training.steps", training, _is_count, "a whole number"),
+        ("training.epochs", training, _is_number, "a number"),
+        ("training.train_loss", training, _is_number, "a number"),
+        ("training.hyperparameters", training, lambda v: isinstance(v, dict), "a mapping"),
+        ("training.merged_from", training, _is_texts, "a list of repo ids"),
+    )
+    for name, where, valid, kind in fields:
+        value = where.get(name.rpartition(".")[2])
+        _require(value is None or valid(value), f"'quiver.{name}' must be {kind}")
 
 
 @dataclass
@@ -127,11 +179,8 @@ class ExpertCard:
             isinstance(hashes, dict) and all(isinstance(v, str) for v in hashes.values()),
             "'quiver.hashes' must map file names to sha256 hex digests",
         )
+        _check_section(section, training)
         tasks = section.get("tasks") or []
-        _require(
-            isinstance(tasks, list) and all(isinstance(t, str) for t in tasks),
-            "'quiver.tasks' must be a list of strings",
-        )
         if isinstance(data.base_model, str) and card.base_model == "unknown":
             card.base_model = data.base_model
         derived = {QUIVER_TAG, EXPERT_TAG, "peft", base_model_tag(card.base_model)}
@@ -147,7 +196,7 @@ class ExpertCard:
         card.hashes = dict(hashes)
         card.datasets = _as_list(data.datasets)
         card.license = data.license
-        card.tags = [tag for tag in data.tags or [] if tag not in derived]
+        card.tags = [tag for tag in _as_list(data.tags) if tag not in derived]
         card.eval_results = list(data.eval_results or [])
         card.description = section.get("description") or ""
         return card

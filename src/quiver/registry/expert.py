@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quiver.errors import (
+    CardError,
     IncompatibleExpertError,
     IntegrityError,
     InvalidAdapterError,
@@ -43,6 +44,19 @@ def check_hash(what: str, *, expected: str, actual: str) -> None:
             f"{actual[:12]}…)",
             hint="the file was tampered with or truncated: pull it again from a trusted registry",
         )
+
+
+def _read_card(folder: Path, config: dict[str, Any], label: str) -> ExpertCard:
+    """The folder's card, completed from its config; a broken one is refused, naming the folder."""
+    path = folder / CARD
+    try:
+        return ExpertCard.from_text(path.read_text("utf-8") if path.is_file() else None, config)
+    except UnicodeDecodeError:
+        raise CardError(
+            f"{label}: {CARD} is not UTF-8 text", hint=f"re-save {CARD} as UTF-8, or delete it"
+        ) from None
+    except CardError as error:
+        raise CardError(f"{label}: {error.message}", hint=error.hint) from error
 
 
 @dataclass
@@ -76,9 +90,7 @@ class Expert:
                 hint="Quiver never unpickles: keep only adapter_model.safetensors",
             )
         config = read_adapter_config(path, label)
-        card_path = path / CARD
-        text = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
-        card = ExpertCard.from_text(text, config)
+        card = _read_card(path, config, label)
         unknown = set(card_fields) - {f.name for f in dataclasses.fields(ExpertCard)}
         if unknown:
             raise TypeError(f"unknown card fields: {', '.join(sorted(unknown))}")

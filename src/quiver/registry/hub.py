@@ -1,15 +1,17 @@
 """The Hub registry: every call through huggingface_hub, against huggingface.co or any endpoint.
 
 Downloads go through a Hugging Face cache (``snapshot_download``), so a second pull of a pinned
-commit makes no request and ``HF_HUB_OFFLINE=1`` works after a pull. The cache is kept apart per
-endpoint, because it is keyed by repo id only: huggingface.co uses the normal Hugging Face cache
-(shared with transformers and PEFT), any other endpoint one of its own under
-``$QUIVER_HOME/hub-cache``, so a pull only ever returns bytes that came from the endpoint it asked.
+commit makes no request and ``HF_HUB_OFFLINE=1`` works after a pull. Each endpoint, huggingface.co
+included, has a cache of its own under ``$QUIVER_HOME/hub-cache``, because a Hugging Face cache is
+keyed by repo id only and does not record where its files came from: the normal one holds whatever
+transformers, PEFT or the ``hf`` CLI fetched, from whichever endpoint ``HF_ENDPOINT`` named at the
+time. So a pull only ever returns bytes that came from the endpoint it asked.
 huggingface_hub's errors become Quiver's typed errors, each with a hint.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
@@ -18,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx2
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -46,13 +48,16 @@ from quiver.registry.base import (
     Version,
     check_repo_id,
     commits_to_refs,
+    folder_files,
     kind_of,
     tag_taken,
 )
 from quiver.registry.local import LocalRegistry
+from quiver.store import StorageFullError
 
 HF_HUB_URL = "https://huggingface.co"
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# A URL, or a mistyped http(s) one ("http:/host"): never taken for a folder to create.
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|https?:)", re.IGNORECASE)
 
 
 def normalize_endpoint(endpoint: str) -> str:
@@ -66,12 +71,10 @@ def normalize_endpoint(endpoint: str) -> str:
     return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
 
 
-def endpoint_cache(endpoint: str) -> Path | None:
-    """The Hugging Face cache for pulls from ``endpoint``: None (the normal one) for
-    huggingface.co, else a folder of its own, named after the URL and a hash of it."""
+def endpoint_cache(endpoint: str) -> Path:
+    """The Hugging Face cache for pulls from ``endpoint``: a folder of its own, named after the URL
+    and a hash of it."""
     endpoint = normalize_endpoint(endpoint)
-    if endpoint == HF_HUB_URL:
-        return None
     parts = urlsplit(endpoint)
     readable = re.sub(r"[^A-Za-z0-9.]+", "-", f"{parts.netloc}{parts.path}").strip("-")
     digest = hashlib.sha256(endpoint.encode()).hexdigest()[:8]
@@ -91,8 +94,7 @@ class HubRegistry(Registry):
         self.endpoint = normalize_endpoint(endpoint)
         self.location = self.endpoint
         self.token = token  # None: huggingface_hub's own (HF_TOKEN, or `hf auth login`)
-        # None: the normal Hugging Face cache, which is huggingface.co's (see endpoint_cache)
-        self.cache_dir = cache_dir if cache_dir is not None else endpoint_cache(self.endpoint)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else endpoint_cache(self.endpoint)
         self.api = HfApi(endpoint=self.endpoint, token=token)
 
     @contextmanager
@@ -125,11 +127,7 @@ class HubRegistry(Registry):
         except RemoteEntryNotFoundError as error:
             raise NotFoundError(f"{what}: a file is missing {where}", **about) from error
         except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError) as error:
-            raise ConnectionFailedError(
-                f"{what}: cannot reach {self.endpoint} and the files are not in its local cache",
-                hint="check the endpoint URL and your network, or unset HF_HUB_OFFLINE",
-                **about,
-            ) from error
+            raise self._unreachable(what, error, about) from error
         except LocalTokenNotFoundError as error:
             raise AuthenticationError(
                 f"{what}: no access token", hint="pass --token or run `hf auth login`", **about
@@ -138,12 +136,46 @@ class HubRegistry(Registry):
             if not str(error).startswith("Invalid metadata in README.md"):
                 raise
             raise CardError(
-                f"{what}: {self.endpoint} refused the model card: {error}",
+                f"{what}: {self.endpoint} refused the model card: {' '.join(str(error).split())}",
                 hint="fix the front matter between the '---' lines of README.md",
                 **about,
             ) from error
         except HfHubHTTPError as error:
             raise self._http_error(what, error, about) from error
+        except OSError as error:  # last: the errors above are OSErrors too
+            if error.errno is None:
+                raise
+            raise self._disk_error(what, error, about) from error
+
+    def _unreachable(self, what: str, error: Exception, about: dict) -> Exception:
+        """Nothing usable came back, and the cache has nothing: an endpoint that answered with an
+        error (a wrong URL, a server failing) is told apart from one that did not answer."""
+        if isinstance(error.__cause__, HfHubHTTPError):
+            return self._http_error(what, error.__cause__, about)
+        uncached = isinstance(error, LocalEntryNotFoundError)
+        return ConnectionFailedError(
+            f"{what}: cannot reach {self.endpoint}"
+            + (" and the files are not in its local cache" if uncached else ""),
+            hint="unset HF_HUB_OFFLINE to fetch them"
+            if constants.HF_HUB_OFFLINE
+            else "check the endpoint URL and your network",
+            **about,
+        )
+
+    def _disk_error(self, what: str, error: OSError, about: dict) -> Exception:
+        """The local side failing: the cache's disk full or not writable."""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageFullError(
+                f"{what}: no space left on the disk of {self.cache_dir}",
+                hint="free some space and pull again",
+                **about,
+            )
+        where = f": {error.filename}" if error.filename else ""
+        return RegistryError(
+            f"{what}: {error.strerror or error}{where}",
+            hint=f"check the permissions of {self.cache_dir} and of the files pushed",
+            **about,
+        )
 
     def _http_error(self, what: str, error: HfHubHTTPError, about: dict) -> Exception:
         status = error.response.status_code
@@ -168,10 +200,19 @@ class HubRegistry(Registry):
         branch: str = "main",
         replace: bool = True,
         parent_commit: str | None = None,
+        new_repo: bool = False,
     ) -> str:
         check_repo_id(repo_id)
+        folder_files(folder)  # names the Hub can hold, and no file that would block the reads
         with self._translate_errors(f"push {repo_id}", repo_id, branch):
             created = self._create_repo(repo_id)
+            if new_repo and not created:
+                raise ConflictError(
+                    f"push {repo_id}: it was created on {self.endpoint} by another writer "
+                    "while this push ran",
+                    hint="look at what it holds now, then push again",
+                    repo_id=repo_id,
+                )
             try:
                 if branch != "main":
                     self.api.create_branch(repo_id, branch=branch, exist_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -39,11 +38,10 @@ from quiver.registry.base import (
 )
 from quiver.registry.card import LIBRARY_TAG, QUIVER_TAG, base_model_tag
 from quiver.registry.expert import CARD, EXPERT_FILES, Expert, check_hash, sha256_file
-from quiver.store import check_name
+from quiver.store import check_name, is_sha, is_sha256
 
 MANIFEST = LIBRARY_MANIFEST
 FORMAT = "quiver-library/1"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 _LIBRARY_TEMPLATE = """---
 {{ card_data }}
@@ -72,7 +70,23 @@ class ExpertPin:
     name: str
     sha256: str
     repo_id: str | None = None  # None: bundled in the library repo under experts/<name>
-    commit: str | None = None
+    commit: str | None = None  # the full commit of repo_id; None for a bundled expert
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "expert name")
+        if not (isinstance(self.sha256, str) and is_sha256(self.sha256)):
+            raise InvalidInputError(
+                f"expert {self.name!r}: sha256 {self.sha256!r} is not 64 lowercase hex digits"
+            )
+        if self.repo_id is not None:
+            check_repo_id(self.repo_id)
+        pinned = isinstance(self.commit, str) and is_sha(self.commit)
+        if (self.repo_id is not None) != pinned or (self.commit is not None and not pinned):
+            raise InvalidInputError(
+                f"expert {self.name!r}: commit {self.commit!r} does not fit repo_id "
+                f"{self.repo_id!r}",
+                hint="a referenced expert is pinned by a full commit sha, a bundled one by none",
+            )
 
     @property
     def bundled(self) -> bool:
@@ -96,28 +110,65 @@ class LibraryManifest:
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> sha256
     build: dict[str, Any] | None = None  # how the library was made (e.g. MBC: method, k, clusters)
 
+    def __post_init__(self) -> None:
+        names = [pin.name for pin in self.experts]
+        problems = (
+            (not isinstance(self.name, str), "name must be text"),
+            (
+                not isinstance(self.base_model, str) or not self.base_model,
+                "base_model must be a model id",
+            ),
+            (self.rank is not None and not _is_rank(self.rank), "rank must be a positive integer"),
+            (not _is_names(self.target_modules), "target_modules must be a list of module names"),
+            (not isinstance(self.description, str), "description must be text"),
+            (
+                not all(isinstance(pin, ExpertPin) for pin in self.experts),
+                "experts must be ExpertPins",
+            ),
+            (len(set(names)) != len(names), "two experts share a name"),
+            (not isinstance(self.artifacts, dict), "artifacts must map names to sha256"),
+            (
+                self.build is not None and not isinstance(self.build, dict),
+                "build must be a mapping",
+            ),
+        )
+        for wrong, problem in problems:
+            if wrong:
+                raise InvalidInputError(f"library {self.name}: {problem}")
+        for name, sha256 in self.artifacts.items():
+            check_name(name, "artifact name")
+            if not (isinstance(sha256, str) and is_sha256(sha256)):
+                raise InvalidInputError(f"artifact {name!r}: sha256 {sha256!r} is malformed")
+
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **dataclasses.asdict(self)}, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, *, source: str) -> LibraryManifest:
+    def from_json(cls, text: str | bytes, *, source: str) -> LibraryManifest:
+        """Parse and check ``library.json``; anything malformed is a ``CardError``."""
         try:
             data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("it is not a JSON object")
             if data.pop("format", None) != FORMAT:
                 raise ValueError(f"format is not {FORMAT!r}")
-            pins = [ExpertPin(**pin) for pin in data.pop("experts")]
-            manifest = cls(**data, experts=pins)
-            for pin in pins:
-                check_name(pin.name, "expert name")
-            hashes = [pin.sha256 for pin in pins] + list(manifest.artifacts.values())
-            if not all(isinstance(h, str) and _SHA256.match(h) for h in hashes):
-                raise ValueError("a sha256 is not 64 lowercase hex digits")
-        except (ValueError, TypeError, KeyError, AttributeError, QuiverError) as error:
+            experts = data.pop("experts", None)
+            if not (isinstance(experts, list) and all(isinstance(p, dict) for p in experts)):
+                raise ValueError("experts is not a list of objects")
+            return cls(**data, experts=[ExpertPin(**pin) for pin in experts])
+        except (ValueError, TypeError, RecursionError, QuiverError) as error:
             raise CardError(
                 f"malformed {MANIFEST} in {source}: {error}",
                 hint="restore the manifest from an earlier version (see `versions`)",
             ) from error
-        return manifest
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_names(value: Any) -> bool:
+    return value is None or (isinstance(value, list) and all(isinstance(m, str) for m in value))
 
 
 def _parse_expert_spec(spec: str) -> tuple[str, str | None]:
@@ -232,7 +283,20 @@ class Library:
             return self.registry.open_expert(
                 root / pin.subfolder, commit=self.commit, sha256=pin.sha256
             )
-        root, _ = self.registry.download(pin.repo_id, revision=pin.commit, patterns=EXPERT_FILES)
+        try:
+            root, _ = self.registry.download(
+                pin.repo_id, revision=pin.commit, patterns=EXPERT_FILES
+            )
+        except NotFoundError as error:
+            raise NotFoundError(
+                f"{self.repo_id} pins expert {pin.name!r} at {pin.repo_id}@{pin.commit[:10]}: "
+                f"{error.message}",
+                hint=f"remove it (quiver library remove {self.repo_id} {pin.name}), push it "
+                "there again, or pass a --token that may read it",
+                repo_id=pin.repo_id,
+                revision=pin.commit,
+                expert=pin.name,
+            ) from error
         return self.registry.open_expert(
             root, repo_id=pin.repo_id, commit=pin.commit, sha256=pin.sha256
         )
@@ -277,6 +341,8 @@ class Library:
             expert = self.registry.pull(repo_id, revision=revision)
         elif not isinstance(expert, Expert):
             expert = Expert.from_folder(expert)
+        elif expert.repo_id and expert.commit and not bundle:
+            self._require_here(expert)
         name = check_name(name or expert.name, "expert name")
         if name in self.names:
             raise AlreadyExistsError(
@@ -292,7 +358,7 @@ class Library:
             rank=manifest.rank if manifest.rank is not None else expert.card.rank,
             target_modules=manifest.target_modules or expert.card.target_modules,
         )
-        bundled = bundle or expert.repo_id is None
+        bundled = bundle or expert.repo_id is None or expert.commit is None
         pin = ExpertPin(
             name=name,
             sha256=expert.weights_sha256,
@@ -308,6 +374,19 @@ class Library:
         return self._commit(
             manifest, message or f"Add expert {name}", experts={name: expert} if bundled else {}
         )
+
+    def _require_here(self, expert: Expert) -> None:
+        """A referenced expert lives in this library's registry, at its commit."""
+        try:
+            self.registry.files(expert.repo_id, revision=expert.commit)
+        except NotFoundError as error:
+            raise NotFoundError(
+                f"{expert.repo_id}@{expert.commit[:10]} is not in {self.registry.location}, "
+                f"where {self.repo_id} lives",
+                hint="push the expert there first, or bundle it (bundle=True, --bundle)",
+                repo_id=expert.repo_id,
+                revision=expert.commit,
+            ) from error
 
     def remove(self, name: str, *, message: str | None = None) -> Library:
         if name not in self.names:
@@ -325,6 +404,8 @@ class Library:
         check_name(name, "artifact name")
         path = Path(path)
         try:
+            if not path.is_file():  # a FIFO or a device would block the reads below
+                raise OSError(f"{path} is not a regular file")
             with safe_open(str(path), framework="pt"):
                 pass
         except (SafetensorError, OSError) as error:
@@ -440,7 +521,7 @@ def _read_manifest(
             repo_id=repo_id,
             revision=revision,
         )
-    text = (folder / MANIFEST).read_text(encoding="utf-8")
+    text = (folder / MANIFEST).read_bytes()
     return LibraryManifest.from_json(text, source=f"{repo_id}@{commit[:10]}"), folder, commit
 
 
@@ -524,5 +605,11 @@ def _publish(
             (staging / "artifacts" / f"{name}.safetensors").symlink_to(Path(path).resolve())
         (staging / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
         _library_card(repo_id, manifest).save(staging / CARD)
-        commit = registry.upload(repo_id, staging, message=message, parent_commit=parent_commit)
+        commit = registry.upload(
+            repo_id,
+            staging,
+            message=message,
+            parent_commit=parent_commit,
+            new_repo=parent_commit is None,  # every caller passes the head it saw
+        )
     return Library.open(registry, repo_id, revision=commit)

@@ -7,6 +7,7 @@ snapshot folder (``snapshots/<commit>/``, hard links to the read-only blobs, mad
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from quiver.registry.base import (
     RepoSummary,
     Version,
     commits_to_refs,
+    folder_files,
     kind_of,
     tag_taken,
 )
@@ -82,14 +84,12 @@ class LocalRegistry(Registry):
         branch: str = "main",
         replace: bool = True,
         parent_commit: str | None = None,
+        new_repo: bool = False,
     ) -> str:
         key = RepoKey.parse(repo_id)
+        listing = folder_files(folder)
         with self.store.staging() as staging:
-            files = [
-                staging.add_file(path.relative_to(folder).as_posix(), path)
-                for path in sorted(folder.rglob("*"))
-                if path.is_file()
-            ]
+            files = [staging.add_file(name, path) for name, path in listing.items()]
             return self.store.commit_snapshot(
                 key,
                 branch,
@@ -98,6 +98,7 @@ class LocalRegistry(Registry):
                 author=key.namespace,
                 replace=replace,
                 parent_commit=parent_commit,
+                new_repo=new_repo,
             )
 
     def tag(self, repo_id: str, tag: str, *, revision: str) -> None:
@@ -108,7 +109,13 @@ class LocalRegistry(Registry):
                 raise tag_taken(repo_id, tag) from error
 
     def discard(self, folder: Path) -> None:
-        """Nothing to forget: snapshots are the store itself, repaired by pushing again."""
+        """Drop the snapshot folder holding ``folder``: the next pull links it anew from the
+        blobs (and fails again only if a blob itself is damaged; pushing again repairs that)."""
+        snapshots = self.store.snapshots.resolve()
+        for path in (folder.resolve(), *folder.resolve().parents):
+            if path.parent == snapshots:
+                shutil.rmtree(path, ignore_errors=True)
+                return
 
     def delete(self, repo_id: str) -> None:
         with self._errors(repo_id):

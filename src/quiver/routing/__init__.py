@@ -8,6 +8,7 @@ from quiver.routing.arrow import (
     save_prototypes,
 )
 from quiver.routing.context import SequenceChoice
+from quiver.routing.elrea import ELREA
 from quiver.routing.experts import ExpertSet, load_experts
 from quiver.routing.model import RoutedModel, route
 from quiver.routing.strategies import (
@@ -23,6 +24,7 @@ from quiver.routing.strategies import (
 from quiver.routing.trace import RoutingTrace
 
 __all__ = [
+    "ELREA",
     "Arrow",
     "ArrowPrototypes",
     "ExpertSet",

@@ -29,6 +29,7 @@ from quiver.routing.arrow import (
     load_prototypes,
 )
 from quiver.routing.context import SequenceChoice
+from quiver.routing.elrea import ELREA
 from quiver.routing.experts import ExpertSet, ExpertSource, LoraStack, load_experts
 from quiver.routing.layers import ArrowMixer, MergedMixer, Mixer, OracleMixer, SequenceArrowMixer
 
@@ -38,7 +39,7 @@ mixes the factors first, ``(sum w_j B_j)(sum w_j A_j) x`` (as mttl)."""
 Granularity = Literal["token", "sequence"]
 """What Arrow routes: each token at each module (the paper), or each sequence once, by its
 prompt's prototype scores summed over the modules."""
-StrategyName = Literal["arrow", "uniform", "merge", "single", "oracle", "base"]
+StrategyName = Literal["arrow", "uniform", "merge", "single", "oracle", "base", "elrea"]
 
 
 @runtime_checkable
@@ -200,6 +201,7 @@ STRATEGIES: dict[StrategyName, Callable[..., Strategy]] = {
     "single": single,
     "oracle": Oracle,
     "base": Base,
+    "elrea": ELREA,
 }
 
 

@@ -11,13 +11,34 @@ import yaml
 _FRONT_MATTER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
 
 
+class _CardLoader(yaml.SafeLoader):
+    """Safe YAML without aliases (``*name``): a card has no use for them, and a few lines of them
+    expand into gigabytes once the card is copied or serialised (the "billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed", problem_mark=mark)
+        return super().compose_node(parent, index)
+
+
 def parse_front_matter(text: str) -> dict[str, Any] | None:
-    """The README's YAML header as a dict; None when there is none. Raises ``yaml.YAMLError`` or
-    ``ValueError`` when the header is not a YAML mapping."""
+    """The README's YAML header as a dict; None when there is none. Raises ``ValueError``, with
+    one line saying what is wrong and where, when the header is not a YAML mapping."""
     match = _FRONT_MATTER.match(text)
     if match is None:
         return None
-    data = yaml.safe_load(match.group(1))
+    try:
+        data = yaml.load(match.group(1), Loader=_CardLoader)  # a SafeLoader
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        line = text[: match.start(1)].count("\n") + mark.line + 1 if mark else None
+        where = f", at README.md line {line}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{error.problem}{where}") from None
+    except RecursionError:
+        raise ValueError("the YAML is nested too deeply") from None
+    except yaml.YAMLError as error:
+        raise ValueError(str(error)) from None
     if data is None:
         return None
     if not isinstance(data, dict):
@@ -31,7 +52,7 @@ def read_card(text: str) -> tuple[dict[str, Any] | None, str]:
     body = text[match.end() :] if match else text
     try:
         return parse_front_matter(text), body
-    except (yaml.YAMLError, ValueError):
+    except ValueError:
         return None, body
 
 

@@ -45,6 +45,7 @@ from quiver.store.staging import Staging
 README = "README.md"
 _DATABASE = "store.sqlite"
 SHORT_SHA = 7  # the shortest commit sha prefix that resolves, as git abbreviates
+MAX_CARD_BYTES = 1 << 20  # a README.md beyond this is stored, but not indexed as a card
 _FILE_COLUMNS = "path, size, sha256, oid, lfs"
 _HEADS = (
     "SELECT r.*, c.sha, c.parent, c.author, c.date, c.title, c.message, c.card FROM repos r "
@@ -432,14 +433,22 @@ class RepoStore:
         author: str,
         replace: bool = True,
         parent_commit: str | None = None,
+        new_repo: bool = False,
     ) -> str:
         """Commit ``files`` (staged) to ``branch``, creating the repo (public) and the branch
         (from ``main``) if need be; return the commit. ``replace``: they are the whole snapshot,
         else the branch's other files are kept. ``parent_commit``: refuse (``StaleParentError``)
-        unless the branch (or main, for a new branch) is still there. Nothing changed: no new
-        commit, the head is returned."""
+        unless the branch (or main, for a new branch) is still there; ``new_repo``: unless the
+        repo does not exist yet. Nothing changed: no new commit, the head is returned."""
         with self._transaction() as db:
-            repo = self._repo_row(db, key) or self._insert_repo(db, key, private=False)
+            repo = self._repo_row(db, key)
+            if repo is not None and new_repo:
+                raise StaleParentError(
+                    f"{repo.key.id} was created by another writer while committing",
+                    hint="look at what it holds now, then push again",
+                    repo_id=repo.key.id,
+                )
+            repo = repo or self._insert_repo(db, key, private=False)
             head = self._head(db, repo, branch)
             if head is None:
                 check_ref_name(branch, "branch")
@@ -504,7 +513,9 @@ class RepoStore:
         return sha
 
     def _card(self, readme: FileEntry | None) -> tuple[dict | None, str]:
-        if readme is None:
+        """The README's metadata and text, read inside the commit's transaction: one too big
+        to be a model card is not read at all, so no writer can hold the others up with it."""
+        if readme is None or readme.size > MAX_CARD_BYTES:
             return None, ""
         try:
             return read_card(self.blobs.path(readme.sha256).read_text("utf-8"))

@@ -89,8 +89,18 @@ def check_path(path: str) -> str:
         (any(p in (".", "..") for p in parts), "'.' and '..' segments are not allowed", None),
         ("" in parts, "it has an empty segment ('//' or a trailing '/')", "drop the extra '/'"),
         (".git" in parts, "'.git' is reserved", "rename that folder"),
+        (not _is_utf8(path), "it is not valid UTF-8", "rename the file"),
     )
     for wrong, reason, hint in problems:
         if wrong:
             raise InvalidInputError(f"invalid file path {path!r}: {reason}", hint=hint)
     return path
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a name that came from the disk with bytes that are not UTF-8 (surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,8 +1,10 @@
 """Build libraries: train LoRA experts (one or many, locally or on Ray), cluster them with MBC,
-and turn the clusters into a new library."""
+and turn the clusters into a new library; or cluster training examples by their gradients and
+train an ELREA library."""
 
 from quiver.training.build import build_mbc_library
 from quiver.training.data import DataSource, Example, load_examples
+from quiver.training.elrea import build_elrea_library
 from quiver.training.fanout import TrainResult, train_experts
 from quiver.training.mbc import Clustering, cluster_experts, suggest_k
 from quiver.training.merge import MERGES, merged_factors, write_merged_expert
@@ -23,6 +25,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingData",
+    "build_elrea_library",
     "build_mbc_library",
     "cluster_experts",
     "evaluate",

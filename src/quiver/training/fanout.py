@@ -26,6 +26,7 @@ from quiver.errors import ConnectionFailedError, QuiverError, TrainingError
 from quiver.registry import Expert, Registry
 from quiver.training.data import DataSource
 from quiver.training.trainer import (
+    AdapterInit,
     TrainConfig,
     TrainingData,
     context_length,
@@ -81,13 +82,16 @@ def _run_job(
     config: TrainConfig,
     seed: int,
     registry: Registry | None,
+    init: AdapterInit | None = None,
 ) -> TrainResult:
     """Train one expert (in this process or a Ray worker); never raise, report."""
     try:
         model, tokenizer = load_base(base_model, tokenizer)
         folder = job.folder or Path(tempfile.mkdtemp(prefix=f"quiver-{job.name}-"))
         folder.mkdir(parents=True, exist_ok=True)
-        expert = train_prepared(model, tokenizer, job.data, config, seed=seed, folder=folder)
+        expert = train_prepared(
+            model, tokenizer, job.data, config, seed=seed, folder=folder, init=init
+        )
         if registry is not None:
             expert = registry.push(expert, job.repo_id)
         return TrainResult(job.name, folder, expert.repo_id, expert.commit, expert.weights_sha256)
@@ -133,10 +137,10 @@ def _start_ray(address: str | None, num_cpus: int | None):
     return ray
 
 
-def _run_on_ray(jobs, base_model, tokenizer, config, seed, registry, options, progress):
+def _run_on_ray(jobs, base_model, tokenizer, config, seed, registry, init, options, progress):
     ray = _start_ray(options["address"], options["num_cpus"])
     train = ray.remote(num_cpus=config.num_threads, max_retries=0)(_run_job)
-    shared = [ray.put(value) for value in (base_model, tokenizer, config, seed, registry)]
+    shared = [ray.put(value) for value in (base_model, tokenizer, config, seed, registry, init)]
     pending = {train.remote(job, *shared): job.name for job in jobs}
     results = {}
     with tqdm(total=len(jobs), desc="Training experts", unit="expert", disable=not progress) as bar:
@@ -167,6 +171,7 @@ def train_experts(
     namespace: str | None = None,
     output_dir: str | Path | None = None,
     progress: bool | None = None,
+    init_adapter: str | Path | Expert | None = None,
 ) -> list[TrainResult]:
     """Train one expert per entry of ``data`` (``name -> source``, or ``name -> {task: source}``
     for a cluster's union of tasks) and report each, in order.
@@ -177,6 +182,8 @@ def train_experts(
     ``namespace/name`` by whoever trained it (required on a remote cluster); otherwise it is written
     to ``output_dir/name`` (default: a temporary folder). ``base_model`` is a Hub id or folder every
     worker can load, or a loaded model (sent to the workers through Ray's object store).
+    ``init_adapter`` (a PEFT LoRA folder or ``Expert``, read here and sent to the workers as
+    tensors) makes every expert continue training that adapter instead of a fresh LoRA.
     """
     if backend not in BACKENDS:
         raise TrainingError(f"unknown backend {backend!r}", hint=f"use one of {BACKENDS}")
@@ -193,14 +200,17 @@ def train_experts(
         _check_reachable(address)
     config = dataclasses.replace(config or TrainConfig(), num_threads=cpus_per_expert)
     jobs = _prepare_jobs(base_model, data, config, tokenizer, eval_data, namespace, output_dir)
+    init = AdapterInit.read(init_adapter) if init_adapter is not None else None
     progress = sys.stderr.isatty() if progress is None else progress
     if backend == "ray":
         options = {"address": address, "num_cpus": num_cpus}
-        return _run_on_ray(jobs, base_model, tokenizer, config, seed, registry, options, progress)
+        return _run_on_ray(
+            jobs, base_model, tokenizer, config, seed, registry, init, options, progress
+        )
     model, tokenizer = load_base(base_model, tokenizer)  # loaded once for all experts
     results = []
     for job in tqdm(jobs, desc="Training experts", unit="expert", disable=not progress):
-        results.append(_run_job(job, model, tokenizer, config, seed, registry))
+        results.append(_run_job(job, model, tokenizer, config, seed, registry, init))
     return results
 
 

@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from huggingface_hub import EvalResult
 
-from quiver.errors import TrainingError
+from quiver.errors import QuiverError, TrainingError
+from quiver.fs import sha256_file
 from quiver.registry import Expert
+from quiver.registry.adapter import WEIGHTS, read_adapter
 from quiver.training.data import (
     IGNORE_INDEX,
     DataSource,
@@ -181,13 +183,47 @@ def target_module_names(model: Any, target_modules: str | list[str]) -> list[str
     )
 
 
-@contextlib.contextmanager
-def lora_attached(model: Any, config: TrainConfig) -> Iterator[Any]:
-    """Wrap ``model`` in a fresh LoRA (initialised from ``config.init_seed``) for the block, then
-    take it off again: the caller's model leaves as it came (no adapter, same flags)."""
-    from peft import LoraConfig, get_peft_model
+@dataclass(frozen=True)
+class AdapterInit:
+    """A trained LoRA to continue training from (ELREA's experts start from its base adapter):
+    its PEFT config and weights, read and checked once, so Ray workers get tensors, not a path."""
 
-    lora = LoraConfig(
+    lora: Any  # peft.LoraConfig
+    tensors: dict[str, torch.Tensor]
+    sha256: str  # of the weights file, recorded on the card as ``init_adapter``
+
+    @classmethod
+    def read(cls, source: str | Path | Expert) -> AdapterInit:
+        from peft import LoraConfig
+        from safetensors.torch import load_file
+
+        folder = source.path if isinstance(source, Expert) else Path(source)
+        try:
+            read_adapter(folder, f"the adapter to start from ({folder})")
+        except QuiverError as error:
+            raise TrainingError(error.message, hint=error.hint) from error
+        lora = LoraConfig.from_pretrained(str(folder))
+        return cls(lora, load_file(folder / WEIGHTS), sha256_file(folder / WEIGHTS))
+
+    def settings(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with the adapter's shape (rank, alpha, targets, rsLoRA): those of the
+        weights being continued, so the card records what was trained."""
+        targets = self.lora.target_modules
+        return dataclasses.replace(
+            config,
+            rank=self.lora.r,
+            alpha=float(self.lora.lora_alpha),
+            target_modules=targets if isinstance(targets, str) else sorted(targets),
+            use_rslora=bool(self.lora.use_rslora),
+        )
+
+
+def _lora_config(model: Any, config: TrainConfig, init: AdapterInit | None):
+    from peft import LoraConfig
+
+    if init is not None:
+        return dataclasses.replace(init.lora, lora_dropout=config.dropout, inference_mode=False)
+    return LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
@@ -195,12 +231,44 @@ def lora_attached(model: Any, config: TrainConfig) -> Iterator[Any]:
         use_rslora=config.use_rslora,
         task_type="CAUSAL_LM",
     )
+
+
+def _load_init(peft_model: Any, init: AdapterInit) -> None:
+    from peft import set_peft_model_state_dict
+
+    try:
+        result = set_peft_model_state_dict(peft_model, init.tensors)
+    except RuntimeError as error:  # a size mismatch
+        raise TrainingError(
+            f"the adapter to start from does not fit this model: {error}",
+            hint="start from an adapter trained on the same base model",
+        ) from error
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if missing or result.unexpected_keys:
+        raise TrainingError(
+            "the adapter to start from does not match the LoRA layers it was loaded into "
+            f"(missing {missing[:2]}, unexpected {list(result.unexpected_keys)[:2]})",
+            hint="start from an adapter trained on the same base model",
+        )
+
+
+@contextlib.contextmanager
+def lora_attached(
+    model: Any, config: TrainConfig, init: AdapterInit | None = None
+) -> Iterator[Any]:
+    """Wrap ``model`` in a LoRA for the block, then take it off again: the caller's model leaves
+    as it came (no adapter, same flags). The LoRA is fresh (initialised from
+    ``config.init_seed``) or, with ``init``, a copy of that trained adapter."""
+    from peft import get_peft_model
+
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed)
-        peft_model = get_peft_model(model, lora)
+        peft_model = get_peft_model(model, _lora_config(model, config, init))
     try:
+        if init is not None:
+            _load_init(peft_model, init)
         yield peft_model
     finally:
         peft_model.unload()
@@ -332,6 +400,7 @@ def train_expert(
     tokenizer: Any = None,
     output_dir: str | Path | None = None,
     progress: bool | None = None,
+    init_adapter: str | Path | Expert | None = None,
 ) -> Expert:
     """Train one LoRA expert on ``data`` and return it as a validated ``Expert`` with a filled card.
 
@@ -340,14 +409,17 @@ def train_expert(
     ``task -> source`` whose union is trained on (a cluster's expert). The loss covers response
     tokens only. The expert is written to ``output_dir`` (default: a new temporary folder); the
     caller's model is left without an adapter. ``progress=None`` shows a bar on a terminal only.
+    ``init_adapter`` (a PEFT LoRA folder or ``Expert``) continues training that adapter instead
+    of a fresh LoRA; its rank, alpha and target modules replace the config's.
     """
     config = config or TrainConfig()
     model, tokenizer = load_base(base_model, tokenizer)
     limit = context_length(model.config, config)
     prepared = prepare_data(data, tokenizer, max_length=limit, task=task, eval_data=eval_data)
     folder = Path(output_dir or tempfile.mkdtemp(prefix=f"quiver-{prepared.tasks[0]}-"))
+    init = AdapterInit.read(init_adapter) if init_adapter is not None else None
     return train_prepared(
-        model, tokenizer, prepared, config, seed=seed, folder=folder, progress=progress
+        model, tokenizer, prepared, config, seed=seed, folder=folder, progress=progress, init=init
     )
 
 
@@ -387,11 +459,17 @@ def train_prepared(
     seed: int,
     folder: Path,
     progress: bool | None = None,
+    init: AdapterInit | None = None,
 ) -> Expert:
-    """Train on checked data and write the expert, with its card, to ``folder``."""
+    """Train on checked data (continuing ``init`` if given) and write the expert, with its card,
+    to ``folder``."""
     progress = sys.stderr.isatty() if progress is None else progress
     pad_id = _pad_id(tokenizer)
-    with torch_threads(config.num_threads), lora_attached(model, config) as peft_model:
+    hyperparameters = {"seed": seed}
+    if init is not None:
+        config = init.settings(config)
+        hyperparameters["init_adapter"] = f"sha256:{init.sha256}"
+    with torch_threads(config.num_threads), lora_attached(model, config, init) as peft_model:
         summary = _run_trainer(peft_model, prepared.features, pad_id, config, seed, progress)
         metrics = None
         if prepared.eval_features is not None:
@@ -405,7 +483,7 @@ def train_prepared(
         folder,
         tasks=prepared.tasks,
         examples=len(prepared.features),
-        hyperparameters={**config.hyperparameters(), "seed": seed},
+        hyperparameters={**config.hyperparameters(), **hyperparameters},
         eval_results=_eval_results(prepared.tasks, metrics) if metrics else [],
         **summary,
     )

@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from quiver.server.errors import InternalError, NotSupported, error_response
+from quiver.server.errors import HubError, InternalError, NotSupported, error_response
 
 # The client methods behind routes this server has not: named in the answer.
 _FEATURES = (
@@ -22,10 +22,15 @@ _FEATURES = (
 
 
 async def on_http_error(request: Request, error: Exception) -> JSONResponse:
-    """No route for the path (404) or the method (405): not supported, said in JSON."""
+    """No route for the path (404) or the method (405): not supported, said in JSON. Other
+    refusals of the framework (a body it cannot parse: 400) keep their status."""
     assert isinstance(error, HTTPException)
     if error.status_code not in (404, 405):
-        return error_response(InternalError(str(error.detail)))
+        refused = (HubError if error.status_code < 500 else InternalError)(
+            f"{request.method} {request.url.path}: {error.detail}"
+        )
+        refused.status = error.status_code
+        return error_response(refused)
     path = request.url.path
     feature = next((name for pattern, name in _FEATURES if pattern.search(path)), None)
     what = f"{request.method} {path}" + (f" ({feature})" if feature else "")
