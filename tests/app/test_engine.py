@@ -2,6 +2,7 @@
 library of random experts, whose answers run as long as asked (the demo's are a few words)."""
 
 import itertools
+import random
 import threading
 import time
 
@@ -15,6 +16,7 @@ from quiver.errors import InvalidInputError, NotFoundError, RoutingError
 from quiver.registry import Library
 from quiver.routing import Arrow, route
 from quiver.routing.base_model import load_base_model
+from quiver.training import TrainConfig, build_elrea_library
 
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0)
 
@@ -103,6 +105,43 @@ def test_arrow_per_sequence_keeps_the_prompts_choice_for_the_whole_answer(engine
     torch.testing.assert_close(torch.tensor(routing.sequence), chosen)
     for weights in routing.layers.values():  # every token used the prompt's choice
         torch.testing.assert_close(torch.tensor(weights), chosen.expand(len(routing.tokens), -1))
+
+
+@pytest.fixture(scope="module")
+def elrea_library(local_registry, random_library):
+    """An ELREA library (a base adapter and two experts, a few steps each) on the random Llama,
+    built from prompts of two kinds: sums of digits and lowercase words to reverse."""
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(12):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        word = "".join(rng.choice("abcdefghij") for _ in range(6))
+        pairs += [(f"sum {a} {b} =", str(a + b)), (f"reverse {word}:", word[::-1])]
+    base, tokenizer = load_base_model(local_registry, RANDOM_BASE_MODEL)
+    fast = TrainConfig(rank=4, dropout=0.0, learning_rate=1e-2, max_steps=12, batch_size=8)
+    return build_elrea_library(
+        pairs, local_registry, "acme/elrea", base_model=base, tokenizer=tokenizer, k=2,
+        config=fast, projection_dim=256, progress=False,
+    ).repo_id  # fmt: skip
+
+
+@pytest.mark.slow  # builds an ELREA library: three short trainings and a gradient pass
+def test_elrea_weighs_each_prompt_once_for_the_whole_answer(local_registry, elrea_library):
+    engine = ChatEngine(local_registry, elrea_library)
+    text, routing = answer(engine, StrategySpec("elrea", top_k=2, temperature=0.5))[-1]
+
+    model, tokenizer = load_base_model(local_registry, RANDOM_BASE_MODEL)
+    routed = route(model, engine.library, "elrea", top_k=2, temperature=0.5)
+    ids, _ = engine.prompt_ids("Hello there", [], GREEDY.max_new_tokens)
+    options = dict(max_new_tokens=GREEDY.max_new_tokens, do_sample=False, pad_token_id=0)
+    generated = routed.generate(ids, attention_mask=torch.ones_like(ids), **options)
+    assert text == tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+    assert routing.experts == tuple(engine.library.names)  # the base adapter and the experts
+    sequence = torch.tensor(routing.sequence)
+    assert (sequence > 0).sum() == 2
+    torch.testing.assert_close(sequence.sum(), torch.tensor(1.0))
+    for weights in routing.layers.values():  # every token used the prompt's ensemble
+        torch.testing.assert_close(torch.tensor(weights), sequence.expand(len(routing.tokens), -1))
 
 
 def test_the_base_model_answers_unrouted(engine, reference):
@@ -203,7 +242,7 @@ def test_gradio_message_parts_are_read_as_text(engine):
 
 def test_bad_strategies_and_settings_are_refused():
     with pytest.raises(InvalidInputError, match="unknown strategy"):
-        StrategySpec("elrea")
+        StrategySpec("moe")
     with pytest.raises(InvalidInputError, match="needs an expert"):
         StrategySpec("single")
     with pytest.raises(InvalidInputError, match="unknown mixing"):

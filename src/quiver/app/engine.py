@@ -31,15 +31,16 @@ from quiver.routing.base_model import load_base_model
 
 STRATEGIES = {
     "arrow": "Arrow",
+    "elrea": "ELREA",
     "uniform": "Uniform merge",
     "single": "One expert",
     "base": "Base model",
 }
-# The StrategySpec fields each strategy passes to ``routed.using(name, **options)``; a strategy
-# that routing adds (such as ELREA's "elrea": ("top_k", "temperature")) needs a line here and in
-# STRATEGIES, and nothing else.
+# The StrategySpec fields each strategy passes to ``routed.using(name, **options)``: a strategy
+# that routing adds needs a line here and in STRATEGIES (and its label), nothing else.
 STRATEGY_OPTIONS = {
     "arrow": ("top_k", "temperature", "mixing", "granularity"),
+    "elrea": ("top_k", "temperature"),  # needs a library built with build-elrea
     "uniform": ("mixing",),
     "single": ("expert",),
     "base": (),
@@ -55,7 +56,7 @@ class StrategySpec:
 
     name: str = "arrow"
     top_k: int = 2
-    temperature: float = 1.0  # Arrow's router temperature
+    temperature: float = 1.0  # Arrow's router temperature, ELREA's softmax temperature
     mixing: str = "outputs"  # Arrow and uniform: mix the experts' outputs or their parameters
     expert: str | None = None  # "single": the expert to use
     granularity: str = "token"  # Arrow: route every token, or each answer once by its prompt
@@ -82,6 +83,8 @@ class StrategySpec:
         if self.name == "arrow":
             per = ", per sequence" if self.granularity == "sequence" else ""
             return f"Arrow top-{self.top_k}, T={self.temperature:g}, {self.mixing} mixing{per}"
+        if self.name == "elrea":
+            return f"ELREA top-{self.top_k}, T={self.temperature:g}"
         if self.name == "uniform":
             return f"Uniform merge, {self.mixing} mixing"
         if self.name == "single":
@@ -119,8 +122,8 @@ class TokenRouting:
 
     Column ``t`` is the routing of the forward pass that produced generated token ``t`` (at the
     last prompt position for the first token, at token ``t - 1`` for the others). ``sequence``:
-    for a strategy that chooses once per prompt (Arrow per sequence), the weight each expert got
-    for the whole answer.
+    for a strategy that chooses once per prompt (Arrow per sequence, ELREA), the weight each
+    expert got for the whole answer.
     """
 
     experts: tuple[str, ...]
