@@ -1,12 +1,16 @@
-"""The app's overhead on a chat: time to first token and tokens per second on the embedded default,
-against calling the routed model directly, side by side in one process.
+"""The app's overhead on a chat: time to first token and tokens per second on the embedded default
+(or on a bigger model), against calling the routed model directly, side by side in one process.
 
-Four ways to answer the same prompt with the same routed model (the demo library, Arrow top-2,
-greedy, so all produce the same 64 tokens):
+Four ways to answer the same prompt with the same routed model (Arrow top-2, greedy, every way
+made to write the same ``--tokens`` tokens, or as many as the context leaves room for: 24 on the
+demo's 32 positions). ``--model demo``: the embedded default (the toy world's 0.87M-parameter
+Llama and its four experts); ``--model llama-512``: four random experts on a ``quiver.testing``
+Llama of hidden size 512 and 6 layers (14.5M parameters):
 
 - direct: ``route(model, library, Arrow(top_k=2)).generate(..., streamer=...)``, the reference;
-- direct, traced: the same inside ``routed.trace()``, the recording the routing picture needs;
-- engine: ``ChatEngine.stream`` (lock, worker thread, decoding, the routing of the answer);
+- direct, traced: the same inside ``routed.trace()``, and the per-token routing read from it (what
+  the routing picture needs);
+- engine: ``ChatEngine.stream`` (``routed.using``, worker thread, decoding, the routing);
 - app (HTTP): the app served on 127.0.0.1, its ``/chat`` endpoint called through Gradio's HTTP API
   (POST the call, read its server-sent events): queue, JSON, HTTP, what any client sees.
   (``gradio_client`` adds its own waits on top: it polls for messages every 50 ms.)
@@ -16,9 +20,11 @@ counts the tokens after the first over the time from the first token to the comp
 (with its routing). CPU is the process's CPU time per answer (every thread: model, server,
 client), which a loaded machine disturbs far less than wall time. The ways are called in turn in
 every round after a warm-up; medians are reported with their ratio to direct (goal: app < 1.10),
-and the extra CPU per token each layer adds.
+beside the median of the rounds' own ratios (each round's CPU against the same round's direct,
+which cancels the changing load of a shared machine), and the extra CPU per token each layer adds.
 
     python benchmarks/app.py --rounds 9
+    python benchmarks/app.py --model llama-512 --rounds 5
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers.generation.streamers import BaseStreamer
 
-MESSAGE = "Tell me about routing."
+MESSAGE = "map each : purple black brown white"  # one of the demo's, any text for the others
 
 
 class _Clock(BaseStreamer):
@@ -64,9 +70,11 @@ def _measure(start: float, times: list[float]) -> tuple[float, float]:
 
 
 def direct(routed, input_ids, tokens: int, *, traced: bool = False) -> tuple[float, float, int]:
+    """The routed model's own ``generate``; ``traced``: inside ``routed.trace()``, reading the
+    per-token routing the picture shows once the answer is complete."""
     clock = _Clock()
     start = time.perf_counter()
-    with routed.trace() if traced else nullcontext():
+    with routed.trace() if traced else nullcontext() as trace:
         routed.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -75,6 +83,9 @@ def direct(routed, input_ids, tokens: int, *, traced: bool = False) -> tuple[flo
             streamer=clock,
             pad_token_id=0,
         )
+    if traced:
+        trace.step_layer_weights()
+        clock.times[-1] = time.perf_counter()  # the answer is complete with its routing
     return (*_measure(start, clock.times), len(clock.times))
 
 
@@ -93,7 +104,7 @@ def app_stream(http: httpx.Client, url: str, tokens: int) -> tuple[float, float,
     events), every update timed as it arrives."""
     times, count = [], 0
     start = time.perf_counter()
-    data = [MESSAGE, "arrow", 2, 1.0, "outputs", "", tokens, 0.0, 1.0, None]
+    data = [MESSAGE, "arrow", 2, 1.0, "outputs", "token", "", tokens, 0.0, 1.0, None]
     event = http.post(f"{url}gradio_api/call/chat", json={"data": data}).json()["event_id"]
     with http.stream("GET", f"{url}gradio_api/call/chat/{event}") as events:
         for line in events.iter_lines():
@@ -112,8 +123,25 @@ def app_stream(http: httpx.Client, url: str, tokens: int) -> tuple[float, float,
     return ttft, (count - 1) / (times[-1] - times[0]), count
 
 
+def open_bench_engine(model: str):
+    """The engine on the embedded default, or on random experts over a bigger Llama."""
+    from quiver.app import ChatEngine, open_engine
+    from quiver.app.demo import install_random_library
+    from quiver.registry import LocalRegistry
+    from quiver.testing import tiny_model, tiny_tokenizer
+
+    if model == "demo":
+        return open_engine()  # installed into the fresh $QUIVER_HOME
+    base = tiny_model("llama", hidden=512, layers=6, heads=8, max_position_embeddings=1024)
+    base.name_or_path = "bench/llama-512"
+    registry = LocalRegistry()
+    library = install_random_library(registry, "bench/llama-512-experts", base, tiny_tokenizer())
+    return ChatEngine(registry, library.repo_id)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("demo", "llama-512"), default="demo")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
@@ -122,25 +150,27 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     torch.set_num_threads(args.threads)
 
-    from quiver.app import GenerationSettings, StrategySpec, open_engine, serve
+    from quiver.app import GenerationSettings, StrategySpec, serve
     from quiver.routing import Arrow, route
     from quiver.routing.base_model import load_base_model
 
-    engine = open_engine()  # the embedded default, installed into the fresh $QUIVER_HOME
+    engine = open_bench_engine(args.model)
     app = serve(engine=engine)
     http = httpx.Client(timeout=60)
     library = engine.library
     model, _ = load_base_model(engine.registry, library.manifest.base_model)
     routed = route(model, library, Arrow(top_k=2))  # a second copy: the reference
     strategy = StrategySpec("arrow", top_k=2)
-    settings = GenerationSettings(max_new_tokens=args.tokens, temperature=0.0)
-    input_ids, _ = engine.prompt_ids(MESSAGE, [], args.tokens)
+    input_ids, tokens = engine.prompt_ids(MESSAGE, [], args.tokens)  # as many as fit
+    for copy in (engine.model, model):  # every way writes them all (no early end of text)
+        copy.generation_config.min_new_tokens = tokens
+    settings = GenerationSettings(max_new_tokens=tokens, temperature=0.0)
 
     ways = {
-        "direct": lambda: direct(routed, input_ids, args.tokens),
-        "direct, traced": lambda: direct(routed, input_ids, args.tokens, traced=True),
+        "direct": lambda: direct(routed, input_ids, tokens),
+        "direct, traced": lambda: direct(routed, input_ids, tokens, traced=True),
         "engine": lambda: engine_stream(engine, strategy, settings),
-        "app (HTTP)": lambda: app_stream(http, app.local_url, args.tokens),
+        "app (HTTP)": lambda: app_stream(http, app.local_url, tokens),
     }
     results: dict[str, list[tuple[float, ...]]] = {name: [] for name in ways}
     for round_ in range(args.rounds + 1):  # round 0 warms up (kernels, caches, connections)
@@ -155,15 +185,22 @@ def main() -> None:
 
 def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace) -> None:
     """Medians of TTFT, tokens/s and CPU seconds per answer (every thread of this process: the
-    model, the server, the HTTP client), each against direct."""
+    model, the server, the HTTP client), each against direct; and the median over rounds of each
+    round's CPU against that round's direct (paired: the load of the moment cancels out)."""
     median = {
         name: [statistics.median(run[i] for run in runs) for i in range(4)]
         for name, runs in results.items()
     }
+    paired = {
+        name: statistics.median(
+            run[3] / direct[3] for run, direct in zip(runs, results["direct"], strict=True)
+        )
+        for name, runs in results.items()
+    }
     ttft0, rate0, _, cpu0 = median["direct"]
-    table = Table(title=f"Chat on the embedded default: medians of {args.rounds} rounds")
-    columns = ("way", "TTFT", "/ direct", "tokens/s", "direct / ours", "CPU", "/ direct", "tokens")
-    for column in columns:
+    table = Table(title=f"Chat on {args.model}: medians of {args.rounds} rounds")
+    columns = ("way", "TTFT", "/ direct", "tokens/s", "direct / ours", "CPU", "/ direct")
+    for column in (*columns, "/ direct, paired", "tokens"):
         table.add_column(column, justify="right")
     for name, (ttft, rate, tokens, cpu) in median.items():
         table.add_row(
@@ -174,15 +211,17 @@ def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace
             f"{rate0 / rate:.2f}x",
             f"{cpu * 1000:.0f} ms",
             f"{cpu / cpu0:.2f}x",
+            f"{paired[name]:.2f}x",
             f"{tokens:.0f}",
         )
-    Console(width=120).print(table)
-    tokens = median["direct"][2]
-    cpus = [median[name][3] for name in ("direct", "direct, traced", "engine", "app (HTTP)")]
-    steps = ("recording the routing", "the engine (worker thread, decoding)", "Gradio and HTTP")
-    for step, before, after in zip(steps, cpus, cpus[1:], strict=False):
-        print(f"extra CPU per token for {step}: {(after - before) / tokens * 1000:.2f} ms")
-    print(f"direct: {cpu0 / tokens * 1000:.2f} ms CPU per token")
+    Console(width=140).print(table)
+    ways = ("direct", "direct, traced", "engine", "app (HTTP)")
+    steps = ("recording the routing", "the engine (using, thread, decoding)", "Gradio and HTTP")
+    per_token = cpu0 / median["direct"][2] * 1000
+    for step, before, after in zip(steps, ways, ways[1:], strict=False):
+        extra = (paired[after] - paired[before]) * per_token
+        print(f"extra CPU per token for {step}: {extra:.2f} ms (paired)")
+    print(f"direct: {per_token:.2f} ms CPU per token")
     print(f"torch {torch.__version__}, {args.threads} thread(s); {Path(__file__).name}")
 
 

@@ -1,8 +1,14 @@
-"""The embedded default: the demo library is installed once, offline, and repaired if cut short."""
+"""The embedded default: the toy world's demo library, installed once, offline; routed, its chat
+sends a prompt to the expert of the prompt's cluster and answers it right."""
 
-from quiver.app.demo import DEMO_BASE_MODEL, DEMO_EXPERTS, DEMO_LIBRARY, ensure_demo_library
+from quiver.app import GenerationSettings, StrategySpec
+from quiver.app.demo import DEMO_BASE_MODEL, DEMO_LIBRARY, ensure_demo_library
 from quiver.registry import Library, LocalRegistry
 from quiver.routing.arrow import ARTIFACT_NAME
+from quiver.toyworld import DOMAINS
+from quiver.toyworld.pipeline import task_owners
+
+COLOURS = "grey black green"
 
 
 def test_installed_once_with_experts_prototypes_and_base_model(tmp_path):
@@ -14,21 +20,24 @@ def test_installed_once_with_experts_prototypes_and_base_model(tmp_path):
     assert len(registry.versions(DEMO_LIBRARY)) == versions  # the second call wrote nothing
 
     library = Library.open(registry, DEMO_LIBRARY)
-    assert library.names == list(DEMO_EXPERTS)
+    assert len(library.names) == 4
     assert library.manifest.base_model == DEMO_BASE_MODEL
     assert ARTIFACT_NAME in library.manifest.artifacts
-    experts = {hit.repo_id for hit in registry.search(kind="expert", task="demo")}
-    assert experts == {f"quiver-demo/{name}" for name in DEMO_EXPERTS}
     folder, _ = registry.download(DEMO_BASE_MODEL)
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
-def test_an_install_cut_short_is_done_again(tmp_path):
-    registry = LocalRegistry(tmp_path / "store")
-    Library.create(registry, DEMO_LIBRARY, base_model=DEMO_BASE_MODEL)  # experts never added
+def answer(engine, strategy: StrategySpec, message: str):
+    return list(engine.stream(message, [], strategy, GenerationSettings(12)))[-1]
 
-    ensure_demo_library(registry)
 
-    library = Library.open(registry, DEMO_LIBRARY)
-    assert library.names == list(DEMO_EXPERTS)
-    assert ARTIFACT_NAME in library.manifest.artifacts
+def test_arrow_per_sequence_sends_a_colour_prompt_to_the_colour_expert(engine):
+    expected = " ".join(DOMAINS["colours"].map(colour) for colour in COLOURS.split())
+    colour_expert = task_owners(engine.library)["colours-each"]
+    message = f"map each : {COLOURS}"
+
+    text, routing = answer(engine, StrategySpec("arrow", top_k=1, granularity="sequence"), message)
+
+    assert text == expected
+    assert dict(zip(routing.experts, routing.sequence, strict=True))[colour_expert] == 1.0
+    assert answer(engine, StrategySpec("base"), message)[0] != expected  # the expert knows it

@@ -1,30 +1,40 @@
-"""The chat engine: the one shared model, streamed, each answer with its own routing trace."""
+"""The chat engine: the one shared model, streamed, each answer with its own routing trace; on the
+library of random experts, whose answers run as long as asked (the demo's are a few words)."""
 
 import itertools
+import random
 import threading
+import time
 
 import pytest
 import torch
+from app_helpers import RANDOM_BASE_MODEL, RANDOM_EXPERTS
 
 from quiver.app import ChatEngine, GenerationSettings, StrategySpec
-from quiver.app.demo import DEMO_BASE_MODEL, DEMO_EXPERTS, DEMO_LIBRARY
-from quiver.app.engine import _TokenQueue
+from quiver.app.engine import _Answer
 from quiver.errors import InvalidInputError, NotFoundError, RoutingError
 from quiver.registry import Library
 from quiver.routing import Arrow, route
 from quiver.routing.base_model import load_base_model
+from quiver.training import TrainConfig, build_elrea_library
 
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0)
 
 
 def answer(engine, strategy, message="Hello there", history=(), settings=GREEDY):
-    return list(engine.stream(message, list(history), strategy, settings))
+    """Every update of one answer (one per token the reader wakes for: no frame pacing)."""
+    return list(engine.stream(message, list(history), strategy, settings, frame_seconds=0))
+
+
+@pytest.fixture(scope="module")
+def engine(random_engine):
+    return random_engine
 
 
 @pytest.fixture(scope="module")
 def reference(local_registry):
-    """A second copy of the demo base model, to check the engine against."""
-    model, tokenizer = load_base_model(local_registry, DEMO_BASE_MODEL)
+    """A second copy of the base model, to check the engine against."""
+    model, tokenizer = load_base_model(local_registry, RANDOM_BASE_MODEL)
     return model, tokenizer
 
 
@@ -58,7 +68,7 @@ def test_the_answer_streams_and_is_the_routed_models_own(engine, reference):
     finally:
         routed.unroute()
     first = ids.shape[1] - 1
-    assert routing.experts == tuple(DEMO_EXPERTS)
+    assert routing.experts == tuple(RANDOM_EXPERTS)
     assert sorted(routing.layers) == sorted(expected)
     for layer, weights in routing.layers.items():
         replayed = expected[layer][0, first : first + len(generated)]
@@ -70,10 +80,68 @@ def test_the_answer_streams_and_is_the_routed_models_own(engine, reference):
 def test_one_expert_gets_all_the_weight(engine):
     _, routing = answer(engine, StrategySpec("single", expert="cobalt"))[-1]
 
-    one_hot = torch.zeros(len(DEMO_EXPERTS))
-    one_hot[DEMO_EXPERTS.index("cobalt")] = 1
+    one_hot = torch.zeros(len(RANDOM_EXPERTS))
+    one_hot[RANDOM_EXPERTS.index("cobalt")] = 1
     for weights in routing.layers.values():
         assert torch.equal(torch.tensor(weights), one_hot.expand(len(routing.tokens), -1))
+
+
+def test_arrow_per_sequence_keeps_the_prompts_choice_for_the_whole_answer(engine, reference):
+    strategy = StrategySpec("arrow", top_k=2, temperature=0.5, granularity="sequence")
+    text, routing = answer(engine, strategy)[-1]
+
+    model, tokenizer = reference
+    routed = route(model, engine.library, Arrow(top_k=2, temperature=0.5, granularity="sequence"))
+    try:
+        ids, _ = engine.prompt_ids("Hello there", [], GREEDY.max_new_tokens)
+        choice = routed.choose_experts(ids)
+        options = dict(max_new_tokens=GREEDY.max_new_tokens, do_sample=False, pad_token_id=0)
+        generated = routed.generate(ids, attention_mask=torch.ones_like(ids), **options)
+    finally:
+        routed.unroute()
+    assert text == tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+    chosen = torch.zeros(len(RANDOM_EXPERTS)).index_put_((choice.index[0],), choice.weights[0])
+    assert (chosen > 0).sum() == 2
+    torch.testing.assert_close(torch.tensor(routing.sequence), chosen)
+    for weights in routing.layers.values():  # every token used the prompt's choice
+        torch.testing.assert_close(torch.tensor(weights), chosen.expand(len(routing.tokens), -1))
+
+
+@pytest.fixture(scope="module")
+def elrea_library(local_registry, random_library):
+    """An ELREA library (a base adapter and two experts, a few steps each) on the random Llama,
+    built from prompts of two kinds: sums of digits and lowercase words to reverse."""
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(12):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        word = "".join(rng.choice("abcdefghij") for _ in range(6))
+        pairs += [(f"sum {a} {b} =", str(a + b)), (f"reverse {word}:", word[::-1])]
+    base, tokenizer = load_base_model(local_registry, RANDOM_BASE_MODEL)
+    fast = TrainConfig(rank=4, dropout=0.0, learning_rate=1e-2, max_steps=12, batch_size=8)
+    return build_elrea_library(
+        pairs, local_registry, "acme/elrea", base_model=base, tokenizer=tokenizer, k=2,
+        config=fast, projection_dim=256, progress=False,
+    ).repo_id  # fmt: skip
+
+
+@pytest.mark.slow  # builds an ELREA library: three short trainings and a gradient pass
+def test_elrea_weighs_each_prompt_once_for_the_whole_answer(local_registry, elrea_library):
+    engine = ChatEngine(local_registry, elrea_library)
+    text, routing = answer(engine, StrategySpec("elrea", top_k=2, temperature=0.5))[-1]
+
+    model, tokenizer = load_base_model(local_registry, RANDOM_BASE_MODEL)
+    routed = route(model, engine.library, "elrea", top_k=2, temperature=0.5)
+    ids, _ = engine.prompt_ids("Hello there", [], GREEDY.max_new_tokens)
+    options = dict(max_new_tokens=GREEDY.max_new_tokens, do_sample=False, pad_token_id=0)
+    generated = routed.generate(ids, attention_mask=torch.ones_like(ids), **options)
+    assert text == tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+    assert routing.experts == tuple(engine.library.names)  # the base adapter and the experts
+    sequence = torch.tensor(routing.sequence)
+    assert (sequence > 0).sum() == 2
+    torch.testing.assert_close(sequence.sum(), torch.tensor(1.0))
+    for weights in routing.layers.values():  # every token used the prompt's ensemble
+        torch.testing.assert_close(torch.tensor(weights), sequence.expand(len(routing.tokens), -1))
 
 
 def test_the_base_model_answers_unrouted(engine, reference):
@@ -102,38 +170,51 @@ def test_switching_strategies_back_and_forth_changes_nothing(engine):
     assert [r.layers for _, r in first] == [r.layers for _, r in again]
 
 
-def test_two_chats_at_once_each_get_their_own_answer_and_trace(engine):
+def test_two_chats_at_once_run_side_by_side_each_with_its_own_answer_and_trace(engine):
+    long = GenerationSettings(max_new_tokens=160)
     arrow, single = StrategySpec("arrow", top_k=2), StrategySpec("single", expert="dune")
-    alone = {s: answer(engine, s, message=f"about {s.name}")[-1] for s in (arrow, single)}
+    strategies = (arrow, single, StrategySpec("arrow", top_k=3, granularity="sequence"))
+    alone = [answer(engine, s, f"about {s.name}", settings=long)[-1] for s in strategies]
 
-    together = {}
+    together, times = {}, {}
+    start = threading.Barrier(len(strategies))
 
-    def chat(strategy):
-        together[strategy] = answer(engine, strategy, message=f"about {strategy.name}")[-1]
+    def chat(index, strategy):
+        start.wait(timeout=60)
+        updates, times[index] = [], []
+        for update in engine.stream(f"about {strategy.name}", [], strategy, long, frame_seconds=0):
+            times[index].append(time.monotonic())
+            updates.append(update)
+        together[index] = updates[-1]
 
-    threads = [threading.Thread(target=chat, args=(s,)) for s in (arrow, single, arrow, single)]
+    threads = [threading.Thread(target=chat, args=item) for item in enumerate(strategies)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=120)
+        thread.join(timeout=300)
 
-    for strategy, (text, routing) in together.items():
-        assert text == alone[strategy][0]
-        assert routing.layers == alone[strategy][1].layers
+    for index, (text, routing) in together.items():
+        assert text == alone[index][0]
+        assert routing == alone[index][1]
+    assert together[2][1].sequence is not None and together[0][1].sequence is None
+    # They ran at once: every chat had tokens streaming before every other chat was done.
+    for mine, other in itertools.permutations(times.values(), 2):
+        assert mine[0] < other[-1]
+        assert any(other[0] < t < other[-1] for t in mine)
 
 
 def test_a_reader_that_leaves_stops_the_answer(engine, monkeypatch):
     long = GenerationSettings(200)
     assert len(answer(engine, StrategySpec("arrow"), settings=long)[-1][1].tokens) == 200
     produced = []
-    put = _TokenQueue.put
-    monkeypatch.setattr(_TokenQueue, "put", lambda queue, v: (produced.append(v), put(queue, v)))
+    put = _Answer.put
+    monkeypatch.setattr(_Answer, "put", lambda answer, v: (produced.append(v), put(answer, v)))
 
     stream = engine.stream("Hello there", [], StrategySpec("arrow"), long)
     next(stream)
     stream.close()  # the page was closed mid-answer
 
-    with engine._lock:  # the worker has let go of the model
+    with engine._turns.swap():  # waits until the worker has let go of the model
         assert len(produced) < 100  # it stopped soon after, far from its 200 tokens
 
 
@@ -161,11 +242,13 @@ def test_gradio_message_parts_are_read_as_text(engine):
 
 def test_bad_strategies_and_settings_are_refused():
     with pytest.raises(InvalidInputError, match="unknown strategy"):
-        StrategySpec("elrea")
+        StrategySpec("moe")
     with pytest.raises(InvalidInputError, match="needs an expert"):
         StrategySpec("single")
     with pytest.raises(InvalidInputError, match="unknown mixing"):
         StrategySpec(mixing="both")
+    with pytest.raises(InvalidInputError, match="unknown granularity 'word'"):
+        StrategySpec(granularity="word")
     with pytest.raises(InvalidInputError, match="max_new_tokens"):
         GenerationSettings(max_new_tokens=0)
     with pytest.raises(InvalidInputError, match="top_p"):
@@ -180,14 +263,24 @@ def test_routing_errors_reach_the_reader(engine):
     assert answer(engine, StrategySpec("arrow"))[-1][1].layers  # still serving
 
 
-def test_swapping_libraries(local_registry, hub_server):
+def test_swapping_libraries(local_registry, random_library, hub_server):
     """(hub_server: the Hub that HF_ENDPOINT names answers "no such model" at once.)"""
-    engine = ChatEngine(local_registry, DEMO_LIBRARY)
+    engine = ChatEngine(local_registry, random_library)
     model = engine.model
-    Library.create(local_registry, "acme/empty-chat", base_model=DEMO_BASE_MODEL)
+    Library.create(local_registry, "acme/empty-chat", base_model=RANDOM_BASE_MODEL)
+    long = GenerationSettings(max_new_tokens=120)
+    uninterrupted = answer(engine, StrategySpec("arrow"), settings=long)[-1]
 
-    engine.load_library(local_registry, "acme/empty-chat")
+    running = engine.stream("Hello there", [], StrategySpec("arrow"), long, frame_seconds=0)
+    next(running)
+    swap = threading.Thread(target=engine.load_library, args=(local_registry, "acme/empty-chat"))
+    swap.start()
+    text, routing = list(running)[-1]  # the running chat ends on the library it started with
+    swap.join(timeout=60)
 
+    assert (text, routing) == uninterrupted
+    assert all(len(weights) == 120 for weights in routing.layers.values())
+    assert engine.library.repo_id == "acme/empty-chat"
     assert engine.model is model  # same base model: kept
     with pytest.raises(RoutingError, match="has no experts"):
         answer(engine, StrategySpec("arrow"))

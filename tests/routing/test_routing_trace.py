@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quiver.errors import IncompatibleExpertError
+from quiver.errors import IncompatibleExpertError, RoutingError
 from quiver.routing import (
     Arrow,
     compute_arrow_prototypes,
@@ -36,6 +36,30 @@ def test_trace_records_top_k_weights_per_token_module_and_layer(llama, expert_pa
     with torch.no_grad():
         routed(ids)  # outside the block nothing is recorded
     assert trace.module_weights("model.layers.1.mlp.down_proj").shape[1] == 9
+
+
+def test_trace_views_of_calls_that_chose_differently_many_experts(llama, expert_paths):
+    routed = route(llama, expert_paths(llama, n=3), "arrow", top_k=2)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.no_grad(), routed.trace() as trace:
+        routed(ids)
+        with routed.using("uniform"):
+            routed(ids[:, :2])
+
+    weights = trace.module_weights("model.layers.0.mlp.up_proj")
+    assert weights.shape == (2, 5, 3)
+    assert ((weights[:, :3] > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(weights[:, 3:], torch.full((2, 2, 3), 1 / 3))
+    steps = trace.step_layer_weights()[0]
+    assert steps.shape == (2, 2, 3)
+    torch.testing.assert_close(steps[:, 0], trace.layer_weights()[0][:, 2])
+    torch.testing.assert_close(steps[:, 1], torch.full((2, 3), 1 / 3))
+
+    with torch.no_grad(), routed.trace() as mixed:
+        routed(ids)
+        routed(ids[:1])
+    with pytest.raises(RoutingError, match=r"calls of \[1, 2\] batch rows"):
+        mixed.layer_weights()
 
 
 def test_trace_of_a_merge_shows_its_fixed_weights(llama, expert_paths):

@@ -3,18 +3,23 @@ and the ``chat`` API endpoint (``Client(url).predict(message, api_name="/chat")`
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import gradio as gr
 
-from quiver.app.engine import STRATEGIES, ChatEngine, GenerationSettings, StrategySpec
+from quiver.app.engine import (
+    STRATEGIES,
+    STRATEGY_OPTIONS,
+    ChatEngine,
+    GenerationSettings,
+    StrategySpec,
+)
 from quiver.app.errors import readable_errors
 from quiver.app.plots import MEAN, layer_choices, routing_figure, routing_summary
 
-FRAME_SECONDS = 0.05  # a streaming answer is sent at most 20 times a second (page and API)
 MODEL = "model"  # the concurrency group of every event that uses the shared model
+CONTROLLED = ("top_k", "temperature", "mixing", "granularity", "expert")  # options with a control
 
 
 @dataclass
@@ -23,11 +28,17 @@ class StrategyControls:
     top_k: gr.Slider
     temperature: gr.Slider
     mixing: gr.Radio
+    granularity: gr.Radio
     expert: gr.Dropdown
 
     @property
+    def options(self) -> list[gr.components.Component]:
+        """The controls of ``CONTROLLED``, in its order."""
+        return [self.top_k, self.temperature, self.mixing, self.granularity, self.expert]
+
+    @property
     def inputs(self) -> list[gr.components.Component]:
-        return [self.name, self.top_k, self.temperature, self.mixing, self.expert]
+        return [self.name, *self.options]
 
 
 @dataclass
@@ -78,10 +89,9 @@ def _top_k_range(experts: int) -> dict:
     return dict(maximum=max(2, experts), value=min(2, max(1, experts)))
 
 
-def _options_shown(strategy: str) -> tuple[bool, bool, bool, bool]:
-    """Which of top-k, router temperature, mixing and expert ``strategy`` uses."""
-    arrow = strategy == "arrow"
-    return arrow, arrow, strategy in ("arrow", "uniform"), strategy == "single"
+def _options_shown(strategy: str) -> list[bool]:
+    """Which of the ``CONTROLLED`` options ``strategy`` uses."""
+    return [option in STRATEGY_OPTIONS[strategy] for option in CONTROLLED]
 
 
 def _strategy_controls(engine: ChatEngine, title: str, default: str, key: str) -> StrategyControls:
@@ -107,35 +117,47 @@ def _strategy_controls(engine: ChatEngine, title: str, default: str, key: str) -
             label="Mixing",
             visible=shown[2],
         )
+        granularity = gr.Radio(
+            [("Route every token", "token"), ("Route the answer once, by its prompt", "sequence")],
+            value="sequence",  # the one that routes the demo's prompts right (README, Toy world)
+            label="Granularity",
+            visible=shown[3],
+            elem_id=f"granularity-{key}",
+        )
         expert = gr.Dropdown(
             engine.expert_names,
             value=engine.expert_names[0] if count else None,
             label="Expert",
-            visible=shown[3],
+            visible=shown[4],
             elem_id=f"expert-{key}",
         )
+    controls = StrategyControls(name, top_k, temperature, mixing, granularity, expert)
     name.change(
         lambda chosen: [gr.update(visible=shown) for shown in _options_shown(chosen)],
         name,
-        [top_k, temperature, mixing, expert],
+        controls.options,
         queue=False,
         api_visibility="private",
     )
-    return StrategyControls(name, top_k, temperature, mixing, expert)
+    return controls
 
 
-def _spec(name, top_k, temperature, mixing, expert) -> StrategySpec:
-    return StrategySpec(name, int(top_k), float(temperature), mixing, expert or None)
+def _spec(name, top_k, temperature, mixing, granularity, expert) -> StrategySpec:
+    return StrategySpec(
+        name, int(top_k), float(temperature), mixing, expert or None, granularity or "token"
+    )
 
 
-def _frames(stream: Iterator) -> Iterator:
-    """Pass on the first and the last item, and in between one item per frame at most."""
-    shown = 0.0
-    for text, routing in stream:
-        now = time.monotonic()
-        if routing is not None or now - shown >= FRAME_SECONDS:
-            shown = now
-            yield text, routing
+def _interleaved(streams: dict) -> Iterator[tuple]:
+    """``(key, item)`` from several iterators at once, taking turns, until all are done."""
+    live = dict(streams)
+    while live:
+        for key, stream in list(live.items()):
+            item = next(stream, None)
+            if item is None:
+                del live[key]
+            else:
+                yield key, item
 
 
 def _answer_column(title: str, key: str, visible: bool):
@@ -149,7 +171,10 @@ def _answer_column(title: str, key: str, visible: bool):
     return column, chatbot, figure, summary, view
 
 
-def chat_tab(engine: ChatEngine, concurrency: int) -> ChatTab:
+def chat_tab(
+    engine: ChatEngine, concurrency: int, examples: Sequence[str] | None = None
+) -> ChatTab:
+    """The tab; ``examples``: messages to offer under the message box."""
     info = gr.Markdown(engine.describe())
     with gr.Row():
         _, *pane_a = _answer_column("Answer", "a", True)
@@ -174,27 +199,37 @@ def chat_tab(engine: ChatEngine, concurrency: int) -> ChatTab:
         )
         send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         clear = gr.Button("Clear", scale=1)
+    if examples:
+        gr.Examples(list(examples), message, label="Try")
     panes = (
         ChatPane(*pane_a, gr.State(), controls_a),
         ChatPane(*pane_b, gr.State(), controls_b),
     )
 
+    per_pane = len(controls_a.inputs)
+
     @readable_errors
     def respond(message_text, history_a, history_b, both, *values):
-        strategies = [_spec(*values[:5]), _spec(*values[5:10])][: 2 if both else 1]
-        settings = GenerationSettings(int(values[10]), float(values[11]), float(values[12]))
+        """Answer with one strategy, or with two at once (side by side), streamed."""
+        specs = [_spec(*values[:per_pane]), _spec(*values[per_pane : 2 * per_pane])]
+        max_new_tokens, temperature, top_p = values[2 * per_pane :]
+        settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
         user = {"role": "user", "content": message_text}
-        for pane, strategy, before in zip(panes, strategies, (history_a, history_b), strict=False):
-            stream = engine.stream(message_text, before or [], strategy, settings)
-            for text, routing in _frames(stream):
-                history = [*(before or []), user, {"role": "assistant", "content": text}]
-                update = {message: "", pane.chatbot: history}  # the message stays if refused
-                if routing is not None:
-                    update[pane.figure] = routing_figure(routing, MEAN, strategy.label)
-                    update[pane.summary] = routing_summary(routing)
-                    update[pane.routing] = (strategy.label, routing)
-                    update[pane.view] = gr.update(choices=layer_choices(routing), value=MEAN)
-                yield update
+        asked = list(zip(panes, specs, (history_a or [], history_b or []), strict=True))
+        streams = {
+            index: engine.stream(message_text, before, strategy, settings)
+            for index, (_, strategy, before) in enumerate(asked[: 2 if both else 1])
+        }
+        for index, (text, routing) in _interleaved(streams):
+            pane, strategy, before = asked[index]
+            history = [*before, user, {"role": "assistant", "content": text}]
+            update = {message: "", pane.chatbot: history}  # the message stays if refused
+            if routing is not None:
+                update[pane.figure] = routing_figure(routing, MEAN, strategy.label)
+                update[pane.summary] = routing_summary(routing)
+                update[pane.routing] = (strategy.label, routing)
+                update[pane.view] = gr.update(choices=layer_choices(routing), value=MEAN)
+            yield update
 
     inputs = [message, panes[0].chatbot, panes[1].chatbot, side_by_side, *controls_a.inputs]
     inputs += [*controls_b.inputs, max_new_tokens, temperature, top_p]
@@ -240,6 +275,7 @@ def _chat_endpoint(engine: ChatEngine, concurrency: int) -> None:
         top_k: int = 2,
         router_temperature: float = 1.0,
         mixing: str = "outputs",
+        granularity: str = "token",
         expert: str = "",
         max_new_tokens: int = 64,
         temperature: float = 0.0,
@@ -247,12 +283,16 @@ def _chat_endpoint(engine: ChatEngine, concurrency: int) -> None:
         history: list | None = None,
     ) -> Iterator[tuple[str, dict]]:
         """Answer a message with the routed model, streamed as it is written (at most 20 updates
-        a second). Each update is [answer so far, routing]; routing is null until the answer is
-        complete, then {experts, tokens, mean: [token][expert], layers: {layer: [token][expert]}}.
+        a second). strategy: arrow, elrea (a library built with build-elrea), uniform, single
+        (with expert) or base; Arrow routes every token (granularity "token") or the whole
+        answer once by its prompt ("sequence"). Each update is [answer so far, routing]; routing
+        is null until the answer is complete, then {experts, tokens, mean: [token][expert],
+        layers: {layer: [token][expert]}, sequence: [expert] weights of the whole answer (Arrow
+        per sequence, ELREA) or null}.
         """
-        spec = _spec(strategy, top_k, router_temperature, mixing, expert)
+        spec = _spec(strategy, top_k, router_temperature, mixing, granularity, expert)
         settings = GenerationSettings(max_new_tokens, temperature, top_p)
-        for text, routing in _frames(engine.stream(message, history or [], spec, settings)):
+        for text, routing in engine.stream(message, history or [], spec, settings):
             yield text, routing.to_dict() if routing else None
 
     gr.api(chat, api_name="chat", concurrency_limit=concurrency, concurrency_id=MODEL)

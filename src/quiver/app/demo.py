@@ -1,80 +1,79 @@
-"""The embedded default: a demo library, installed into a registry on first use, offline, at once.
+"""The embedded default: the toy world's demo library, installed into a registry on first use.
 
-Until the toy world's trained demo library lands, it is built from ``quiver.testing``: a tiny
-random Llama with a byte-level tokenizer, stored as a model repo, and four random LoRA experts
-pushed as expert repos and referenced by one library with its Arrow prototypes. It routes and
-streams like the real thing but talks nonsense. ``ensure_demo_library`` is the one seam: the toy
-world's installer replaces its body.
+``quiver.toyworld`` ships it in the package: a tiny trained Llama (word-level tokenizer, 32
+positions), one LoRA expert per MBC cluster of its tasks (digits, letters, symbols, colour words),
+bundled in the library with its Arrow prototypes; it installs offline in well under a second.
+``ensure_demo_library`` is the app's one seam to it.
+
+``install_random_library`` puts random LoRA experts over any model into a registry: the app on a
+model of a size of your choosing (``benchmarks/app.py`` measures the app so), with answers as long
+as asked for.
 """
 
 from __future__ import annotations
 
-import string
 import tempfile
 from pathlib import Path
 
-from quiver.errors import NotFoundError
 from quiver.registry import Expert, Library, Registry
 from quiver.routing import compute_arrow_prototypes, save_prototypes
 from quiver.routing.arrow import ARTIFACT_NAME
 from quiver.routing.base_model import push_base_model
-from quiver.testing import make_random_expert, tiny_model, tiny_tokenizer
+from quiver.testing import make_random_expert
+from quiver.toyworld import DEMO_BASE_MODEL, DEMO_LIBRARY, install_demo
 
-DEMO_BASE_MODEL = "quiver-demo/tiny-llama"
-DEMO_LIBRARY = "quiver-demo/random-experts"
-DEMO_EXPERTS = ("amber", "birch", "cobalt", "dune")
-_DESCRIPTION = (
-    "A random LoRA expert of Quiver's built-in demo (not trained: it changes the tiny random "
-    "base model's outputs, nothing more)."
+__all__ = [
+    "DEMO_BASE_MODEL",
+    "DEMO_LIBRARY",
+    "DEMO_PROMPTS",
+    "ensure_demo_library",
+    "install_random_library",
+]
+
+# The demo's language: an instruction, a colon, 3 to 6 digits, capitals, symbols or colour words.
+# Arrow per sequence routes these to the right expert (colour words and symbols most often; see
+# the README's toy world for how often, and the letters it mostly sends elsewhere).
+DEMO_PROMPTS = (
+    "map each : purple black brown white",
+    "map last : @ $ + ^",
+    "map each : 5 7 6 3",
+    "map ends : 6 2 4 9 5 8",
 )
 
-
-def _installed(registry: Registry) -> bool:
-    """Whether the demo library is complete (its prototypes are the last thing written)."""
-    try:
-        library = Library.open(registry, DEMO_LIBRARY)
-    except NotFoundError:
-        return False
-    if ARTIFACT_NAME in library.manifest.artifacts:
-        return True
-    registry.delete(DEMO_LIBRARY)  # an install that was cut short: start over
-    return False
-
-
-def _demo_base_model():
-    """The tiny random Llama. Its generation config suppresses every token but lowercase letters,
-    the space and the end of text, so that its nonsense is at least readable."""
-    model = tiny_model("llama", seed=0, hidden=64, layers=4, max_position_embeddings=512)
-    tokenizer = tiny_tokenizer()
-    readable = set(string.ascii_lowercase + " ")
-    model.generation_config.suppress_tokens = [
-        token
-        for token in range(model.config.vocab_size)
-        if token != tokenizer.eos_token_id and tokenizer.decode([token]) not in readable
-    ]
-    model.name_or_path = DEMO_BASE_MODEL  # the experts' adapter_config names it
-    return model, tokenizer
+_RANDOM_EXPERT = (
+    "A random LoRA expert (not trained: it changes the base model's outputs, nothing more)."
+)
 
 
 def ensure_demo_library(registry: Registry) -> str:
     """The demo library's repo id in ``registry``, installing it (and its base model) if needed."""
-    if _installed(registry):
-        return DEMO_LIBRARY
-    model, tokenizer = _demo_base_model()
-    push_base_model(registry, DEMO_BASE_MODEL, model, tokenizer)
+    return install_demo(registry)
+
+
+def install_random_library(
+    registry: Registry,
+    library_id: str,
+    model,
+    tokenizer,
+    *,
+    experts: tuple[str, ...] = ("amber", "birch", "cobalt", "dune"),
+    rank: int = 4,
+    description: str = "Random LoRA experts.",
+) -> Library:
+    """Push ``model`` (as the repo its ``name_or_path`` names), a random LoRA expert per name of
+    ``experts`` (task ``random``, in the library's namespace) and the library of them with its
+    Arrow prototypes."""
+    push_base_model(registry, model.name_or_path, model, tokenizer)
     library = Library.create(
-        registry,
-        DEMO_LIBRARY,
-        base_model=DEMO_BASE_MODEL,
-        description="Quiver's built-in demo: random LoRA experts on a tiny random Llama.",
+        registry, library_id, base_model=model.name_or_path, description=description
     )
-    with tempfile.TemporaryDirectory(prefix="quiver-demo-") as scratch:
-        for seed, name in enumerate(DEMO_EXPERTS):
-            folder = make_random_expert(model, Path(scratch) / name, rank=4, seed=seed)
-            expert = Expert.from_folder(folder, tasks=["demo"], description=_DESCRIPTION)
-            library.add(registry.push(expert, f"quiver-demo/{name}"))
+    namespace = library_id.split("/")[0]
+    with tempfile.TemporaryDirectory(prefix="quiver-random-") as scratch:
+        for seed, name in enumerate(experts):
+            folder = make_random_expert(model, Path(scratch) / name, rank=rank, seed=seed)
+            expert = Expert.from_folder(folder, tasks=["random"], description=_RANDOM_EXPERT)
+            library.add(registry.push(expert, f"{namespace}/{name}"))
         prototypes = save_prototypes(
             compute_arrow_prototypes(library), Path(scratch) / "prototypes.safetensors"
         )
-        library.add_artifact(ARTIFACT_NAME, prototypes)
-    return DEMO_LIBRARY
+        return library.add_artifact(ARTIFACT_NAME, prototypes)

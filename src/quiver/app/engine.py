@@ -1,19 +1,23 @@
 """The one model in memory, shared by every session: every chat goes through ``ChatEngine.stream``.
 
-Today ``quiver.route`` wraps the base model's layers in place with one strategy, so the engine
-serialises model access with a lock: a chat takes it, routes the model with its strategy if
-another one is active, generates, records its own routing trace and lets go. A second chat waits
-for the first (Gradio's queue keeps the page responsive meanwhile). Everything about that lives
-here, so per-call strategies in ``quiver.routing`` can later let chats run side by side without
-touching the UI.
+The base model is routed once over the library (``quiver.route``, adding nothing by itself), and
+each chat runs its own strategy on it through ``routed.using(...)`` with its own trace: chats run
+side by side (as many as the app's queue lets in) without waiting for each other. Only a library
+swap waits for the running chats and has the model alone.
+
+An answer is generated in a worker thread and read in the caller's: the worker only appends each
+new token id (``generate``'s streamer); the reader wakes once per frame, decodes the ids that came
+since the last frame and yields the text so far; the routing is read from the trace once, at the
+end.
 """
 
 from __future__ import annotations
 
-import queue
+import math
 import threading
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,54 +26,65 @@ from transformers.generation.streamers import BaseStreamer
 
 from quiver.errors import InvalidInputError, QuiverError, RoutingError
 from quiver.registry import Library, Registry
-from quiver.routing import Arrow, Merge, RoutedModel, RoutingTrace, route, single
+from quiver.routing import RoutedModel, RoutingTrace, route
 from quiver.routing.base_model import load_base_model
 
 STRATEGIES = {
     "arrow": "Arrow",
+    "elrea": "ELREA",
     "uniform": "Uniform merge",
     "single": "One expert",
     "base": "Base model",
 }
+# The StrategySpec fields each strategy passes to ``routed.using(name, **options)``: a strategy
+# that routing adds needs a line here and in STRATEGIES (and its label), nothing else.
+STRATEGY_OPTIONS = {
+    "arrow": ("top_k", "temperature", "mixing", "granularity"),
+    "elrea": ("top_k", "temperature"),  # needs a library built with build-elrea
+    "uniform": ("mixing",),
+    "single": ("expert",),
+    "base": (),
+}
 MIXINGS = ("outputs", "parameters")
+GRANULARITIES = ("token", "sequence")
+FRAME_SECONDS = 0.05  # a streaming answer is shown at most 20 times a second
 
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """How to route one chat: a strategy name and its options (validated when it is built)."""
+    """How to route one chat: a strategy name and its options (routing validates the rest)."""
 
     name: str = "arrow"
     top_k: int = 2
-    temperature: float = 1.0  # Arrow's router temperature
+    temperature: float = 1.0  # Arrow's router temperature, ELREA's softmax temperature
     mixing: str = "outputs"  # Arrow and uniform: mix the experts' outputs or their parameters
     expert: str | None = None  # "single": the expert to use
+    granularity: str = "token"  # Arrow: route every token, or each answer once by its prompt
 
     def __post_init__(self) -> None:
-        if self.name not in STRATEGIES:
-            raise InvalidInputError(
-                f"unknown strategy {self.name!r}", hint=f"use one of {', '.join(STRATEGIES)}"
-            )
-        if self.mixing not in MIXINGS:
-            raise InvalidInputError(
-                f"unknown mixing {self.mixing!r}", hint=f"use one of {', '.join(MIXINGS)}"
-            )
+        for option, value, allowed in (
+            ("strategy", self.name, STRATEGIES),
+            ("mixing", self.mixing, MIXINGS),
+            ("granularity", self.granularity, GRANULARITIES),
+        ):
+            if value not in allowed:
+                raise InvalidInputError(
+                    f"unknown {option} {value!r}", hint=f"use one of {', '.join(allowed)}"
+                )
         if self.name == "single" and not self.expert:
             raise InvalidInputError("the one-expert strategy needs an expert", hint="choose one")
 
-    def build(self) -> Arrow | Merge | None:
-        """The routing strategy object, or None for the plain base model."""
-        if self.name == "arrow":
-            return Arrow(top_k=int(self.top_k), temperature=self.temperature, mixing=self.mixing)
-        if self.name == "uniform":
-            return Merge(mixing=self.mixing)
-        if self.name == "single":
-            return single(self.expert)
-        return None
+    def using(self) -> tuple[str, dict]:
+        """The routing strategy's name and options, for ``routed.using``."""
+        return self.name, {option: getattr(self, option) for option in STRATEGY_OPTIONS[self.name]}
 
     @property
     def label(self) -> str:
         if self.name == "arrow":
-            return f"Arrow top-{self.top_k}, T={self.temperature:g}, {self.mixing} mixing"
+            per = ", per sequence" if self.granularity == "sequence" else ""
+            return f"Arrow top-{self.top_k}, T={self.temperature:g}, {self.mixing} mixing{per}"
+        if self.name == "elrea":
+            return f"ELREA top-{self.top_k}, T={self.temperature:g}"
         if self.name == "uniform":
             return f"Uniform merge, {self.mixing} mixing"
         if self.name == "single":
@@ -106,12 +121,15 @@ class TokenRouting:
     """What each expert got for every generated token: ``layers[layer][token][expert]``.
 
     Column ``t`` is the routing of the forward pass that produced generated token ``t`` (at the
-    last prompt position for the first token, at token ``t - 1`` for the others).
+    last prompt position for the first token, at token ``t - 1`` for the others). ``sequence``:
+    for a strategy that chooses once per prompt (Arrow per sequence, ELREA), the weight each
+    expert got for the whole answer.
     """
 
     experts: tuple[str, ...]
     tokens: tuple[str, ...]
     layers: dict[int, list[list[float]]]
+    sequence: tuple[float, ...] | None = None
 
     def mean(self) -> list[list[float]]:
         """``[token][expert]`` averaged over layers (empty when nothing was routed)."""
@@ -125,25 +143,33 @@ class TokenRouting:
             "tokens": list(self.tokens),
             "mean": self.mean(),
             "layers": {str(layer): weights for layer, weights in self.layers.items()},
+            "sequence": list(self.sequence) if self.sequence is not None else None,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> TokenRouting:
         layers = {int(layer): weights for layer, weights in data["layers"].items()}
-        return cls(tuple(data["experts"]), tuple(data["tokens"]), layers)
+        sequence = data.get("sequence")
+        return cls(
+            tuple(data["experts"]),
+            tuple(data["tokens"]),
+            layers,
+            tuple(sequence) if sequence is not None else None,
+        )
 
     @classmethod
-    def from_trace(
-        cls, trace: RoutingTrace | None, prompt_length: int, tokens: Sequence[str]
-    ) -> TokenRouting:
+    def from_trace(cls, trace: RoutingTrace | None, tokens: Sequence[str]) -> TokenRouting:
+        """The routing of a generation's ``tokens`` from its trace: one step per token."""
         if trace is None or not trace.modules:
             return cls((), tuple(tokens), {})
-        first, count = prompt_length - 1, len(tokens)
+        count = len(tokens)
         layers = {
-            layer: weights[0, first : first + count].tolist()
-            for layer, weights in trace.layer_weights().items()
+            layer: weights[0, :count].tolist()
+            for layer, weights in trace.step_layer_weights().items()
         }
-        return cls(tuple(trace.expert_names), tuple(tokens), layers)
+        chosen = trace.sequence_weights()
+        sequence = tuple(chosen[0].get(e, 0.0) for e in trace.expert_names) if chosen else None
+        return cls(tuple(trace.expert_names), tuple(tokens), layers, sequence)
 
 
 class _Stop(StoppingCriteria):
@@ -157,31 +183,111 @@ class _Stop(StoppingCriteria):
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-class _TokenQueue(BaseStreamer):
-    """Hands each new token id to the reading thread (``generate`` first puts the prompt)."""
+class _Detokenizer:
+    """The text of a growing list of token ids, decoding only the ids since the last call and the
+    few before them (which tokenizers that drop a word's leading space, or spread a character
+    over several ids, need), the way text-generation-inference streams."""
 
-    def __init__(self, out: queue.Queue) -> None:
-        self.out = out
-        self.prompt_seen = False
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.text = tokenizer, ""
+        self.prefix = self.read = 0  # ids[prefix:read] were decoded last time
+
+    def __call__(self, ids: list[int]) -> str:
+        end = len(ids)  # another thread may append meanwhile
+        before = self.tokenizer.decode(ids[self.prefix : self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[self.prefix : end], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # no half character
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, end
+        return self.text
+
+
+class _Answer(BaseStreamer):
+    """One answer between the worker that generates it and the reader that shows it. As
+    ``generate``'s streamer, the worker appends each new token id and flags it, nothing more; at
+    the end it leaves the whole text and routing, or the error."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.news = threading.Event()  # something came since the reader last looked
+        self.finished = threading.Event()  # the whole answer, or an error, is there
+        self.left = threading.Event()  # the reader has gone: stop generating
+        self.detokenizer: _Detokenizer | None = None  # set by the worker before the first id
+        self.result: tuple[str, TokenRouting] | None = None
+        self.error: Exception | None = None
+        self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
+        if not self._prompt_seen:  # generate first puts the prompt
+            self._prompt_seen = True
             return
-        for token in value.flatten().tolist():
-            self.out.put(("token", token))
+        self.ids.extend(value.flatten().tolist())
+        self.news.set()
 
     def end(self) -> None:
-        """The worker signals the end itself, with the routing it recorded."""
+        """The worker ends the answer itself (``finish``), with its text and routing."""
+
+    def finish(self, result=None, error: Exception | None = None) -> None:
+        self.result, self.error = result, error
+        self.finished.set()
+        self.news.set()
+
+    def frames(
+        self, frame_seconds: float, worker: threading.Thread
+    ) -> Iterator[tuple[str, TokenRouting | None]]:
+        """The reader's side: the text so far when ids have come, at most once a frame (the
+        first at once), then the whole answer with its routing once ``worker`` is done."""
+        shown = -math.inf
+        try:
+            while True:
+                self.news.wait()
+                self.finished.wait(shown + frame_seconds - time.monotonic())  # frame or end
+                self.news.clear()
+                if self.finished.is_set():
+                    worker.join()  # it only has its call's routing context left to leave
+                    if self.error is not None:
+                        raise self.error
+                    yield self.result
+                    return
+                yield self.detokenizer(self.ids), None
+                shown = time.monotonic()
+        finally:
+            self.left.set()  # the reader is done (or gone): let the worker finish now
 
 
-def _drain(out: queue.Queue) -> list:
-    """The next item (waiting for it) and every other item already there."""
-    items = [out.get()]
-    with suppress(queue.Empty):
-        while True:
-            items.append(out.get_nowait())
-    return items
+class _Turns:
+    """Chats share the model; a library swap waits for the running chats and has it alone (chats
+    that come meanwhile wait for the swap)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._chats = 0
+        self._swapping = False
+
+    @contextmanager
+    def chat(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._swapping)
+            self._chats += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._chats -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def swap(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._swapping)
+            self._swapping = True
+            self._changed.wait_for(lambda: self._chats == 0)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._swapping = False
+                self._changed.notify_all()
 
 
 def _message_text(content) -> str:
@@ -196,7 +302,7 @@ def _message_text(content) -> str:
 
 
 class ChatEngine:
-    """One base model routed over one library, streamed to any number of sessions."""
+    """One base model routed over one library, streamed to any number of sessions at once."""
 
     def __init__(
         self,
@@ -206,41 +312,42 @@ class ChatEngine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._lock = threading.Lock()
+        self._turns = _Turns()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
-        self._load(registry, library_id)
+        self.model = self.tokenizer = self._base_model = None
+        self.routed: RoutedModel | None = None
+        self._use(registry, Library.pull(registry, library_id))
 
     # -- the library ----------------------------------------------------------------------------
-    def _load(self, registry: Registry, library_id: str) -> None:
-        library = Library.pull(registry, library_id)
-        self.model, self.tokenizer = load_base_model(
-            registry, library.manifest.base_model, dtype=self.dtype, device=self.device
-        )
+    def _use(self, registry: Registry, library: Library) -> None:
+        """Route the base model ``library`` names over its experts (loading the model unless it
+        is the one in memory, which is freed first)."""
+        base_model = library.manifest.base_model
+        if base_model != self._base_model:
+            self.model = self.tokenizer = self._base_model = None
+            self.model, self.tokenizer = load_base_model(
+                registry, base_model, dtype=self.dtype, device=self.device
+            )
+            self._base_model = base_model
+        # Routed with no strategy of its own: every chat chooses one with routed.using().
+        self.routed = route(self.model, library, "base") if library.names else None
         self.registry, self.library = registry, library
-        self._routed: RoutedModel | None = None
-        self._active: StrategySpec | None = None
 
     def load_library(self, registry: Registry, library_id: str) -> None:
         """Chat with another library from now on, once running chats are done. The base model
-        stays if both name the same one; otherwise the old one is freed before the new loads
-        (and loaded again if the new one cannot be)."""
+        stays if both name the same one; if the new library cannot be used, the old comes back."""
         library = Library.pull(registry, library_id)  # verified and fetched before anything goes
-        with self._lock:
-            self._unroute()
-            if library.manifest.base_model != self.library.manifest.base_model:
-                previous = (self.registry, self.library.manifest.base_model)
-                self.model = self.tokenizer = None
-                try:
-                    self.model, self.tokenizer = load_base_model(
-                        registry, library.manifest.base_model, dtype=self.dtype, device=self.device
-                    )
-                except QuiverError:
-                    self.model, self.tokenizer = load_base_model(
-                        *previous, dtype=self.dtype, device=self.device
-                    )
-                    raise
-            self.registry, self.library = registry, library
+        with self._turns.swap():
+            previous = (self.registry, self.library)
+            if self.routed is not None:
+                self.model = self.routed.unroute()
+                self.routed = None
+            try:
+                self._use(registry, library)
+            except QuiverError:
+                self._use(*previous)
+                raise
 
     @property
     def expert_names(self) -> list[str]:
@@ -304,77 +411,54 @@ class ChatEngine:
         history: Sequence[dict],
         strategy: StrategySpec,
         settings: GenerationSettings,
+        *,
+        frame_seconds: float = FRAME_SECONDS,
     ) -> Iterator[tuple[str, TokenRouting | None]]:
-        """Yield the answer so far whenever new tokens are ready (after every token while the
-        reader keeps up, several at once when it lags), then the whole answer with its routing."""
-        out: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        job = (message, list(history), strategy, settings, out, stop)
-        threading.Thread(target=self._generate, args=job, daemon=True).start()
-        ids: list[int] = []
-        try:
-            while True:
-                routing = None
-                for kind, value in _drain(out):
-                    if kind == "error":
-                        raise value
-                    if kind == "done":
-                        routing = value
-                    else:
-                        ids.append(value)
-                yield self._decode(ids), routing
-                if routing is not None:
-                    return
-        finally:
-            stop.set()  # the reader is done (or gone): let the worker finish now
+        """Start answering at once (beside any other chat); the iterator yields the answer so far
+        at most once every ``frame_seconds`` (the first token at once), then the whole answer
+        with its routing. Closing the iterator stops the answer."""
+        answer = _Answer()
+        job = (message, list(history), strategy, settings, answer)
+        worker = threading.Thread(target=self._answer, args=job, daemon=True)
+        worker.start()
+        return answer.frames(frame_seconds, worker)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _generate(self, message, history, strategy, settings, out, stop) -> None:
-        """The worker: owns the model (and its tokenizer, which a library swap may replace) while
-        it reads the chat, generates one answer and records its routing."""
+    def _answer(self, message, history, strategy, settings, answer: _Answer) -> None:
+        """The worker: reads the chat, generates one answer with its strategy and routing."""
         try:
-            with self._lock:
-                if stop.is_set():
-                    return
+            with self._turns.chat():
                 input_ids, max_new_tokens = self.prompt_ids(
                     message, history, settings.max_new_tokens
                 )
-                model = self._use(strategy)
-                tracing = model.trace() if isinstance(model, RoutedModel) else nullcontext()
-                with tracing as trace:
+                answer.detokenizer = _Detokenizer(self.tokenizer)
+                with self._routing(strategy) as (model, trace):
                     output = model.generate(
                         input_ids,
                         attention_mask=torch.ones_like(input_ids),
-                        streamer=_TokenQueue(out),
-                        stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
+                        streamer=answer,
+                        stopping_criteria=StoppingCriteriaList([_Stop(answer.left)]),
                         pad_token_id=self._pad_token_id,
                         **settings.generate_kwargs(max_new_tokens),
                     )
-                new = output[0, input_ids.shape[1] :].tolist()
-                tokens = [self.tokenizer.decode([token]) for token in new]
-                out.put(("done", TokenRouting.from_trace(trace, input_ids.shape[1], tokens)))
+                    new = output[0, input_ids.shape[1] :].tolist()
+                    text = self.tokenizer.decode(new, skip_special_tokens=True)
+                    tokens = self.tokenizer.batch_decode([[token] for token in new])
+                    answer.finish((text, TokenRouting.from_trace(trace, tokens)))
         except Exception as error:  # handed to the reader, who raises it in the request
-            out.put(("error", error))
+            answer.finish(error=error)
 
-    def _use(self, strategy: StrategySpec):
-        """The model routed with ``strategy`` (re-routing it if another strategy is active)."""
-        if strategy == self._active:
-            return self._routed or self.model
-        if strategy.name != "base" and not self.expert_names:
-            raise RoutingError(
-                f"library {self.library.repo_id} has no experts",
-                hint="add experts in the Library tab, or chat with the base model",
-            )
-        built = strategy.build()  # validate before unrouting anything
-        self._unroute()
-        if built is not None:
-            self._routed = route(self.model, self.library, built)
-        self._active = strategy
-        return self._routed or self.model
-
-    def _unroute(self) -> None:
-        if self._routed is not None:
-            self.model = self._routed.unroute()
-        self._routed, self._active = None, None
+    @contextmanager
+    def _routing(self, strategy: StrategySpec) -> Iterator[tuple[torch.nn.Module, RoutingTrace]]:
+        """The model routed by ``strategy`` for this call only, and the trace it records (none
+        for the base model of a library without experts)."""
+        if self.routed is None:
+            if strategy.name != "base":
+                raise RoutingError(
+                    f"library {self.library.repo_id} has no experts",
+                    hint="add experts in the Library tab, or chat with the base model",
+                )
+            yield self.model, None
+            return
+        name, options = strategy.using()
+        with self.routed.using(name, **options), self.routed.trace() as trace:
+            yield self.routed, trace

@@ -1,16 +1,15 @@
-"""What the Library tab does, without the UI: compose, describe, compare, add prototypes, push."""
+"""What the Library tab does, without the UI: compose, describe, cluster, add prototypes."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-import torch
-
 from quiver.errors import IncompatibleExpertError, InvalidInputError
 from quiver.registry import Library, Registry
-from quiver.routing import ExpertSet, compute_arrow_prototypes, load_experts, save_prototypes
+from quiver.routing import compute_arrow_prototypes, save_prototypes
 from quiver.routing.arrow import ARTIFACT_NAME
+from quiver.training import Clustering, cluster_experts
 
 
 def compose(
@@ -52,22 +51,20 @@ def expert_rows(library: Library) -> list[list[str]]:
     ]
 
 
-def expert_similarity(experts: ExpertSet) -> torch.Tensor:
-    """Pairwise cosine similarity ``[E, E]`` of the experts' weight updates ``s B A``, all modules
-    pooled, from the low-rank factors: ``<B_i A_i, B_j A_j> = tr((B_i^T B_j)(A_j A_i^T))``."""
-    count = len(experts.names)
-    inner = torch.zeros(count, count, dtype=torch.float64)
-    for stack in experts.modules.values():
-        lora_a, lora_b = stack.A.double(), stack.scaled_B().double()
-        b_gram = torch.einsum("ior,jos->ijrs", lora_b, lora_b)  # B_i^T B_j
-        a_gram = torch.einsum("irk,jsk->ijrs", lora_a, lora_a)  # A_i A_j^T
-        inner += (b_gram * a_gram).sum((2, 3))
-    norms = inner.diagonal().sqrt().clamp_min(1e-30)
-    return (inner / norms[:, None] / norms[None, :]).float()
+def cluster_library(library: Library, k: int | None = None) -> Clustering:
+    """MBC's clusters of the library's experts by the cosine of their weight updates
+    (``quiver.training``), with ``k`` clusters, or as many as the silhouette suggests."""
+    if len(library.names) < 2:
+        raise InvalidInputError(
+            f"library {library.repo_id} has fewer than two experts: nothing to compare",
+            hint="add experts to the library",
+        )
+    return cluster_experts(library, k=k or None)
 
 
-def library_similarity(library: Library) -> torch.Tensor:
-    return expert_similarity(load_experts(library, dtype=torch.float32))
+def cluster_rows(clustering: Clustering) -> list[list[str]]:
+    """One table row per cluster: its name and its experts."""
+    return [[name, ", ".join(experts)] for name, experts in clustering.clusters.items()]
 
 
 def store_prototypes(library: Library) -> Library:

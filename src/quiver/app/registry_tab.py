@@ -16,17 +16,18 @@ REGISTRY_INFO = "Empty: the local store ($QUIVER_HOME). Or 'hf', a Hub URL, a fo
 TQDM = gr.Progress(track_tqdm=True)  # a handler's default: pulls show their progress in the page
 
 
-def registry_of(spec: str, token: str) -> Registry:
+def registry_of(spec: str | None, token: str | None) -> Registry:
     """The registry a session chose (a Registry object is cheap: no request is made here). On a
-    shared Space, visitors may not open folders of the server's disk as registries."""
-    spec = spec.strip()
+    shared Space, visitors may not open folders of the server's disk as registries. (A page
+    sends None for a textbox nobody has typed in.)"""
+    spec, token = (spec or "").strip(), (token or "").strip()
     is_folder = spec and spec != "hf" and not spec.startswith(("http://", "https://"))
     if os.environ.get("SPACE_ID") and is_folder and spec != LocalRegistry().location:
         raise InvalidInputError(
             f"{spec!r} is a folder, and this app runs on a shared Space",
             hint="use 'hf', a Hub URL, or leave it empty for the Space's own store",
         )
-    return open_registry(spec or None, token=token.strip() or None)
+    return open_registry(spec or None, token=token or None)
 
 
 @dataclass
@@ -40,13 +41,13 @@ def registry_tab(default_spec: str | None) -> RegistryTab:
     with gr.Row():
         spec = gr.Textbox(default_spec or "", label="Registry", info=REGISTRY_INFO, scale=3)
         token = gr.Textbox(
-            label="Token", type="password", info="For private repos and pushing.", scale=2
+            "", label="Token", type="password", info="For private repos and pushing.", scale=2
         )
     with gr.Row():
-        base_model = gr.Textbox(label="Base model", placeholder="e.g. meta-llama/Llama-3.2-1B")
-        task = gr.Textbox(label="Task")
-        tag = gr.Textbox(label="Tag")
-        query = gr.Textbox(label="Text")
+        base_model = gr.Textbox("", label="Base model", placeholder="e.g. meta-llama/Llama-3.2-1B")
+        task = gr.Textbox("", label="Task")
+        tag = gr.Textbox("", label="Tag")
+        query = gr.Textbox("", label="Text")
         kind = gr.Radio(
             [("Any", ""), ("Experts", "expert"), ("Libraries", "library")], value="", label="Kind"
         )
@@ -60,7 +61,9 @@ def registry_tab(default_spec: str | None) -> RegistryTab:
         info="Pick from the results, or type repo ids.",
     )
     with gr.Row():
-        repo = gr.Textbox(label="Repo", placeholder="namespace/name, or pick a row above", scale=3)
+        repo = gr.Textbox(
+            "", label="Repo", placeholder="namespace/name, or pick a row above", scale=3
+        )
         show = gr.Button("Show card", scale=1)
         pull = gr.Button("Pull", scale=1)
     with gr.Row():

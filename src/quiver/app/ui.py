@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from quiver.app.chat_tab import chat_tab
-from quiver.app.demo import ensure_demo_library
+from quiver.app.demo import DEMO_LIBRARY, DEMO_PROMPTS, ensure_demo_library
 from quiver.app.engine import ChatEngine
 from quiver.app.library_tab import library_tab
 from quiver.app.registry_tab import registry_tab
@@ -45,7 +45,8 @@ def create_app(
         gr.Markdown(INTRO)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                chat = chat_tab(engine, concurrency)
+                examples = DEMO_PROMPTS if engine.library.repo_id == DEMO_LIBRARY else None
+                chat = chat_tab(engine, concurrency, examples)
             with gr.Tab("Registry", id="registry"):
                 registries = registry_tab(registry)
             with gr.Tab("Library", id="library"):

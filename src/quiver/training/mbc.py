@@ -21,6 +21,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ import torch
 from quiver.errors import IncompatibleExpertError, TrainingError
 from quiver.routing import ExpertSet, load_experts
 from quiver.routing.experts import ExpertSource, resolve_expert_paths
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 EMBEDDINGS = ("update", "parameters")
 MAX_COMPONENTS = 64
@@ -155,30 +159,38 @@ class Clustering:
             groups.setdefault(f"cluster-{label}", []).append(name)
         return groups
 
-    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
-        """A heat-map PNG of the similarity matrix, experts ordered by cluster."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def figure(self, *, title: str | None = None) -> Figure:
+        """A heat-map of the similarity matrix, experts ordered by cluster with lines between
+        the clusters (the values written in for up to 12 experts). A matplotlib ``Figure`` made
+        without pyplot, so that threads (an app's sessions) can draw at once."""
+        from matplotlib.figure import Figure
 
         order = np.argsort(np.array(self.labels), kind="stable")
         size = max(4.0, 0.28 * len(self.names) + 2)
-        figure, axes = plt.subplots(figsize=(size + 1.2, size))
-        image = axes.imshow(self.similarity[np.ix_(order, order)], cmap="viridis", vmin=-1, vmax=1)
+        figure = Figure(figsize=(size + 1.2, size), layout="constrained")
+        axes = figure.add_subplot()
+        similarity = self.similarity[np.ix_(order, order)]
+        image = axes.imshow(similarity, cmap="RdBu_r", vmin=-1, vmax=1)
         labels = [self.names[i] for i in order]
         axes.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
         axes.set_yticks(range(len(labels)), labels, fontsize=7)
+        if len(labels) <= 12:
+            for (i, j), value in np.ndenumerate(similarity):
+                shown = f"{value:.2f}".replace("-0.00", "0.00")
+                color = "white" if abs(value) > 0.6 else "black"
+                axes.text(j, i, shown, ha="center", va="center", fontsize=7, color=color)
         sizes = np.bincount(np.array(self.labels))
         for edge in np.cumsum(sizes)[:-1]:
-            axes.axhline(edge - 0.5, color="white", linewidth=1.5)
-            axes.axvline(edge - 0.5, color="white", linewidth=1.5)
+            axes.axhline(edge - 0.5, color="black", linewidth=1.5)
+            axes.axvline(edge - 0.5, color="black", linewidth=1.5)
         figure.colorbar(image, ax=axes, label="cosine similarity")
-        axes.set_title(title or f"MBC, {self.embedding} embedding, k={self.k}")
-        figure.tight_layout()
+        axes.set_title(title or f"MBC, {self.embedding} embedding, k={self.k}", fontsize=10)
+        return figure
+
+    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
+        """The heat-map of ``figure`` as a PNG."""
         path = Path(path)
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
+        self.figure(title=title).savefig(path, dpi=120)
         return path
 
 
