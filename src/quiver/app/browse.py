@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 from quiver.errors import InvalidInputError
-from quiver.registry import Expert, ExpertCard, Library, Registry
+from quiver.registry import Expert, ExpertCard, Library, Registry, read_card
 
 SEARCH_COLUMNS = ["repo", "kind", "base model", "tasks", "tags", "updated"]
 FILE_COLUMNS = ["file", "size"]
@@ -56,12 +54,12 @@ def card_markdown(registry: Registry, repo_id: str) -> str:
     folder, commit = registry.download(repo_id, patterns=_CARD_FILES)
     if (folder / "library.json").is_file():
         return library_markdown(Library.open(registry, repo_id, revision=commit))
-    readme = folder / "README.md"
-    text = readme.read_text(encoding="utf-8") if readme.is_file() else None
     if not (folder / "adapter_config.json").is_file():
-        return f"### {repo_id} @ `{commit[:10]}`\n\nNot an expert or a library.\n\n{text or ''}"
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    return expert_markdown(repo_id, commit, ExpertCard.from_text(text, config))
+        readme = folder / "README.md"
+        text = readme.read_text("utf-8", errors="replace") if readme.is_file() else ""
+        return f"### {repo_id} @ `{commit[:10]}`\n\nNot an expert or a library.\n\n{text}"
+    card = read_card(folder, label=f"{repo_id}@{commit[:10]}")
+    return expert_markdown(repo_id, commit, card)
 
 
 def expert_markdown(repo_id: str, commit: str, card: ExpertCard) -> str:

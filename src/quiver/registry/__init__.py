@@ -3,7 +3,7 @@
 from quiver.home import quiver_home
 from quiver.registry.base import Registry, RepoSummary, Version
 from quiver.registry.card import ExpertCard
-from quiver.registry.expert import Expert
+from quiver.registry.expert import Expert, read_card
 from quiver.registry.hub import HubRegistry, open_registry
 from quiver.registry.library import ExpertPin, Library, LibraryManifest
 from quiver.registry.local import LocalRegistry
@@ -21,4 +21,5 @@ __all__ = [
     "Version",
     "open_registry",
     "quiver_home",
+    "read_card",
 ]

@@ -46,6 +46,15 @@ def check_hash(what: str, *, expected: str, actual: str) -> None:
         )
 
 
+def read_card(folder: str | Path, *, label: str | None = None) -> ExpertCard:
+    """An expert folder's card, completed from its ``adapter_config.json``, without reading the
+    weights (a preview of a repo before its pull); a broken card or config is a typed error naming
+    ``label`` (the folder by default)."""
+    folder = Path(folder)
+    label = label or str(folder)
+    return _read_card(folder, read_adapter_config(folder, label), label)
+
+
 def _read_card(folder: Path, config: dict[str, Any], label: str) -> ExpertCard:
     """The folder's card, completed from its config; a broken one is refused, naming the folder."""
     path = folder / CARD
