@@ -220,15 +220,13 @@ def _train_private(config, registry, model, tokenizer, data, scratch: Path) -> L
     failed = [f"{r.name}: {r.error}" for r in results if not r.ok]
     if failed:
         raise TrainingError("private experts failed to train: " + "; ".join(failed))
-    library = Library.create(
+    return Library.create(
         registry,
         f"{NAMESPACE}/{PRIVATE_NAME}",
         base_model=model.name_or_path,
         description="One private expert per toy-world task.",
+        experts={result.name: result.expert for result in results},
     )
-    for result in results:
-        library.add(result.expert, name=result.name)
-    return library
 
 
 def oracle_evaluation(
