@@ -162,10 +162,22 @@ def test_model_and_tokenizer_by_local_path(model, tokenizer, tmp_path):
         ("\n\n", "holds no examples"),
         ('{"question": "a"}\n', "bad.jsonl:1: an example needs 'prompt' and 'response'"),
         ('{"prompt": "a", "response": ""}\n', "bad.jsonl:1: the response is empty"),
+        (b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", ', "bad.jsonl:2: not UTF-8"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}\n',
+            "bad.jsonl:1: 'messages' must be",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, '
+            '{"role": "assistant", "content": 5}]}\n',
+            "bad.jsonl:1: 'messages' must be",
+        ),
+        ('{"messages": "user: a"}\n', "bad.jsonl:1: 'messages' must be"),
     ],
 )
 def test_bad_files_are_refused_naming_the_line(model, tokenizer, tmp_path, lines, message):
-    (tmp_path / "bad.jsonl").write_text(lines)
+    write = (tmp_path / "bad.jsonl").write_bytes if isinstance(lines, bytes) else None
+    (write or (tmp_path / "bad.jsonl").write_text)(lines)
     with pytest.raises(TrainingError, match=message):
         train_expert(model, tmp_path / "bad.jsonl", tokenizer=tokenizer, output_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()  # refused before any training
@@ -181,6 +193,9 @@ def test_other_bad_input_is_refused_before_training(model, tokenizer, tmp_path):
         train_expert(model, tmp_path / "missing.jsonl", tokenizer=tokenizer)
     with pytest.raises(TrainingError, match="name the task"):
         train_expert(model, pairs("upper"), tokenizer=tokenizer)
+    for source in (5, None):
+        with pytest.raises(TrainingError, match="is not a data source"):
+            train_expert(model, source, task="t", tokenizer=tokenizer)
     with pytest.raises(TrainingError, match="learning_rate must be positive"):
         TrainConfig(learning_rate=0)
     plain = copy.deepcopy(tokenizer)
@@ -188,6 +203,14 @@ def test_other_bad_input_is_refused_before_training(model, tokenizer, tmp_path):
     chat = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
     with pytest.raises(TrainingError, match="the tokenizer has no chat template"):
         train_expert(model, chat, task="t", tokenizer=plain)
+
+
+def test_a_utf8_file_with_a_byte_order_mark_is_read(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(
+        '{"prompt": "café", "response": "b"}\n'.encode("utf-8-sig")
+    )
+    [example] = load_examples(tmp_path / "bom.jsonl")
+    assert (example.prompt, example.response) == ("café", "b")
 
 
 def test_a_bf16_base_trains_and_its_expert_loads(tokenizer):
