@@ -70,9 +70,14 @@ def train(
     token: str | None = TokenOption,
 ) -> None:
     """Train one LoRA expert on DATA (prompt/response pairs or chat messages)."""
+    from quiver.store import check_repo_id
     from quiver.training import train_expert
 
     config = _config(rank, alpha, learning_rate, epochs, max_steps, batch_size, init_seed)
+    target = None
+    if push:  # a bad name or a dead registry fails now, not after the training
+        target = registry_from(registry, token, create=True)
+        target.head(check_repo_id(push))
     expert = train_expert(
         base_model,
         data,
@@ -89,8 +94,7 @@ def train(
         f"Trained {', '.join(card.tasks)}: {card.examples} examples, {card.steps} steps, "
         f"final loss {card.train_loss:.4f}" + (f", {metrics}" if metrics else "")
     )
-    if push:
-        target = registry_from(registry, token, create=True)
+    if target is not None:
         published = target.push(expert, push)
         err_console.print(f"Pushed {push}@{published.commit[:10]} to {target.location}")
     print(expert.path)
