@@ -99,6 +99,9 @@ def test_bad_builds_are_refused_before_training(tmp_path, tokenizer):
         build_elrea_library([*pairs, ("x", "y")], registry, "me/x", k=2, **common)
     with pytest.raises(TrainingError, match="projection_dim must be at least 1"):
         build_elrea_library(pairs, registry, "me/x", k=2, projection_dim=0, **common)
+    for k in (1.5, "2", True):  # a raw sklearn or TypeError, or one cluster for True, before
+        with pytest.raises(TrainingError, match=r"k must be at least 1 \(an integer\)"):
+            build_elrea_library(pairs, registry, "me/x", k=k, **common)
     assert registry.head("me/x") is None  # nothing was published
     Library.create(registry, "me/taken", base_model=model.name_or_path)
     with pytest.raises(AlreadyExistsError, match="me/taken already exists"):

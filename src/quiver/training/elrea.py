@@ -205,15 +205,15 @@ class _Training:
         )
 
 
-def _check_request(registry, repo_id, clustering, threshold, positive) -> None:
+def _check_request(registry, repo_id, clustering, threshold, counts) -> None:
     """Refuse what would fail only after hours of training."""
     if clustering not in CLUSTERINGS:
         raise TrainingError(f"unknown clustering {clustering!r}", hint=f"use one of {CLUSTERINGS}")
     if not threshold > 0:
         raise TrainingError(f"the BIRCH threshold must be positive, got {threshold}")
-    for name, value in positive.items():
-        if value < 1:
-            raise TrainingError(f"{name} must be at least 1, got {value}")
+    for name, (value, least) in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise TrainingError(f"{name} must be at least {least} (an integer), got {value!r}")
     require_new_library(registry, repo_id)
 
 
@@ -248,9 +248,12 @@ def build_elrea_library(
     ``route(model, library, "elrea")``.
     """
     settings = {
-        "fit_examples": fit_examples,
-        "projection_dim": projection_dim,
-        "feature_batch_size": feature_batch_size,
+        "k": (k, 1),
+        "fit_examples": (fit_examples, 1),
+        "projection_dim": (projection_dim, 1),
+        "feature_batch_size": (feature_batch_size, 1),
+        "seed": (seed, 0),
+        "projection_seed": (projection_seed, 0),
     }
     _check_request(registry, repo_id, clustering, threshold, settings)
     config = config or TrainConfig()

@@ -84,7 +84,7 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise TrainingError(
-                    f"TrainConfig.{name} must be an integer of at least {least}, got {value!r}"
+                    f"TrainConfig.{name} must be at least {least} (an integer), got {value!r}"
                 )
         positive = {
             "alpha": self.alpha,
