@@ -275,3 +275,13 @@ def test_a_bf16_base_trains_and_its_expert_loads(tokenizer):
     base_loss = evaluate(model, tokenizer, pairs("upper"))["loss"]
     loaded = PeftModel.from_pretrained(model, expert.path)
     assert evaluate(loaded, tokenizer, pairs("upper"))["loss"] < base_loss
+
+
+def test_a_full_disk_is_a_training_error_and_leaves_nothing(model, tokenizer, small_disk):
+    disk = small_disk("16k")  # less than the tiny expert's weights
+    with pytest.raises(TrainingError, match=r"cannot write the expert to .*(No space|os error 28)"):
+        train_expert(
+            model, pairs("upper"), task="upper", config=FAST, tokenizer=tokenizer,
+            output_dir=disk / "expert",
+        )  # fmt: skip
+    assert list(disk.iterdir()) == []

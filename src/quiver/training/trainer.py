@@ -548,9 +548,7 @@ def train_prepared(
                 peft_model, prepared.eval_features, pad_id, config.batch_size
             )
         _check_converged(peft_model, summary["steps"], config)
-        check_output_dir(folder).parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        try:
+        with _writing_expert(folder) as staging:
             peft_model.save_pretrained(str(staging), save_embedding_layers=False)
             (staging / "README.md").unlink(missing_ok=True)  # PEFT's placeholder; ours follows
             expert = Expert.from_folder(
@@ -562,10 +560,35 @@ def train_prepared(
                 **summary,
             )
             expert.save(staging)
-            os.replace(staging, folder)  # onto a missing or empty folder: atomic
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return Expert.from_folder(folder)
+
+
+@contextlib.contextmanager
+def _writing_expert(folder: Path) -> Iterator[Path]:
+    """A staging folder beside ``folder`` to write the expert into, moved onto ``folder`` (new
+    or empty) when the block ends, or removed: never half an expert. A full disk or a folder
+    that cannot be written is a ``TrainingError`` naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        check_output_dir(folder).parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    except OSError as error:
+        raise _unwritable(folder, error) from error
+    try:
+        yield staging
+        os.replace(staging, folder)  # atomic
+    except (OSError, SafetensorError) as error:
+        raise _unwritable(folder, error) from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unwritable(folder: Path, error: Exception) -> TrainingError:
+    return TrainingError(
+        f"cannot write the expert to {folder}: {error}",
+        hint="free some space, or pick an output folder you may write to",
+    )
 
 
 def _check_converged(peft_model: Any, steps: int, config: TrainConfig) -> None:
