@@ -63,7 +63,9 @@ def test_train_checks_where_it_pushes_before_training(tmp_path, monkeypatch):
     train = ("train", data, "--base-model", "x/y", "-o", tmp_path / "expert")
     assert "invalid repo id 'upper'" in quiver_error(*train, "--push", "upper")
     dead = "http://127.0.0.1:9"  # the discard port: nobody answers
-    assert "cannot reach" in quiver_error(*train, "--push", "me/upper", "-r", dead)
+    assert "no access token" in quiver_error(*train, "--push", "me/upper", "-r", dead)
+    with_token = ("--push", "me/upper", "-r", dead, "--token", "hf_" + "0" * 40)
+    assert "cannot reach" in quiver_error(*train, *with_token)
 
 
 def test_cluster_prints_json_and_plots(planted_store, tmp_path):

@@ -5,7 +5,12 @@ import socket
 import pytest
 from training_helpers import FAST, pairs
 
-from quiver.errors import ConnectionFailedError, InvalidInputError, TrainingError
+from quiver.errors import (
+    AuthenticationError,
+    ConnectionFailedError,
+    InvalidInputError,
+    TrainingError,
+)
 from quiver.registry import Library, LocalRegistry, open_registry
 from quiver.training import train_experts
 
@@ -108,7 +113,11 @@ def test_names_targets_and_folders_are_checked_before_any_training(
     if "namespace" in options:
         dead = options.pop("dead", False)
         live = LocalRegistry(tmp_path / "store")
-        options["registry"] = open_registry(f"http://127.0.0.1:{_free_port()}") if dead else live
+        options["registry"] = (
+            open_registry(f"http://127.0.0.1:{_free_port()}", token="hf_" + "0" * 40)
+            if dead
+            else live
+        )
     with pytest.raises(error, match=message):
         train_experts(model, data, tokenizer=tokenizer, output_dir=tmp_path / "out", **options)
 
@@ -128,3 +137,35 @@ def test_an_unreachable_ray_cluster_is_a_typed_error(model, tokenizer, tmp_path)
             registry=LocalRegistry(tmp_path / "r"),
             namespace="n",
         )
+
+
+def test_pushing_into_a_namespace_the_token_may_not_write_fails_before_training(
+    model, tokenizer, hub_server, tmp_path, monkeypatch
+):
+    """On a `quiver hub serve`, bob's token may not write alice's namespace, nor a read-only token
+    its own: the training ran to the end, then every push was refused."""
+    import quiver.training.build as build
+    import quiver.training.fanout as fanout
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("worked before checking where the results go")
+
+    monkeypatch.setattr(fanout, "train_prepared", no_work)
+    monkeypatch.setattr(build, "cluster_experts", no_work)
+    bob = open_registry(hub_server.endpoint, token=hub_server.create_token("bob"))
+    reader = open_registry(hub_server.endpoint, token=hub_server.create_token("rob", write=False))
+    anonymous = open_registry(hub_server.endpoint, token=False)
+    data = {"upper": pairs("upper")}
+    for registry, namespace, message in (
+        (bob, "alice", "bob .* may not push to alice/upper \\(not its namespace alice\\)"),
+        (reader, "rob", "rob .* may not push to rob/upper \\(it is read-only\\)"),
+        (anonymous, "anon", "needs a token"),
+    ):
+        with pytest.raises(AuthenticationError, match=message):
+            train_experts(model, data, tokenizer=tokenizer, registry=registry, namespace=namespace)
+    experts = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    with pytest.raises(AuthenticationError, match="may not push to alice/mbc"):
+        build.build_mbc_library(experts, bob, "alice/mbc", k=2)
+    open_registry(hub_server.endpoint, token=hub_server.create_token("bob")).check_can_push(
+        "bob/mine"
+    )  # its own namespace: fine

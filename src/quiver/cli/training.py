@@ -70,14 +70,13 @@ def train(
     token: str | None = TokenOption,
 ) -> None:
     """Train one LoRA expert on DATA (prompt/response pairs or chat messages)."""
-    from quiver.store import check_repo_id
     from quiver.training import train_expert
 
     config = _config(rank, alpha, learning_rate, epochs, max_steps, batch_size, init_seed)
     target = None
     if push:  # a bad name or a dead registry fails now, not after the training
         target = registry_from(registry, token, create=True)
-        target.head(check_repo_id(push))
+        target.check_can_push(push)
     expert = train_expert(
         base_model,
         data,

@@ -20,7 +20,6 @@ from quiver.registry import Expert, Library, Registry
 from quiver.routing import compute_arrow_prototypes, load_experts, save_prototypes
 from quiver.routing.arrow import ARTIFACT_NAME
 from quiver.routing.experts import ExpertSource, resolve_expert_paths
-from quiver.store import check_repo_id
 from quiver.training.data import DataSource
 from quiver.training.fanout import train_experts
 from quiver.training.mbc import Clustering, cluster_experts
@@ -79,8 +78,10 @@ def _train_clusters(
 
 
 def require_new_library(registry: Registry, repo_id: str) -> None:
-    """Refuse a taken name before any work, not after hours of training."""
-    if registry.head(check_repo_id(repo_id)) is not None:
+    """Refuse a taken name, or a registry that will not take the library, before any work, not
+    after hours of training."""
+    registry.check_can_push(repo_id)
+    if registry.head(repo_id) is not None:
         raise AlreadyExistsError(
             f"{repo_id} already exists in {registry.location}",
             hint="pick another name for the new library",

@@ -231,8 +231,8 @@ def _check_names(data, eval_data, registry, namespace) -> None:
         return
     if namespace is None:
         raise TrainingError("pushing needs a namespace", hint="pass namespace='user-or-org'")
-    for name in data:  # also asks the registry once: a dead one fails now, not after training
-        registry.head(check_repo_id(f"{namespace}/{name}"))
+    repo_ids = [check_repo_id(f"{namespace}/{name}") for name in data]
+    registry.check_can_push(repo_ids[0])  # one namespace: a dead or refusing registry fails now
 
 
 def _prepare_jobs(base_model, data, config, tokenizer, eval_data, namespace, output_dir):
