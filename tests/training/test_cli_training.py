@@ -95,6 +95,11 @@ def test_build_mbc_publishes_a_merged_library_to_another_registry(planted_store,
         "-r", planted_store,
     )  # fmt: skip
     assert "--data 'oops' is not TASK=FILE" in bad_data
+    twice = quiver_error(
+        "library", "build-mbc", "me/planted", "me/x", "--k", 2, "--data", "g0-e0=a.jsonl",
+        "--data", "g0-e0=b.jsonl", "-r", planted_store,
+    )  # fmt: skip
+    assert "names the task 'g0-e0' twice (a.jsonl and b.jsonl)" in " ".join(twice.split())
     too_many = quiver_error(
         "library", "build-mbc", "me/planted", "me/x", "--k", 7, "-r", planted_store
     )

@@ -150,6 +150,11 @@ def _parse_data(specs: list[str]) -> dict[str, str]:
             raise TrainingError(
                 f"--data {spec!r} is not TASK=FILE", hint="e.g. --data math=m.jsonl"
             )
+        if task in data:  # the last one silently won
+            raise TrainingError(
+                f"--data names the task {task!r} twice ({data[task]} and {path})",
+                hint="give each task one file",
+            )
         data[task] = path
     return data
 
