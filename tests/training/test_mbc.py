@@ -126,3 +126,13 @@ def test_folders_that_are_not_experts_or_hold_nan_are_named(model, tmp_path):
     for embedding in ("update", "parameters"):  # raw ValueError / silently clustered before
         with pytest.raises(InvalidAdapterError, match=r"'g1-e1' .* holds NaN or infinite"):
             cluster_experts(paths, k=2, embedding=embedding)
+
+
+def test_an_expert_whose_update_is_zero_is_named(model, tmp_path):
+    """A LoRA fresh from PEFT (B = 0) has no direction to compare: it was put in a cluster."""
+    paths, _ = planted_experts(model, tmp_path / "peft", groups=2, per_group=2)
+    untrained = tmp_path / "peft" / "g0-e1" / "adapter_model.safetensors"
+    tensors = {k: t * 0 if "lora_B" in k else t for k, t in load_file(untrained).items()}
+    save_file(tensors, untrained)
+    with pytest.raises(InvalidAdapterError, match="'g0-e1' changes nothing"):
+        cluster_experts(paths, k=2)

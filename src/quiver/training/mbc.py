@@ -92,7 +92,16 @@ def update_similarity(experts: ExpertSet) -> np.ndarray:
         gram += torch.einsum(
             "iajb,iajb->ij", b_gram, a_gram
         )  # sum_ab (B_i^T B_j)_ab (A_i A_j^T)_ab
-    norms = gram.diagonal().clamp(min=1e-300).sqrt()
+    empty = (gram.diagonal() <= 0).nonzero().flatten().tolist()
+    if empty:  # its cosine to anything is undefined: it would be clustered at random
+        name = experts.names[empty[0]]
+        raise InvalidAdapterError(
+            f"expert {name!r} changes nothing: its update s B A is zero (an untrained LoRA, "
+            "whose B is still PEFT's zero init)",
+            hint="leave it out, train it, or cluster by embedding='parameters'",
+            expert=name,
+        )
+    norms = gram.diagonal().sqrt()
     return (gram / norms[:, None] / norms[None, :]).clamp(-1, 1).numpy()
 
 
