@@ -16,3 +16,13 @@ def test_version_and_help():
     assert result.returncode == 0
     assert result.stdout.strip() == f"quiver {__version__}"
     assert "LoRA experts" in run_quiver("--help").stdout
+
+
+def test_python_dash_m_runs_the_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "quiver.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, f"quiver {__version__}")

@@ -291,3 +291,33 @@ def test_swapping_libraries(local_registry, random_library, hub_server):
         engine.load_library(local_registry, "acme/elsewhere")
     assert engine.library.repo_id == "acme/empty-chat"  # the old model came back
     assert answer(engine, StrategySpec("base"))[-1][0] is not None
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+        ({"temperature": float("nan")}, "temperature must be >= 0 and finite"),
+        ({"temperature": float("inf")}, "temperature must be >= 0 and finite"),
+        ({"top_p": "1"}, "top_p must be in"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_refused(settings, message):
+    """The chat API takes any JSON: these reached generate() (or sampled at an infinite
+    temperature) before."""
+    with pytest.raises(InvalidInputError, match=message):
+        GenerationSettings(**settings)
+
+
+@pytest.mark.parametrize(
+    ("message", "history", "expected"),
+    [
+        (None, [], "the message is empty"),  # AttributeError before
+        ("hi", [{"role": "user"}], "history entry 0 is not a"),  # KeyError before
+        ("hi", [{"role": "robot", "content": "x"}], "history entry 0 is not a"),
+        ("hi", ["hello"], "history entry 0 is not a"),
+    ],
+)
+def test_a_malformed_message_or_history_is_refused(engine, message, history, expected):
+    with pytest.raises(InvalidInputError, match=expected):
+        engine.prompt_ids(message, history, 8)

@@ -4,6 +4,7 @@ adapter, one expert per cluster trained on from it, and an artifact that travels
 import numpy as np
 import pytest
 import torch
+from elrea_helpers import FAST, planted_pairs
 from sklearn.metrics import adjusted_rand_score
 
 from quiver.errors import AlreadyExistsError, RoutingError, TrainingError
@@ -98,9 +99,36 @@ def test_bad_builds_are_refused_before_training(tmp_path, tokenizer):
         build_elrea_library([*pairs, ("x", "y")], registry, "me/x", k=2, **common)
     with pytest.raises(TrainingError, match="projection_dim must be at least 1"):
         build_elrea_library(pairs, registry, "me/x", k=2, projection_dim=0, **common)
+    for k in (1.5, "2", True):  # a raw sklearn or TypeError, or one cluster for True, before
+        with pytest.raises(TrainingError, match=r"k must be at least 1 \(an integer\)"):
+            build_elrea_library(pairs, registry, "me/x", k=k, **common)
     assert registry.head("me/x") is None  # nothing was published
     Library.create(registry, "me/taken", base_model=model.name_or_path)
     with pytest.raises(AlreadyExistsError, match="me/taken already exists"):
         build_elrea_library(pairs, registry, "me/taken", k=2, **common)
     with pytest.raises(TrainingError, match="found fewer than 3 clusters"):
         cluster_features(torch.eye(4)[[0, 0, 0, 1]], 3)  # two distinct points
+
+
+def test_an_interrupted_build_leaves_no_half_built_library(tmp_path, tokenizer, monkeypatch):
+    """Interrupted on its last step (the artifact), after every expert was trained, the build
+    leaves nothing in the registry: the library is published whole, in one commit."""
+    import quiver.training.elrea as elrea
+    from quiver.registry import LocalRegistry
+
+    registry = LocalRegistry(tmp_path / "store")
+    pairs = planted_pairs([0, 0, 1, 1], seed=0)
+    settings = dict(base_model=tiny_model(), tokenizer=tokenizer, k=2, progress=False)
+    settings.update(config=FAST, projection_dim=64, clustering="kmeans")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(elrea, "elrea_artifact", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_elrea_library(pairs, registry, "me/elrea", **settings)
+    assert registry.head("me/elrea") is None
+    monkeypatch.undo()
+    library = build_elrea_library(pairs, registry, "me/elrea", **settings)
+    assert len(library.versions()) == 1
+    assert library.names == ["base", "cluster-0", "cluster-1"]

@@ -176,6 +176,16 @@ def test_bad_libraries_and_inputs_are_refused(planted, tokenizer, tmp_path):
         route(model, other, "elrea")
     with pytest.raises(RoutingError, match="top_k=5"):
         route(tiny_model(), library, "elrea", top_k=5)
+    options = [
+        ({"top_k": 1.5}, "top_k must be at least 1"),  # a raw TypeError from topk before
+        ({"top_k": True}, "top_k must be at least 1"),
+        ({"temperature": float("inf")}, "temperature must be positive and finite"),
+        ({"temperature": "1"}, "temperature must be positive and finite"),
+        ({"weights": {"base": float("inf")}}, "not a finite number"),  # NaN weights before
+    ]
+    for option, message in options:
+        with pytest.raises(RoutingError, match=message):
+            route(tiny_model(), library, "elrea", **option)
 
     routed = route(tiny_model(), library, "elrea")
     empty = tokenizer(["sum 1 2 =", ""], return_tensors="pt", padding=True)

@@ -279,3 +279,36 @@ def test_a_deleted_pinned_expert_is_named_with_the_way_out(library, local, tmp_p
     with pytest.raises(NotFoundError, match=r"bob/code@\w+ is not in .*, where alice/lib lives"):
         library.add(foreign)
     assert library.add(foreign, name="bobs-code", bundle=True).experts[-1].bundled
+
+
+def test_create_with_experts_is_one_version_checked_before_anything_is_written(
+    local, make_expert, tmp_path
+):
+    """A builder publishes a whole library at once: every expert and artifact is checked first,
+    so one that does not fit leaves no repo behind (not an empty or half-built library)."""
+    local.push(Expert.from_folder(make_expert("math"), tasks=["math"]), "alice/math")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors")
+    refused = {
+        "rank": ({"code": make_expert("code"), "wide": make_expert("wide", rank=8)}, {}),
+        "artifact": ({"code": make_expert("code2")}, {"arrow_prototypes": junk}),
+    }
+    for (experts, artifacts), error in zip(
+        refused.values(), (IncompatibleExpertError, InvalidInputError), strict=True
+    ):
+        with pytest.raises(error):
+            Library.create(
+                local, "alice/lib", base_model=BASE, experts=experts, artifacts=artifacts
+            )
+        assert local.head("alice/lib") is None
+    library = Library.create(
+        local,
+        "alice/lib",
+        base_model=BASE,
+        experts={"algebra": "alice/math", "code": make_expert("code3")},
+    )
+    assert len(library.versions()) == 1
+    assert [(pin.name, pin.bundled) for pin in library.experts] == [
+        ("algebra", False),
+        ("code", True),
+    ]

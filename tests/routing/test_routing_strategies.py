@@ -118,6 +118,8 @@ def test_bad_requests_are_routing_errors(llama, expert_paths):
         (lambda: route(llama, paths, Arrow(), top_k=2), "given with a strategy object"),
         (lambda: route(llama, paths, "arrow", top_k=3), "top_k=3 but the library has 2"),
         (lambda: Arrow(temperature=0), "temperature must be positive"),
+        (lambda: Arrow(top_k=1.5), r"top_k must be at least 1 \(an integer\)"),
+        (lambda: Arrow(temperature=float("nan")), "temperature must be positive"),
         (lambda: Arrow(mixing="cat"), "unknown mixing 'cat'"),
         (lambda: route(llama, paths, "merge", weights={"e9": 1.0}), "unknown expert 'e9'"),
     ]

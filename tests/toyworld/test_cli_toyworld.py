@@ -25,3 +25,23 @@ def test_install_puts_the_demo_into_the_named_registry(tmp_path):
     assert DEMO_LIBRARY in result.stdout and DEMO_BASE_MODEL in result.stdout
     library = Library.open(LocalRegistry(tmp_path / "store"), DEMO_LIBRARY)
     assert library.manifest.base_model == DEMO_BASE_MODEL
+
+
+def test_build_and_run_refuse_a_bad_output_or_base_before_any_work(tmp_path, monkeypatch):
+    """`build -o` under a file ran the whole build (minutes) and then failed; `run --base` with
+    a folder that holds no model was Hugging Face's repo-id complaint."""
+    import quiver.toyworld.demo as demo
+    import quiver.toyworld.pipeline as pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("worked before checking the request")
+
+    monkeypatch.setattr(demo, "build_libraries", no_work)
+    monkeypatch.setattr(pipeline, "pretrain_base", no_work)
+    (tmp_path / "file").write_text("not a folder")
+    result = quiver("toyworld", "build", "-o", tmp_path / "file" / "demo")
+    assert result.exit_code == 1
+    assert "cannot write the demo into" in " ".join(result.stderr.split())
+    result = quiver("toyworld", "run", "--reduced", "--base", tmp_path / "none", "-o", tmp_path)
+    assert result.exit_code == 1
+    assert "cannot load the base model" in " ".join(result.stderr.split())

@@ -76,3 +76,17 @@ def test_routed_models_get_per_layer_routing_diagnostics(toy, tmp_path):
 def test_no_tasks_is_a_typed_error(toy):
     with pytest.raises(InvalidInputError):
         evaluate(*toy, [])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"examples": 0}, "examples must be a positive integer"),  # ZeroDivisionError before
+        ({"batch_size": 0}, "batch_size must be a positive integer"),  # range() step 0
+        ({"examples": 2.5}, "examples must be a positive integer"),
+        ({"oracle": {}}, "the oracle names no expert for"),  # KeyError mid-run
+    ],
+)
+def test_bad_settings_are_typed_errors_before_scoring(toy, options, message):
+    with pytest.raises(InvalidInputError, match=message):
+        evaluate(*toy, TASKS[:1], **options)

@@ -69,3 +69,7 @@ def test_bad_input_is_a_typed_error():
     tiny = Task("one", "c", "copy each", lambda rng: (["cat"], ["cat"]))
     with pytest.raises(InvalidInputError, match="cannot give"):
         tiny.examples(1, split="eval")  # its only input hashes to the train split
+
+
+def test_one_task_name_is_taken_as_a_name_not_its_letters():
+    assert get_tasks(TASKS[0].name) == [TASKS[0]]

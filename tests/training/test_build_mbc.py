@@ -5,7 +5,7 @@ import torch
 from training_helpers import FAST, pairs, planted_experts
 
 import quiver
-from quiver.errors import TrainingError
+from quiver.errors import AlreadyExistsError, TrainingError
 from quiver.registry import Library, LocalRegistry
 from quiver.routing import load_experts
 from quiver.training import build_mbc_library, train_experts
@@ -115,3 +115,43 @@ def test_trained_mbc_library_trains_each_cluster_on_its_tasks(model, tokenizer, 
         assert expert.card.tasks == build["tasks"][cluster]
         assert expert.card.examples == 10 * len(build["tasks"][cluster])
         assert not expert.card.merged_from
+
+
+def test_an_interrupted_build_leaves_no_half_built_library(model, tmp_path, monkeypatch):
+    """The library is published as one version, after everything it holds is made: a build
+    interrupted on its last step (the Arrow prototypes) leaves nothing in the registry."""
+    import quiver.training.build as build
+
+    paths, _ = planted_experts(model, tmp_path / "peft", groups=2, per_group=2)
+    registry = LocalRegistry(tmp_path / "store")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "save_prototypes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_mbc_library(paths, registry, "me/mbc", k=2)
+    assert registry.head("me/mbc") is None
+    monkeypatch.undo()
+    library = build_mbc_library(paths, registry, "me/mbc", k=2)
+    assert len(library.versions()) == 1  # created whole, in one commit
+    assert sorted(library.names) == ["cluster-0", "cluster-1"]
+    assert library.artifact_path("arrow_prototypes").is_file()
+
+
+def test_a_taken_name_or_an_unknown_merge_is_refused_before_any_work(model, tmp_path, monkeypatch):
+    import quiver.training.build as build
+
+    paths, _ = planted_experts(model, tmp_path / "peft", groups=2, per_group=2)
+    registry = LocalRegistry(tmp_path / "store")
+    Library.create(registry, "me/taken", base_model=model.name_or_path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("clustered or trained before checking the request")
+
+    monkeypatch.setattr(build, "cluster_experts", no_work)
+    with pytest.raises(AlreadyExistsError, match="me/taken already exists"):
+        build_mbc_library(paths, registry, "me/taken", k=2, data={"a": [("x", "y")]})
+    with pytest.raises(TrainingError, match="unknown merge 'average'"):
+        build_mbc_library(paths, registry, "me/new", k=2, merge="average")
+    assert registry.head("me/new") is None

@@ -52,6 +52,22 @@ def test_train_writes_and_pushes_an_expert(model, tokenizer, tmp_path):
     assert {r.metric_type for r in card.eval_results} == {"loss", "token_accuracy"}
 
 
+def test_train_checks_where_it_pushes_before_training(tmp_path, monkeypatch):
+    import quiver.training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking the push target")
+
+    monkeypatch.setattr(quiver.training, "train_expert", no_training)
+    data = write_jsonl(tmp_path / "upper.jsonl", [{"prompt": "a", "response": "b"}])
+    train = ("train", data, "--base-model", "x/y", "-o", tmp_path / "expert")
+    assert "invalid repo id 'upper'" in quiver_error(*train, "--push", "upper")
+    dead = "http://127.0.0.1:9"  # the discard port: nobody answers
+    assert "no access token" in quiver_error(*train, "--push", "me/upper", "-r", dead)
+    with_token = ("--push", "me/upper", "-r", dead, "--token", "hf_" + "0" * 40)
+    assert "cannot reach" in quiver_error(*train, *with_token)
+
+
 def test_cluster_prints_json_and_plots(planted_store, tmp_path):
     out = quiver(
         "library", "cluster", "me/planted", "--method", "mbc", "--k", 3, "--json",
@@ -79,6 +95,11 @@ def test_build_mbc_publishes_a_merged_library_to_another_registry(planted_store,
         "-r", planted_store,
     )  # fmt: skip
     assert "--data 'oops' is not TASK=FILE" in bad_data
+    twice = quiver_error(
+        "library", "build-mbc", "me/planted", "me/x", "--k", 2, "--data", "g0-e0=a.jsonl",
+        "--data", "g0-e0=b.jsonl", "-r", planted_store,
+    )  # fmt: skip
+    assert "names the task 'g0-e0' twice (a.jsonl and b.jsonl)" in " ".join(twice.split())
     too_many = quiver_error(
         "library", "build-mbc", "me/planted", "me/x", "--k", 7, "-r", planted_store
     )

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from training_helpers import planted_experts
 
-from quiver.errors import IncompatibleExpertError, TrainingError
+from quiver.errors import IncompatibleExpertError, InvalidAdapterError, TrainingError
 from quiver.registry import Library, LocalRegistry
 from quiver.routing import load_experts
 from quiver.testing import make_random_expert, tiny_model
@@ -99,3 +100,39 @@ def test_bad_requests_are_refused(model, tmp_path):
     )
     with pytest.raises(IncompatibleExpertError, match=r"'wide' at .* has shapes"):
         cluster_experts({**paths, "wide": tmp_path / "wide"})
+
+
+def test_k_and_seed_must_be_integers(model, tmp_path):
+    paths, _ = planted_experts(model, tmp_path, groups=2, per_group=2)
+    for k in (2.5, "2", True):  # True was taken as k=1
+        with pytest.raises(TrainingError, match="k must be an integer"):
+            cluster_experts(paths, k=k)
+    with pytest.raises(TrainingError, match="seed must be an integer"):
+        cluster_experts(paths, k=2, seed="0")
+
+
+def test_folders_that_are_not_experts_or_hold_nan_are_named(model, tmp_path):
+    paths, _ = planted_experts(model, tmp_path / "peft", groups=2, per_group=2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    for name, message in (("empty", "has no adapter_config.json"), ("broken", "not valid JSON")):
+        with pytest.raises(InvalidAdapterError, match=rf"expert .{name}.*{message}"):
+            cluster_experts({**paths, name: tmp_path / name}, k=2)
+    diverged = tmp_path / "peft" / "g1-e1" / "adapter_model.safetensors"
+    tensors = load_file(diverged)
+    next(t for key, t in tensors.items() if "lora_B" in key)[0, 0] = float("nan")
+    save_file(tensors, diverged)
+    for embedding in ("update", "parameters"):  # raw ValueError / silently clustered before
+        with pytest.raises(InvalidAdapterError, match=r"'g1-e1' .* holds NaN or infinite"):
+            cluster_experts(paths, k=2, embedding=embedding)
+
+
+def test_an_expert_whose_update_is_zero_is_named(model, tmp_path):
+    """A LoRA fresh from PEFT (B = 0) has no direction to compare: it was put in a cluster."""
+    paths, _ = planted_experts(model, tmp_path / "peft", groups=2, per_group=2)
+    untrained = tmp_path / "peft" / "g0-e1" / "adapter_model.safetensors"
+    tensors = {k: t * 0 if "lora_B" in k else t for k, t in load_file(untrained).items()}
+    save_file(tensors, untrained)
+    with pytest.raises(InvalidAdapterError, match="'g0-e1' changes nothing"):
+        cluster_experts(paths, k=2)

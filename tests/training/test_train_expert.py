@@ -9,7 +9,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from training_helpers import FAST, pairs, write_jsonl
 
-from quiver.errors import TrainingError
+from quiver.errors import NotFoundError, TrainingError
 from quiver.registry import Expert, LocalRegistry, open_registry
 from quiver.testing import tiny_model
 from quiver.training import TrainConfig, evaluate, train_expert
@@ -162,10 +162,22 @@ def test_model_and_tokenizer_by_local_path(model, tokenizer, tmp_path):
         ("\n\n", "holds no examples"),
         ('{"question": "a"}\n', "bad.jsonl:1: an example needs 'prompt' and 'response'"),
         ('{"prompt": "a", "response": ""}\n', "bad.jsonl:1: the response is empty"),
+        (b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", ', "bad.jsonl:2: not UTF-8"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}\n',
+            "bad.jsonl:1: 'messages' must be",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, '
+            '{"role": "assistant", "content": 5}]}\n',
+            "bad.jsonl:1: 'messages' must be",
+        ),
+        ('{"messages": "user: a"}\n', "bad.jsonl:1: 'messages' must be"),
     ],
 )
 def test_bad_files_are_refused_naming_the_line(model, tokenizer, tmp_path, lines, message):
-    (tmp_path / "bad.jsonl").write_text(lines)
+    write = (tmp_path / "bad.jsonl").write_bytes if isinstance(lines, bytes) else None
+    (write or (tmp_path / "bad.jsonl").write_text)(lines)
     with pytest.raises(TrainingError, match=message):
         train_expert(model, tmp_path / "bad.jsonl", tokenizer=tokenizer, output_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()  # refused before any training
@@ -181,13 +193,78 @@ def test_other_bad_input_is_refused_before_training(model, tokenizer, tmp_path):
         train_expert(model, tmp_path / "missing.jsonl", tokenizer=tokenizer)
     with pytest.raises(TrainingError, match="name the task"):
         train_expert(model, pairs("upper"), tokenizer=tokenizer)
-    with pytest.raises(TrainingError, match="learning_rate must be positive"):
+    for source in (5, None):
+        with pytest.raises(TrainingError, match="is not a data source"):
+            train_expert(model, source, task="t", tokenizer=tokenizer)
+    with pytest.raises(TrainingError, match="learning_rate must be a positive number"):
         TrainConfig(learning_rate=0)
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = None
     chat = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
     with pytest.raises(TrainingError, match="the tokenizer has no chat template"):
         train_expert(model, chat, task="t", tokenizer=plain)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("rank", 2.5),
+        ("rank", "4"),
+        ("batch_size", True),
+        ("max_steps", 0.5),
+        ("init_seed", -1),
+        ("learning_rate", float("inf")),
+        ("alpha", "16"),
+        ("max_grad_norm", 0),
+        ("weight_decay", -0.1),
+        ("extra", {"nonsense": 1}),
+        ("extra", {"seed": 3}),  # TrainConfig's and train_expert's own settings
+    ],
+)
+def test_a_config_of_the_wrong_type_or_range_is_refused(setting, value):
+    with pytest.raises(TrainingError, match=f"TrainConfig.{setting}"):
+        TrainConfig(**{setting: value})
+
+
+def test_a_diverged_training_writes_nothing(model, tokenizer, tmp_path):
+    exploding = TrainConfig(max_steps=3, learning_rate=1e30, max_grad_norm=1e30, dropout=0.0)
+    with pytest.raises(TrainingError, match=r"the training diverged.*NaN or infinite"):
+        train_expert(
+            model, pairs("upper"), task="upper", config=exploding, tokenizer=tokenizer,
+            output_dir=tmp_path / "out",
+        )  # fmt: skip
+    assert sorted(tmp_path.iterdir()) == []  # no expert, no staging folder
+
+
+def test_the_output_folder_must_be_new_or_empty_and_the_base_model_loadable(
+    model, tokenizer, tmp_path
+):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "README.md").write_text("my project")
+    for taken in (tmp_path / "project", tmp_path / "project" / "README.md"):
+        with pytest.raises(TrainingError, match="new or empty folder"):
+            train_expert(model, pairs("upper"), task="u", tokenizer=tokenizer, output_dir=taken)
+    assert (tmp_path / "project" / "README.md").read_text() == "my project"
+    for missing in ("nobody/no-such-model", str(tmp_path / "no-model")):
+        with pytest.raises(NotFoundError, match="cannot load the base model"):
+            train_expert(missing, pairs("upper"), task="u", tokenizer=tokenizer)
+    with pytest.raises(TrainingError, match="task names must be non-empty"):
+        train_expert(model, pairs("upper"), task="", tokenizer=tokenizer)
+    (tmp_path / "empty").mkdir()
+    expert = train_expert(
+        model, pairs("upper"), task="a/b", config=FAST, tokenizer=tokenizer,
+        output_dir=tmp_path / "empty",
+    )  # fmt: skip
+    assert expert.path == tmp_path / "empty" and expert.card.tasks == ["a/b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "project"]
+
+
+def test_a_utf8_file_with_a_byte_order_mark_is_read(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(
+        '{"prompt": "café", "response": "b"}\n'.encode("utf-8-sig")
+    )
+    [example] = load_examples(tmp_path / "bom.jsonl")
+    assert (example.prompt, example.response) == ("café", "b")
 
 
 def test_a_bf16_base_trains_and_its_expert_loads(tokenizer):
@@ -198,3 +275,13 @@ def test_a_bf16_base_trains_and_its_expert_loads(tokenizer):
     base_loss = evaluate(model, tokenizer, pairs("upper"))["loss"]
     loaded = PeftModel.from_pretrained(model, expert.path)
     assert evaluate(loaded, tokenizer, pairs("upper"))["loss"] < base_loss
+
+
+def test_a_full_disk_is_a_training_error_and_leaves_nothing(model, tokenizer, small_disk):
+    disk = small_disk("16k")  # less than the tiny expert's weights
+    with pytest.raises(TrainingError, match=r"cannot write the expert to .*(No space|os error 28)"):
+        train_expert(
+            model, pairs("upper"), task="upper", config=FAST, tokenizer=tokenizer,
+            output_dir=disk / "expert",
+        )  # fmt: skip
+    assert list(disk.iterdir()) == []

@@ -5,9 +5,22 @@ import socket
 import pytest
 from training_helpers import FAST, pairs
 
-from quiver.errors import ConnectionFailedError, TrainingError
-from quiver.registry import LocalRegistry, open_registry
+from quiver.errors import (
+    AuthenticationError,
+    ConnectionFailedError,
+    InvalidInputError,
+    TrainingError,
+)
+from quiver.registry import Library, LocalRegistry, open_registry
 from quiver.training import train_experts
+
+
+def _free_port() -> int:
+    """A port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 DATA = {
     "upper": pairs("upper"),
@@ -17,20 +30,21 @@ DATA = {
 
 
 def test_local_backend_trains_each_expert_and_reports_a_failure(model, tokenizer, tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "reverse").write_text("a file where the expert's folder should go")
+    registry = LocalRegistry(tmp_path / "store")
+    Library.create(registry, "me/reverse", base_model=model.name_or_path)  # not an expert repo
     results = train_experts(
-        model, DATA, config=FAST, tokenizer=tokenizer, output_dir=tmp_path / "out"
+        model, DATA, config=FAST, tokenizer=tokenizer, registry=registry, namespace="me"
     )
     assert [r.name for r in results] == ["upper", "reverse", "cluster"]
     upper, reverse, cluster = results
     assert upper.ok and cluster.ok and not reverse.ok
-    assert "FileExistsError" in reverse.error
+    assert "me/reverse" in reverse.error and "library" in reverse.error
     with pytest.raises(TrainingError, match="'reverse' failed"):
         reverse.expert  # noqa: B018
     assert upper.expert.card.tasks == ["upper"]
     assert cluster.expert.card.tasks == ["double", "upper"]
     assert cluster.expert.card.examples == 14
+    assert registry.pull("me/cluster").weights_sha256 == cluster.sha256
 
 
 @pytest.mark.slow  # Ray takes ~10-30 s to start
@@ -70,10 +84,46 @@ def test_bad_input_is_refused_before_any_training(model, tokenizer, tmp_path):
         train_experts(model, DATA, tokenizer=tokenizer, registry=LocalRegistry(tmp_path / "r"))
 
 
+@pytest.mark.parametrize(
+    ("data", "options", "error", "message"),
+    [
+        ({"a/b": pairs("upper")}, {}, InvalidInputError, "invalid expert name 'a/b'"),
+        ({"..": pairs("upper")}, {}, InvalidInputError, "invalid expert name '..'"),
+        ([pairs("upper")], {}, TrainingError, "map each expert's name"),
+        (DATA, {"eval_data": {"uper": pairs("upper")}}, TrainingError, "not trained: uper"),
+        (DATA, {"namespace": "bad space"}, InvalidInputError, "invalid repo id 'bad space/upper'"),
+        (DATA, {"namespace": "me", "dead": True}, ConnectionFailedError, "cannot reach"),
+        (DATA, {"taken": True}, TrainingError, "upper is a folder that is not empty"),
+    ],
+)
+def test_names_targets_and_folders_are_checked_before_any_training(
+    model, tokenizer, tmp_path, monkeypatch, data, options, error, message
+):
+    """Each fails at once, naming what to fix: not after training, not per expert, and never
+    writing into a folder that holds other files (an expert named '..' wrote to the parent)."""
+    import quiver.training.fanout as fanout
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the request was checked")
+
+    monkeypatch.setattr(fanout, "train_prepared", no_training)
+    if options.pop("taken", False):
+        (tmp_path / "out" / "upper").mkdir(parents=True)
+        (tmp_path / "out" / "upper" / "README.md").write_text("someone's notes")
+    if "namespace" in options:
+        dead = options.pop("dead", False)
+        live = LocalRegistry(tmp_path / "store")
+        options["registry"] = (
+            open_registry(f"http://127.0.0.1:{_free_port()}", token="hf_" + "0" * 40)
+            if dead
+            else live
+        )
+    with pytest.raises(error, match=message):
+        train_experts(model, data, tokenizer=tokenizer, output_dir=tmp_path / "out", **options)
+
+
 def test_an_unreachable_ray_cluster_is_a_typed_error(model, tokenizer, tmp_path):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     with pytest.raises(
         ConnectionFailedError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"
     ):
@@ -87,3 +137,35 @@ def test_an_unreachable_ray_cluster_is_a_typed_error(model, tokenizer, tmp_path)
             registry=LocalRegistry(tmp_path / "r"),
             namespace="n",
         )
+
+
+def test_pushing_into_a_namespace_the_token_may_not_write_fails_before_training(
+    model, tokenizer, hub_server, tmp_path, monkeypatch
+):
+    """On a `quiver hub serve`, bob's token may not write alice's namespace, nor a read-only token
+    its own: the training ran to the end, then every push was refused."""
+    import quiver.training.build as build
+    import quiver.training.fanout as fanout
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("worked before checking where the results go")
+
+    monkeypatch.setattr(fanout, "train_prepared", no_work)
+    monkeypatch.setattr(build, "cluster_experts", no_work)
+    bob = open_registry(hub_server.endpoint, token=hub_server.create_token("bob"))
+    reader = open_registry(hub_server.endpoint, token=hub_server.create_token("rob", write=False))
+    anonymous = open_registry(hub_server.endpoint, token=False)
+    data = {"upper": pairs("upper")}
+    for registry, namespace, message in (
+        (bob, "alice", "bob .* may not push to alice/upper \\(not its namespace alice\\)"),
+        (reader, "rob", "rob .* may not push to rob/upper \\(it is read-only\\)"),
+        (anonymous, "anon", "needs a token"),
+    ):
+        with pytest.raises(AuthenticationError, match=message):
+            train_experts(model, data, tokenizer=tokenizer, registry=registry, namespace=namespace)
+    experts = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    with pytest.raises(AuthenticationError, match="may not push to alice/mbc"):
+        build.build_mbc_library(experts, bob, "alice/mbc", k=2)
+    open_registry(hub_server.endpoint, token=hub_server.create_token("bob")).check_can_push(
+        "bob/mine"
+    )  # its own namespace: fine

@@ -64,16 +64,22 @@ def install_random_library(
     ``experts`` (task ``random``, in the library's namespace) and the library of them with its
     Arrow prototypes."""
     push_base_model(registry, model.name_or_path, model, tokenizer)
-    library = Library.create(
-        registry, library_id, base_model=model.name_or_path, description=description
-    )
     namespace = library_id.split("/")[0]
     with tempfile.TemporaryDirectory(prefix="quiver-random-") as scratch:
+        pushed = {}
         for seed, name in enumerate(experts):
             folder = make_random_expert(model, Path(scratch) / name, rank=rank, seed=seed)
             expert = Expert.from_folder(folder, tasks=["random"], description=_RANDOM_EXPERT)
-            library.add(registry.push(expert, f"{namespace}/{name}"))
+            pushed[name] = registry.push(expert, f"{namespace}/{name}")
         prototypes = save_prototypes(
-            compute_arrow_prototypes(library), Path(scratch) / "prototypes.safetensors"
+            compute_arrow_prototypes({name: expert.path for name, expert in pushed.items()}),
+            Path(scratch) / "prototypes.safetensors",
         )
-        return library.add_artifact(ARTIFACT_NAME, prototypes)
+        return Library.create(
+            registry,
+            library_id,
+            base_model=model.name_or_path,
+            description=description,
+            experts=pushed,
+            artifacts={ARTIFACT_NAME: prototypes},
+        )

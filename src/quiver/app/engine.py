@@ -47,6 +47,7 @@ STRATEGY_OPTIONS = {
 }
 MIXINGS = ("outputs", "parameters")
 GRANULARITIES = ("token", "sequence")
+ROLES = ("system", "user", "assistant")
 FRAME_SECONDS = 0.05  # a streaming answer is shown at most 20 times a second
 
 
@@ -101,12 +102,15 @@ class GenerationSettings:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_new_tokens <= 4096:
-            raise InvalidInputError(f"max_new_tokens must be 1..4096, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        count = self.max_new_tokens
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 4096:
+            raise InvalidInputError(f"max_new_tokens must be an integer 1..4096, got {count!r}")
+        if not (_is_number(self.temperature) and 0 <= self.temperature < math.inf):
+            raise InvalidInputError(
+                f"temperature must be >= 0 and finite, got {self.temperature!r}"
+            )
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
     def generate_kwargs(self, max_new_tokens: int) -> dict:
         sampling = self.temperature > 0
@@ -290,6 +294,25 @@ class _Turns:
                 self._changed.notify_all()
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _turns(message, history: Sequence) -> list[dict]:
+    """The chat so far as ``{role, content}`` turns, checked: the API takes any JSON."""
+    if not isinstance(message, str) or not message.strip():
+        raise InvalidInputError("the message is empty", hint="type something to send")
+    turns = []
+    for number, turn in enumerate(history):
+        if not (isinstance(turn, dict) and turn.get("role") in ROLES and "content" in turn):
+            raise InvalidInputError(
+                f"history entry {number} is not a {{role, content}} message: {turn!r:.80}",
+                hint=f"give history as messages whose role is one of {', '.join(ROLES)}",
+            )
+        turns.append({"role": turn["role"], "content": _message_text(turn["content"])})
+    return [*turns, {"role": "user", "content": message}]
+
+
 def _message_text(content) -> str:
     """A chat message's text, whether Gradio gives it as a string or as a list of parts."""
     if isinstance(content, str):
@@ -378,10 +401,7 @@ class ChatEngine:
     def prompt_ids(self, message: str, history: Sequence[dict], max_new_tokens: int):
         """The tokenized chat, oldest turns dropped until it leaves room to answer; returns the
         ids and how many new tokens fit."""
-        if not message.strip():
-            raise InvalidInputError("the message is empty", hint="type something to send")
-        turns = [{"role": m["role"], "content": _message_text(m["content"])} for m in history]
-        turns.append({"role": "user", "content": message})
+        turns = _turns(message, history)
         while True:
             ids = self._encode(turns)
             if len(ids) + max_new_tokens <= self.context_length or len(turns) == 1:

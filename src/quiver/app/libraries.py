@@ -32,11 +32,14 @@ def compose(
             f"two chosen experts share a name: {sorted(names)}",
             hint="compose from experts with distinct names",
         )
-    library = Library.create(target, repo_id, base_model=first.base_model, description=description)
-    bundle = target.location != source.location
-    for expert in experts:
-        library.add(expert, bundle=bundle)
-    return library
+    return Library.create(
+        target,
+        repo_id,
+        base_model=first.base_model,
+        description=description,
+        experts={expert.name: expert for expert in experts},
+        bundle=target.location != source.location,
+    )
 
 
 def expert_rows(library: Library) -> list[list[str]]:

@@ -73,6 +73,10 @@ def train(
     from quiver.training import train_expert
 
     config = _config(rank, alpha, learning_rate, epochs, max_steps, batch_size, init_seed)
+    target = None
+    if push:  # a bad name or a dead registry fails now, not after the training
+        target = registry_from(registry, token, create=True)
+        target.check_can_push(push)
     expert = train_expert(
         base_model,
         data,
@@ -89,8 +93,7 @@ def train(
         f"Trained {', '.join(card.tasks)}: {card.examples} examples, {card.steps} steps, "
         f"final loss {card.train_loss:.4f}" + (f", {metrics}" if metrics else "")
     )
-    if push:
-        target = registry_from(registry, token, create=True)
+    if target is not None:
         published = target.push(expert, push)
         err_console.print(f"Pushed {push}@{published.commit[:10]} to {target.location}")
     print(expert.path)
@@ -146,6 +149,11 @@ def _parse_data(specs: list[str]) -> dict[str, str]:
         if not sep or not task or not path:
             raise TrainingError(
                 f"--data {spec!r} is not TASK=FILE", hint="e.g. --data math=m.jsonl"
+            )
+        if task in data:  # the last one silently won
+            raise TrainingError(
+                f"--data names the task {task!r} twice ({data[task]} and {path})",
+                hint="give each task one file",
             )
         data[task] = path
     return data

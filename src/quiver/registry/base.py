@@ -297,6 +297,12 @@ class Registry(ABC):
         except NotFoundError:
             return {}
 
+    def check_can_push(self, repo_id: str) -> None:
+        """Refuse now, before hours of training, a push to ``repo_id`` that would fail at the end:
+        a malformed id, a registry that cannot be reached (and, on a Hub, a token that may not
+        write to the namespace)."""
+        self.head(check_repo_id(repo_id))
+
     def head(self, repo_id: str, branch: str = "main") -> str | None:
         """The commit ``branch`` of ``repo_id`` points at; None if there is no such repo or
         branch."""

@@ -241,6 +241,27 @@ class HubRegistry(Registry):
             return False
         return True
 
+    def check_can_push(self, repo_id: str) -> None:
+        namespace = check_repo_id(repo_id).split("/")[0]
+        if self.token is False:
+            raise AuthenticationError(
+                f"pushing to {repo_id} on {self.endpoint} needs a token", hint="pass a --token"
+            )
+        with self._translate_errors(f"who may push to {repo_id}", repo_id):
+            caller = self.api.whoami()
+        role = caller.get("auth", {}).get("accessToken", {}).get("role")
+        if role not in ("read", "write"):
+            return  # a fine-grained token: its repo permissions are the Hub's to check
+        writable = {caller.get("name"), *(org.get("name") for org in caller.get("orgs", []))}
+        if role == "read" or namespace not in writable:
+            raise AuthenticationError(
+                f"the token of {caller.get('name')} on {self.endpoint} may not push to "
+                f"{repo_id}"
+                + (" (it is read-only)" if role == "read" else f" (not its namespace {namespace})"),
+                hint="pass a --token with write access to that namespace, or push to your own",
+                repo_id=repo_id,
+            )
+
     def download(
         self, repo_id: str, *, revision: str | None = None, patterns: Sequence[str] | None = None
     ) -> tuple[Path, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,8 +206,14 @@ class Library:
         base_model: str,
         description: str = "",
         build: dict[str, Any] | None = None,
+        experts: Mapping[str, Expert | str | Path] | None = None,
+        artifacts: Mapping[str, str | Path] | None = None,
+        bundle: bool = False,
     ) -> Library:
-        """Publish a new, empty library for ``base_model`` (``build``: how it is being made)."""
+        """Publish a new library for ``base_model`` (``build``: how it was made), empty or with
+        ``experts`` (name -> what ``add`` takes) and ``artifacts`` (name -> safetensors file),
+        checked first and committed as one version: a failure or an interruption leaves no
+        half-built library behind."""
         check_repo_id(repo_id)
         head = registry.head(repo_id)
         if head is not None:
@@ -221,7 +228,16 @@ class Library:
         manifest = LibraryManifest(
             name=repo_id, base_model=base_model, description=description, build=build
         )
-        return _publish(registry, repo_id, manifest, {}, {}, message=f"Create library {repo_id}")
+        bundled = {}
+        for name, expert in (experts or {}).items():
+            manifest, copied = _with_expert(registry, manifest, expert, name, bundle=bundle)
+            bundled.update({name: copied} if copied is not None else {})
+        files = {name: Path(path) for name, path in (artifacts or {}).items()}
+        shas = {name: _artifact_sha256(name, path) for name, path in files.items()}
+        manifest = dataclasses.replace(manifest, artifacts=shas)
+        return _publish(
+            registry, repo_id, manifest, bundled, files, message=f"Create library {repo_id}"
+        )
 
     @classmethod
     def open(cls, registry: Registry, repo_id: str, *, revision: str | None = None) -> Library:
@@ -336,57 +352,11 @@ class Library:
         """Add an expert: a local folder or unpublished Expert is bundled; a published one (an
         Expert from this registry, or ``"user/repo[@revision]"``) is referenced at its commit,
         unless ``bundle=True`` copies it in."""
-        if isinstance(expert, str) and not Path(expert).is_dir():
-            repo_id, revision = _parse_expert_spec(expert)
-            expert = self.registry.pull(repo_id, revision=revision)
-        elif not isinstance(expert, Expert):
-            expert = Expert.from_folder(expert)
-        elif expert.repo_id and expert.commit and not bundle:
-            self._require_here(expert)
-        name = check_name(name or expert.name, "expert name")
-        if name in self.names:
-            raise AlreadyExistsError(
-                f"library {self.repo_id} already has an expert named {name!r}",
-                hint="remove it first, or pass another name",
-                repo_id=self.repo_id,
-                expert=name,
-            )
-        expert.check_finite()
-        manifest = self.manifest
-        expert.check_fits(
-            base_model=manifest.base_model,
-            rank=manifest.rank if manifest.rank is not None else expert.card.rank,
-            target_modules=manifest.target_modules or expert.card.target_modules,
-        )
-        bundled = bundle or expert.repo_id is None or expert.commit is None
-        pin = ExpertPin(
-            name=name,
-            sha256=expert.weights_sha256,
-            repo_id=None if bundled else expert.repo_id,
-            commit=None if bundled else expert.commit,
-        )
-        manifest = dataclasses.replace(
-            manifest,
-            rank=expert.card.rank,
-            target_modules=expert.card.target_modules,
-            experts=[*manifest.experts, pin],
-        )
+        manifest, bundled = _with_expert(self.registry, self.manifest, expert, name, bundle=bundle)
+        name = manifest.experts[-1].name
         return self._commit(
-            manifest, message or f"Add expert {name}", experts={name: expert} if bundled else {}
+            manifest, message or f"Add expert {name}", experts={name: bundled} if bundled else {}
         )
-
-    def _require_here(self, expert: Expert) -> None:
-        """A referenced expert lives in this library's registry, at its commit."""
-        try:
-            self.registry.files(expert.repo_id, revision=expert.commit)
-        except NotFoundError as error:
-            raise NotFoundError(
-                f"{expert.repo_id}@{expert.commit[:10]} is not in {self.registry.location}, "
-                f"where {self.repo_id} lives",
-                hint="push the expert there first, or bundle it (bundle=True, --bundle)",
-                repo_id=expert.repo_id,
-                revision=expert.commit,
-            ) from error
 
     def remove(self, name: str, *, message: str | None = None) -> Library:
         if name not in self.names:
@@ -401,19 +371,8 @@ class Library:
 
     def add_artifact(self, name: str, path: str | Path, *, message: str | None = None) -> Library:
         """Attach (or replace) a routing artifact, a safetensors file such as Arrow prototypes."""
-        check_name(name, "artifact name")
         path = Path(path)
-        try:
-            if not path.is_file():  # a FIFO or a device would block the reads below
-                raise OSError(f"{path} is not a regular file")
-            with safe_open(str(path), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as error:
-            raise InvalidInputError(
-                f"artifact {path} is not a readable safetensors file ({error})",
-                hint="save routing artifacts with safetensors.torch.save_file",
-            ) from error
-        artifacts = {**self.manifest.artifacts, name: sha256_file(path)}
+        artifacts = {**self.manifest.artifacts, name: _artifact_sha256(name, path)}
         manifest = dataclasses.replace(self.manifest, artifacts=artifacts)
         return self._commit(manifest, message or f"Add artifact {name}", artifacts={name: path})
 
@@ -496,6 +455,83 @@ class Library:
 
     def __repr__(self) -> str:
         return f"Library({self.repo_id!r}@{self.commit[:10]}, experts={self.names})"
+
+
+def _with_expert(
+    registry: Registry,
+    manifest: LibraryManifest,
+    expert: Expert | str | Path,
+    name: str | None,
+    *,
+    bundle: bool,
+) -> tuple[LibraryManifest, Expert | None]:
+    """``manifest`` with ``expert`` pinned as ``name``, after every check ``Library.add`` makes;
+    and the expert when it is to be bundled (copied into the library repo)."""
+    if isinstance(expert, str) and not Path(expert).is_dir():
+        repo_id, revision = _parse_expert_spec(expert)
+        expert = registry.pull(repo_id, revision=revision)
+    elif not isinstance(expert, Expert):
+        expert = Expert.from_folder(expert)
+    elif expert.repo_id and expert.commit and not bundle:
+        _require_in(registry, expert, manifest.name)
+    name = check_name(name or expert.name, "expert name")
+    if name in [pin.name for pin in manifest.experts]:
+        raise AlreadyExistsError(
+            f"library {manifest.name} already has an expert named {name!r}",
+            hint="remove it first, or pass another name",
+            repo_id=manifest.name,
+            expert=name,
+        )
+    expert.check_finite()
+    expert.check_fits(
+        base_model=manifest.base_model,
+        rank=manifest.rank if manifest.rank is not None else expert.card.rank,
+        target_modules=manifest.target_modules or expert.card.target_modules,
+    )
+    bundled = bundle or expert.repo_id is None or expert.commit is None
+    pin = ExpertPin(
+        name=name,
+        sha256=expert.weights_sha256,
+        repo_id=None if bundled else expert.repo_id,
+        commit=None if bundled else expert.commit,
+    )
+    manifest = dataclasses.replace(
+        manifest,
+        rank=expert.card.rank,
+        target_modules=expert.card.target_modules,
+        experts=[*manifest.experts, pin],
+    )
+    return manifest, expert if bundled else None
+
+
+def _require_in(registry: Registry, expert: Expert, library_id: str) -> None:
+    """A referenced expert lives in the library's registry, at its commit."""
+    try:
+        registry.files(expert.repo_id, revision=expert.commit)
+    except NotFoundError as error:
+        raise NotFoundError(
+            f"{expert.repo_id}@{expert.commit[:10]} is not in {registry.location}, "
+            f"where {library_id} lives",
+            hint="push the expert there first, or bundle it (bundle=True, --bundle)",
+            repo_id=expert.repo_id,
+            revision=expert.commit,
+        ) from error
+
+
+def _artifact_sha256(name: str, path: Path) -> str:
+    """The sha256 of a routing artifact, once its name and file are checked."""
+    check_name(name, "artifact name")
+    try:
+        if not path.is_file():  # a FIFO or a device would block the reads below
+            raise OSError(f"{path} is not a regular file")
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise InvalidInputError(
+            f"artifact {path} is not a readable safetensors file ({error})",
+            hint="save routing artifacts with safetensors.torch.save_file",
+        ) from error
+    return sha256_file(path)
 
 
 @dataclass(frozen=True)

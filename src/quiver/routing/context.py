@@ -36,6 +36,19 @@ def batch_rows(batch_shape: torch.Size) -> int:
     return batch_shape[0] if len(batch_shape) > 1 else 1
 
 
+def check_selection(top_k: int | None, temperature: float, *, all_allowed: bool) -> None:
+    """How a strategy picks experts: ``top_k`` a positive integer (None for all, where
+    ``all_allowed``), ``temperature`` a positive finite number."""
+    if top_k is None and all_allowed:
+        pass
+    elif isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        which = "an integer, or None for all" if all_allowed else "an integer"
+        raise RoutingError(f"top_k must be at least 1 ({which}), got {top_k!r}")
+    real = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not (real and 0 < temperature < math.inf):
+        raise RoutingError(f"temperature must be positive and finite, got {temperature!r}")
+
+
 @dataclass(frozen=True)
 class SequenceChoice:
     """The experts each batch row uses for a whole sequence: ``index, weights [rows, k]``,

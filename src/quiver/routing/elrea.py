@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -47,7 +48,7 @@ from torch import nn
 
 from quiver.errors import RoutingError
 from quiver.routing import context
-from quiver.routing.context import CallState, SequenceChoice
+from quiver.routing.context import CallState, SequenceChoice, check_selection
 from quiver.routing.elrea_artifact import ElreaArtifact, stored_artifact
 from quiver.routing.experts import ExpertSet
 from quiver.routing.gradients import CountSketch, GradientPass, check_prompts, prompt_loss
@@ -400,10 +401,7 @@ class ELREA:
     weights: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.top_k is not None and self.top_k < 1:
-            raise RoutingError(f"top_k must be at least 1 (or None for all), got {self.top_k}")
-        if not self.temperature > 0:
-            raise RoutingError(f"temperature must be positive, got {self.temperature}")
+        check_selection(self.top_k, self.temperature, all_allowed=True)
 
     def build(self, experts: ExpertSet, model: nn.Module, source: object) -> dict[str, nn.Module]:
         artifact = stored_artifact(source)
@@ -433,8 +431,10 @@ class ELREA:
             return None
         fixed = torch.zeros(len(experts.names))
         for name, weight in self.weights.items():
-            if not weight >= 0:
-                raise RoutingError(f"ensemble weight of {name!r} is {weight}, not at least 0")
+            if not (isinstance(weight, (int, float)) and 0 <= weight < math.inf):
+                raise RoutingError(
+                    f"ensemble weight of {name!r} is {weight!r}, not a finite number >= 0"
+                )
             fixed[experts.index(name)] = float(weight)
         if not fixed.sum() > 0:
             raise RoutingError("the fixed ensemble weights are all zero")

@@ -28,7 +28,7 @@ from quiver.routing.arrow import (
     genknowsub,
     load_prototypes,
 )
-from quiver.routing.context import SequenceChoice
+from quiver.routing.context import SequenceChoice, check_selection
 from quiver.routing.elrea import ELREA
 from quiver.routing.experts import ExpertSet, ExpertSource, LoraStack, load_experts
 from quiver.routing.layers import ArrowMixer, MergedMixer, Mixer, OracleMixer, SequenceArrowMixer
@@ -87,10 +87,7 @@ class Arrow:
     granularity: Granularity = "token"
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise RoutingError(f"top_k must be at least 1, got {self.top_k}")
-        if not self.temperature > 0:
-            raise RoutingError(f"temperature must be positive, got {self.temperature}")
+        check_selection(self.top_k, self.temperature, all_allowed=False)
         _check_mixing(self.mixing)
         if self.granularity not in get_args(Granularity):
             raise RoutingError(

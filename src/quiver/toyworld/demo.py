@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from quiver.errors import NotFoundError, QuiverError, RegistryError
+from quiver.errors import InvalidInputError, NotFoundError, QuiverError, RegistryError
 from quiver.registry import LocalRegistry, Registry
 from quiver.toyworld.pipeline import (
     BASE_NAME,
@@ -113,10 +113,22 @@ def build_demo(
     say: Callable[[str], None] = print,
 ) -> Path:
     """Regenerate the demo: the benchmark's building stages (seeded), then ``export_demo``."""
+    _check_writable(Path(output).parent)  # before minutes of training, not after
     with tempfile.TemporaryDirectory(prefix="quiver-demo-build-") as scratch:
         registry = LocalRegistry(Path(scratch) / "registry")
         built = build_libraries(config or RunConfig(), registry, Stages(say))
         return export_demo(registry, built.base_id, built.mbc_id, output, say=say)
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise InvalidInputError(
+            f"cannot write the demo into {folder}: {error.strerror or error}",
+            hint="pass an --output in a writable folder",
+        ) from error
 
 
 def export_demo(
@@ -130,7 +142,7 @@ def export_demo(
     """Copy a base model repo and its library repo, as ``registry`` stores them, into
     ``output/base`` and ``output/library``; the old folder is replaced only once all is copied."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(output.parent)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=output.parent))
     try:
         for name, repo_id in (("base", base_id), ("library", library_id)):

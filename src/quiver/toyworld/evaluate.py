@@ -161,6 +161,15 @@ def evaluate(
     """
     if not tasks:
         raise InvalidInputError("no tasks to evaluate", hint="pass at least one Task")
+    for name, value in (("examples", examples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+    missing = [task.name for task in tasks if oracle is not None and task.name not in oracle]
+    if missing:
+        raise InvalidInputError(
+            f"the oracle names no expert for {', '.join(missing)}",
+            hint="map every task evaluated to its expert",
+        )
     diagnose = isinstance(model, RoutedModel) and isinstance(model.strategy, Arrow)
     results = []
     for task in tasks:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sklearn.metrics import adjusted_rand_score
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from quiver.errors import InvalidInputError, TrainingError
 from quiver.registry import Library, Registry
@@ -29,6 +29,7 @@ from quiver.toyworld.evaluate import Evaluation, TaskResult, evaluate
 from quiver.toyworld.model import PretrainConfig, pretrain_base, training_pairs
 from quiver.toyworld.tasks import HELD_OUT, Task, copy_tasks, get_tasks
 from quiver.training import TrainConfig, build_mbc_library, train_experts
+from quiver.training import load_base as load_pretrained
 
 NAMESPACE = "quiver-demo"
 BASE_NAME, PRIVATE_NAME, MBC_NAME, SHARED_NAME = (
@@ -165,8 +166,9 @@ def check_experts(own: Evaluation, gate: float) -> None:
 
 
 def load_base(base: str | Path) -> tuple[PreTrainedModel, Any]:
-    model = AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=False).eval()
-    return model, AutoTokenizer.from_pretrained(str(base))
+    """A saved base model and its tokenizer; one that cannot be loaded is a typed error."""
+    model, tokenizer = load_pretrained(str(base))
+    return model.eval(), tokenizer
 
 
 def build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Built:
@@ -220,15 +222,13 @@ def _train_private(config, registry, model, tokenizer, data, scratch: Path) -> L
     failed = [f"{r.name}: {r.error}" for r in results if not r.ok]
     if failed:
         raise TrainingError("private experts failed to train: " + "; ".join(failed))
-    library = Library.create(
+    return Library.create(
         registry,
         f"{NAMESPACE}/{PRIVATE_NAME}",
         base_model=model.name_or_path,
         description="One private expert per toy-world task.",
+        experts={result.name: result.expert for result in results},
     )
-    for result in results:
-        library.add(result.expert, name=result.name)
-    return library
 
 
 def oracle_evaluation(

@@ -189,6 +189,7 @@ def get_tasks(names: Iterable[str] | None = None, *, held_out: bool = False) -> 
     """The named tasks (training and held-out alike); all training (or held-out) tasks if None."""
     if names is None:
         return list(HELD_OUT if held_out else TASKS)
+    names = [names] if isinstance(names, str) else list(names)  # one name, not its letters
     known = {task.name: task for task in (*TASKS, *HELD_OUT)}
     unknown = [name for name in names if name not in known]
     if unknown:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from quiver.errors import TrainingError
+from quiver.errors import AlreadyExistsError, TrainingError
 from quiver.registry import Expert, Library, Registry
 from quiver.routing import compute_arrow_prototypes, load_experts, save_prototypes
 from quiver.routing.arrow import ARTIFACT_NAME
@@ -23,7 +23,7 @@ from quiver.routing.experts import ExpertSource, resolve_expert_paths
 from quiver.training.data import DataSource
 from quiver.training.fanout import train_experts
 from quiver.training.mbc import Clustering, cluster_experts
-from quiver.training.merge import write_merged_expert
+from quiver.training.merge import MERGES, write_merged_expert
 from quiver.training.trainer import TrainConfig
 
 
@@ -47,7 +47,9 @@ def _cluster_tasks(paths: Mapping[str, Path], clustering: Clustering) -> dict[st
 
 def _train_clusters(
     cluster_tasks, data, base_model, scratch, repo_id, registry, training
-) -> dict[str, Expert | str]:
+) -> dict[str, Expert]:
+    """Train each cluster's expert on its tasks' data; those a Ray cluster's workers pushed to
+    ``registry`` are pulled here."""
     missing = sorted({t for tasks in cluster_tasks.values() for t in tasks} - set(data))
     if missing:
         raise TrainingError(
@@ -69,10 +71,22 @@ def _train_clusters(
     failed = [f"{r.name}: {r.error}" for r in results if not r.ok]
     if failed:
         raise TrainingError("some cluster experts failed to train: " + "; ".join(failed))
-    out = {}
-    for cluster, result in zip(jobs, results, strict=True):
-        out[cluster] = f"{result.repo_id}@{result.commit}" if remote else result.expert
-    return out
+    return {
+        cluster: registry.pull(result.repo_id, revision=result.commit) if remote else result.expert
+        for cluster, result in zip(jobs, results, strict=True)
+    }
+
+
+def require_new_library(registry: Registry, repo_id: str) -> None:
+    """Refuse a taken name, or a registry that will not take the library, before any work, not
+    after hours of training."""
+    registry.check_can_push(repo_id)
+    if registry.head(repo_id) is not None:
+        raise AlreadyExistsError(
+            f"{repo_id} already exists in {registry.location}",
+            hint="pick another name for the new library",
+            repo_id=repo_id,
+        )
 
 
 def build_mbc_library(
@@ -100,6 +114,9 @@ def build_mbc_library(
     ``backend``; on a Ray cluster (``address``) the workers push them to ``registry``. Without
     data, each cluster's experts are merged with ``merge`` (``"svd"``, ``"concat"`` or ``"mu"``).
     """
+    require_new_library(registry, repo_id)
+    if data is None and merge not in MERGES:
+        raise TrainingError(f"unknown merge {merge!r}", hint=f"use one of {MERGES}")
     paths = source.expert_paths() if isinstance(source, Library) else resolve_expert_paths(source)
     clustering = cluster_experts(paths, k=k, embedding=embedding, seed=seed)
     ids = _member_ids(source, list(paths))
@@ -131,20 +148,19 @@ def build_mbc_library(
             base_name = getattr(base_model, "name_or_path", None) or str(base_model)
         else:
             experts = _merge_clusters(paths, clustering, cluster_tasks, ids, first, scratch, merge)
-        library = Library.create(
+        prototypes = save_prototypes(
+            compute_arrow_prototypes({name: expert.path for name, expert in experts.items()}),
+            scratch / f"{ARTIFACT_NAME}.safetensors",
+        )
+        return Library.create(
             registry,
             repo_id,
             base_model=base_name,
             description=description or _describe(build),
             build={key: value for key, value in build.items() if value is not None},
+            experts=experts,
+            artifacts={ARTIFACT_NAME: prototypes},
         )
-        for cluster, expert in experts.items():
-            library.add(expert, name=cluster)
-        prototypes = save_prototypes(
-            compute_arrow_prototypes(library), scratch / f"{ARTIFACT_NAME}.safetensors"
-        )
-        library.add_artifact(ARTIFACT_NAME, prototypes)
-    return library
 
 
 def _merge_clusters(paths, clustering, cluster_tasks, ids, template, scratch, merge):

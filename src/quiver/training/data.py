@@ -40,8 +40,15 @@ def _example(record: Any, source: str) -> Example:
     if isinstance(record, Mapping):
         if "messages" in record:
             messages = record["messages"]
-            ok = isinstance(messages, Sequence) and all(
-                isinstance(m, Mapping) and isinstance(m.get("role"), str) for m in messages
+            ok = (
+                isinstance(messages, Sequence)
+                and not isinstance(messages, str)
+                and all(
+                    isinstance(m, Mapping)
+                    and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)
+                    for m in messages
+                )
             )
             if not ok or not any(m["role"] == "assistant" for m in messages):
                 raise TrainingError(
@@ -75,12 +82,18 @@ def _example(record: Any, source: str) -> Example:
 
 def _read_jsonl(path: Path) -> list[Example]:
     examples = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:  # line by line, so that an error names its line; a leading BOM is dropped
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                if not line.strip():
+                    continue
                 record = json.loads(line)
+            except UnicodeDecodeError as error:
+                raise TrainingError(
+                    f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})",
+                    hint="save the file as UTF-8",
+                ) from error
             except json.JSONDecodeError as error:
                 raise TrainingError(
                     f"{path}:{number}: not valid JSON ({error.msg})",
@@ -125,9 +138,10 @@ def load_examples(data: DataSource) -> list[Example]:
     """Read and check every example of ``data``; raise ``TrainingError`` if there are none."""
     if isinstance(data, (str, Path)):
         label, examples = _read_path(Path(data))
-    elif isinstance(data, Mapping):
+    elif isinstance(data, Mapping) or not isinstance(data, Iterable):
         raise TrainingError(
-            "a mapping is not a data source", hint="pass a file, a dataset or a list of pairs"
+            f"a {type(data).__name__} is not a data source",
+            hint="pass a JSONL file, a dataset or a list of (prompt, response) pairs",
         )
     else:
         label, examples = _read_iterable(data, "data")

@@ -27,15 +27,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from quiver.errors import AlreadyExistsError, TrainingError
+from quiver.errors import TrainingError
 from quiver.registry import Expert, Library, Registry
 from quiver.routing import route
 from quiver.routing.elrea import PromptGradients, prompt_features
 from quiver.routing.elrea_artifact import ARTIFACT_NAME, ElreaArtifact, gradient_dim
 from quiver.routing.experts import load_experts
 from quiver.routing.gradients import MIN_PROMPT_TOKENS, CountSketch
-from quiver.store import check_repo_id
-from quiver.training.build import _train_clusters
+from quiver.training.build import _train_clusters, require_new_library
 from quiver.training.data import (
     IGNORE_INDEX,
     DataSource,
@@ -195,7 +194,7 @@ class _Training:
 
     def run(self, data: dict[str, list], scratch: Path, **extra: Any) -> dict[str, Expert]:
         """Train one expert per ``name -> records`` (the name is also its card's task)."""
-        trained = _train_clusters(
+        return _train_clusters(
             {name: [name] for name in data},
             data,
             self.base_model,
@@ -204,31 +203,18 @@ class _Training:
             self.registry,
             {**self.options, **extra},
         )
-        return {name: self._local(expert) for name, expert in trained.items()}
-
-    def _local(self, expert: Expert | str) -> Expert:
-        """A worker's pushed expert (``repo@commit``) pulled here; a local one as it is."""
-        if isinstance(expert, Expert):
-            return expert
-        repo_id, _, commit = expert.partition("@")
-        return self.registry.pull(repo_id, revision=commit)
 
 
-def _check_request(registry, repo_id, clustering, threshold, positive) -> None:
+def _check_request(registry, repo_id, clustering, threshold, counts) -> None:
     """Refuse what would fail only after hours of training."""
     if clustering not in CLUSTERINGS:
         raise TrainingError(f"unknown clustering {clustering!r}", hint=f"use one of {CLUSTERINGS}")
     if not threshold > 0:
         raise TrainingError(f"the BIRCH threshold must be positive, got {threshold}")
-    for name, value in positive.items():
-        if value < 1:
-            raise TrainingError(f"{name} must be at least 1, got {value}")
-    if registry.head(check_repo_id(repo_id)) is not None:
-        raise AlreadyExistsError(
-            f"{repo_id} already exists in {registry.location}",
-            hint="pick another name for the new library",
-            repo_id=repo_id,
-        )
+    for name, (value, least) in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise TrainingError(f"{name} must be at least {least} (an integer), got {value!r}")
+    require_new_library(registry, repo_id)
 
 
 def build_elrea_library(
@@ -262,9 +248,12 @@ def build_elrea_library(
     ``route(model, library, "elrea")``.
     """
     settings = {
-        "fit_examples": fit_examples,
-        "projection_dim": projection_dim,
-        "feature_batch_size": feature_batch_size,
+        "k": (k, 1),
+        "fit_examples": (fit_examples, 1),
+        "projection_dim": (projection_dim, 1),
+        "feature_batch_size": (feature_batch_size, 1),
+        "seed": (seed, 0),
+        "projection_seed": (projection_seed, 0),
     }
     _check_request(registry, repo_id, clustering, threshold, settings)
     config = config or TrainConfig()
@@ -311,7 +300,10 @@ def build_elrea_library(
             "seed": seed,
         }
         base_name = getattr(base_model, "name_or_path", None) or str(base_model)
-        library = Library.create(
+        members = {BASE: base, **experts}
+        stacked = load_experts({name: e.path for name, e in members.items()}, dtype=torch.float32)
+        artifact = elrea_artifact(features, labels, projection, stacked)
+        return Library.create(
             registry,
             repo_id,
             base_model=base_name,
@@ -319,10 +311,6 @@ def build_elrea_library(
             or f"ELREA library: a base adapter and {k} experts on gradient clusters "
             f"({clustering}) of {len(examples)} examples.",
             build=build,
+            experts=members,
+            artifacts={ARTIFACT_NAME: artifact.save(scratch / f"{ARTIFACT_NAME}.safetensors")},
         )
-        for name, expert in {BASE: base, **experts}.items():
-            library.add(expert, name=name)
-        stacked = load_experts(library, dtype=torch.float32)
-        artifact = elrea_artifact(features, labels, projection, stacked)
-        library.add_artifact(ARTIFACT_NAME, artifact.save(scratch / f"{ARTIFACT_NAME}.safetensors"))
-    return library

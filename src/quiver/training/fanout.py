@@ -24,13 +24,17 @@ from tqdm.auto import tqdm
 
 from quiver.errors import ConnectionFailedError, QuiverError, TrainingError
 from quiver.registry import Expert, Registry
+from quiver.store import check_name, check_repo_id
 from quiver.training.data import DataSource
 from quiver.training.trainer import (
     AdapterInit,
     TrainConfig,
     TrainingData,
+    check_output_dir,
     context_length,
+    from_pretrained,
     load_base,
+    load_tokenizer,
     prepare_data,
     train_prepared,
 )
@@ -187,10 +191,7 @@ def train_experts(
     """
     if backend not in BACKENDS:
         raise TrainingError(f"unknown backend {backend!r}", hint=f"use one of {BACKENDS}")
-    if not data:
-        raise TrainingError("no experts to train", hint="map each expert's name to its data")
-    if registry is not None and namespace is None:
-        raise TrainingError("pushing needs a namespace", hint="pass namespace='user-or-org'")
+    _check_names(data, eval_data, registry, namespace)
     if backend == "ray" and address is not None and registry is None:
         raise TrainingError(
             "a Ray cluster's workers share no filesystem with you",
@@ -214,18 +215,40 @@ def train_experts(
     return results
 
 
+def _check_names(data, eval_data, registry, namespace) -> None:
+    """Every expert's name (its folder, its repo) and target, before any work."""
+    if not isinstance(data, Mapping) or not data:
+        raise TrainingError("no experts to train", hint="map each expert's name to its data")
+    for name in data:
+        check_name(name, "expert name")
+    unknown = sorted(set(eval_data or {}) - set(data))
+    if unknown:
+        raise TrainingError(
+            f"eval data for experts that are not trained: {', '.join(unknown)}",
+            hint=f"name eval data after the experts: {', '.join(data)}",
+        )
+    if registry is None:
+        return
+    if namespace is None:
+        raise TrainingError("pushing needs a namespace", hint="pass namespace='user-or-org'")
+    repo_ids = [check_repo_id(f"{namespace}/{name}") for name in data]
+    registry.check_can_push(repo_ids[0])  # one namespace: a dead or refusing registry fails now
+
+
 def _prepare_jobs(base_model, data, config, tokenizer, eval_data, namespace, output_dir):
     """Read, tokenise and check every expert's data here, before any training starts."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     if isinstance(base_model, (str, Path)):
-        model_config = AutoConfig.from_pretrained(str(base_model), trust_remote_code=False)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(base_model))
+        model_config = from_pretrained(AutoConfig, str(base_model), "base model")
+        tokenizer = tokenizer or load_tokenizer(str(base_model))
     else:
         base_model, tokenizer = load_base(base_model, tokenizer)
         model_config = base_model.config
     limit = context_length(model_config, config)
     root = Path(output_dir) if output_dir is not None else None
+    for name in data if root is not None else ():
+        check_output_dir(root / name)
     jobs = []
     for name, source in data.items():
         try:

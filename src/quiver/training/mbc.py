@@ -17,7 +17,6 @@ clusters (k-means++, ``n_init=10``, a fixed seed), as in the paper:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from quiver.errors import IncompatibleExpertError, TrainingError
+from quiver.errors import IncompatibleExpertError, InvalidAdapterError, TrainingError
+from quiver.registry.adapter import read_adapter_config
 from quiver.routing import ExpertSet, load_experts
 from quiver.routing.experts import ExpertSource, resolve_expert_paths
 
@@ -38,10 +38,10 @@ MAX_COMPONENTS = 64
 
 
 def _check_one_base_model(paths: Mapping[str, Path]) -> str:
-    """All experts must adapt one base model; return its name."""
+    """All experts must be LoRA folders adapting one base model; return its name."""
     bases = {}
     for name, folder in paths.items():
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        config = read_adapter_config(folder, f"expert {name!r} ({folder})")
         bases[name] = config.get("base_model_name_or_path") or "unknown"
     first = next(iter(bases))
     for name, base in bases.items():
@@ -60,7 +60,19 @@ def load_for_clustering(source: ExpertSource | ExpertSet) -> ExpertSet:
         return source
     paths = resolve_expert_paths(source)
     _check_one_base_model(paths)
-    return load_experts(paths, dtype=torch.float32)
+    experts = load_experts(paths, dtype=torch.float32)
+    for stack in experts.modules.values():  # one pass: a NaN would poison every similarity
+        finite = torch.isfinite(stack.A).flatten(1).all(1) & torch.isfinite(stack.B).flatten(1).all(
+            1
+        )
+        if not finite.all():
+            name = experts.names[int((~finite).nonzero()[0])]
+            raise InvalidAdapterError(
+                f"expert {name!r} ({paths[name]}) holds NaN or infinite weights",
+                hint="its training diverged: leave it out, or retrain it at a lower learning rate",
+                expert=name,
+            )
+    return experts
 
 
 def update_similarity(experts: ExpertSet) -> np.ndarray:
@@ -80,7 +92,16 @@ def update_similarity(experts: ExpertSet) -> np.ndarray:
         gram += torch.einsum(
             "iajb,iajb->ij", b_gram, a_gram
         )  # sum_ab (B_i^T B_j)_ab (A_i A_j^T)_ab
-    norms = gram.diagonal().clamp(min=1e-300).sqrt()
+    empty = (gram.diagonal() <= 0).nonzero().flatten().tolist()
+    if empty:  # its cosine to anything is undefined: it would be clustered at random
+        name = experts.names[empty[0]]
+        raise InvalidAdapterError(
+            f"expert {name!r} changes nothing: its update s B A is zero (an untrained LoRA, "
+            "whose B is still PEFT's zero init)",
+            hint="leave it out, train it, or cluster by embedding='parameters'",
+            expert=name,
+        )
+    norms = gram.diagonal().sqrt()
     return (gram / norms[:, None] / norms[None, :]).clamp(-1, 1).numpy()
 
 
@@ -204,6 +225,9 @@ def cluster_experts(
 ) -> Clustering:
     """Cluster a set of experts of one base model (a ``Library``, ``name -> folder`` or folders)
     with MBC. ``k=None`` takes the silhouette's suggestion. See the module for the embeddings."""
+    for what, value in (("k", k), ("seed", seed)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TrainingError(f"{what} must be an integer, got {value!r}")
     if embedding not in EMBEDDINGS:
         raise TrainingError(f"unknown embedding {embedding!r}", hint=f"use one of {EMBEDDINGS}")
     if not 0 <= sparsity < 1:

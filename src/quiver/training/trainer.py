@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from huggingface_hub import EvalResult
 
-from quiver.errors import QuiverError, TrainingError
+from quiver.errors import NotFoundError, QuiverError, TrainingError
 from quiver.fs import sha256_file
 from quiver.registry import Expert
 from quiver.registry.adapter import WEIGHTS, read_adapter
@@ -67,27 +69,52 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # more TrainingArguments
 
     def __post_init__(self) -> None:
+        counts = {
+            "rank": (self.rank, 1),
+            "batch_size": (self.batch_size, 1),
+            "gradient_accumulation_steps": (self.gradient_accumulation_steps, 1),
+            "warmup_steps": (self.warmup_steps, 0),
+            "init_seed": (self.init_seed, 0),
+            "max_steps": (self.max_steps, 1),
+            "max_length": (self.max_length, 1),
+            "num_threads": (self.num_threads, 1),
+        }
+        for name, (value, least) in counts.items():
+            if value is None and name in _OPTIONAL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise TrainingError(
+                    f"TrainConfig.{name} must be at least {least} (an integer), got {value!r}"
+                )
         positive = {
-            "rank": self.rank,
             "alpha": self.alpha,
             "learning_rate": self.learning_rate,
             "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "max_grad_norm": self.max_grad_norm,
         }
         for name, value in positive.items():
-            if not value > 0:
-                raise TrainingError(f"TrainConfig.{name} must be positive, got {value}")
-        optional = {
-            "max_steps": self.max_steps,
-            "max_length": self.max_length,
-            "num_threads": self.num_threads,
-        }
-        for name, value in optional.items():
-            if value is not None and value < 1:
-                raise TrainingError(f"TrainConfig.{name} must be at least 1, got {value}")
-        if not 0 <= self.dropout < 1:
-            raise TrainingError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout}")
+            if not _is_real(value) or not 0 < value < math.inf:
+                raise TrainingError(f"TrainConfig.{name} must be a positive number, got {value!r}")
+        if not _is_real(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
+            raise TrainingError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not _is_real(self.dropout) or not 0 <= self.dropout < 1:
+            raise TrainingError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        self._check_extra()
+
+    def _check_extra(self) -> None:
+        """``extra`` holds only TrainingArguments fields that the other settings do not own."""
+        if not self.extra:
+            return
+        from transformers import TrainingArguments
+
+        known = {f.name for f in dataclasses.fields(TrainingArguments)} - _OWNED_ARGUMENTS
+        refused = sorted(set(self.extra) - known)
+        if refused:
+            raise TrainingError(
+                f"TrainConfig.extra: {', '.join(refused)} cannot be passed to TrainingArguments",
+                hint="give only transformers.TrainingArguments fields; set the LoRA and "
+                "optimiser settings as TrainConfig fields",
+            )
 
     def hyperparameters(self) -> dict[str, Any]:
         """What the card records: every setting that shaped the weights."""
@@ -97,26 +124,56 @@ class TrainConfig:
         return {key: value for key, value in values.items() if value is not None}
 
 
+_OPTIONAL = {"max_steps", "max_length", "num_threads"}
+# TrainingArguments that TrainConfig's fields or Quiver itself set; ``extra`` may not override them.
+_OWNED_ARGUMENTS = {
+    "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "num_train_epochs", "max_steps", "learning_rate", "weight_decay", "warmup_steps",
+    "lr_scheduler_type", "max_grad_norm", "seed", "data_seed", "remove_unused_columns",
+}  # fmt: skip
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def load_base(
     base_model: Any, tokenizer: Any = None, *, dtype: torch.dtype | None = None
 ) -> tuple[Any, Any]:
     """A model and tokenizer from a loaded model, a Hub id or a local folder (no remote code)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if isinstance(base_model, (str, Path)):
         source = str(base_model)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
+        model = from_pretrained(AutoModelForCausalLM, source, "base model", dtype=dtype)
     else:
         model, source = base_model, getattr(base_model, "name_or_path", "")
     if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        except (OSError, ValueError) as error:
-            raise TrainingError(
-                f"cannot load a tokenizer for {source or type(model).__name__}: {error}",
-                hint="pass tokenizer=",
-            ) from error
+        tokenizer = load_tokenizer(source or type(model).__name__)
     return model, tokenizer
+
+
+def from_pretrained(auto: Any, source: str, what: str, **kwargs: Any) -> Any:
+    """``auto.from_pretrained(source)`` without remote code; a source it cannot load (no such
+    repo or folder, no network, not a model) is a ``NotFoundError`` naming it."""
+    try:
+        return auto.from_pretrained(source, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as error:
+        raise NotFoundError(
+            f"cannot load the {what} {source!r}: {error}",
+            hint="pass a Hub id, a local folder saved with save_pretrained, or a loaded model",
+        ) from error
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise TrainingError(
+            f"cannot load a tokenizer for {source}: {error}", hint="pass tokenizer="
+        ) from error
 
 
 def context_length(model_config: Any, config: TrainConfig) -> int:
@@ -146,12 +203,26 @@ def _examples(data: DataSource | Mapping[str, DataSource]) -> list[Example]:
 
 def _tasks(data: Any, task: str | Sequence[str] | None) -> list[str]:
     if task is not None:
-        return [task] if isinstance(task, str) else list(task)
-    if isinstance(data, Mapping):
-        return list(data)
-    if isinstance(data, (str, Path)):
-        return [Path(data).stem]
-    raise TrainingError("name the task: train_expert(..., task='...')")
+        tasks = [task] if isinstance(task, str) else list(task)
+    elif isinstance(data, Mapping):
+        tasks = list(data)
+    elif isinstance(data, (str, Path)):
+        tasks = [Path(data).stem]
+    else:
+        raise TrainingError("name the task: train_expert(..., task='...')")
+    if not tasks or not all(isinstance(name, str) and name.strip() for name in tasks):
+        raise TrainingError(f"task names must be non-empty text, got {tasks!r}")
+    return tasks
+
+
+def check_output_dir(folder: Path) -> Path:
+    """An expert goes into a new or empty folder: never over a file or someone's files."""
+    if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
+        raise TrainingError(
+            f"{folder} is {'a folder that is not empty' if folder.is_dir() else 'not a folder'}",
+            hint="write the expert to a new or empty folder",
+        )
+    return folder
 
 
 @contextlib.contextmanager
@@ -415,8 +486,8 @@ def train_expert(
     config = config or TrainConfig()
     model, tokenizer = load_base(base_model, tokenizer)
     limit = context_length(model.config, config)
+    folder = check_output_dir(Path(output_dir or tempfile.mkdtemp(prefix="quiver-expert-")))
     prepared = prepare_data(data, tokenizer, max_length=limit, task=task, eval_data=eval_data)
-    folder = Path(output_dir or tempfile.mkdtemp(prefix=f"quiver-{prepared.tasks[0]}-"))
     init = AdapterInit.read(init_adapter) if init_adapter is not None else None
     return train_prepared(
         model, tokenizer, prepared, config, seed=seed, folder=folder, progress=progress, init=init
@@ -462,7 +533,7 @@ def train_prepared(
     init: AdapterInit | None = None,
 ) -> Expert:
     """Train on checked data (continuing ``init`` if given) and write the expert, with its card,
-    to ``folder``."""
+    to ``folder`` (new or empty): all of it, or nothing if the training fails or diverges."""
     progress = sys.stderr.isatty() if progress is None else progress
     pad_id = _pad_id(tokenizer)
     hyperparameters = {"seed": seed}
@@ -476,16 +547,56 @@ def train_prepared(
             metrics = _evaluate_features(
                 peft_model, prepared.eval_features, pad_id, config.batch_size
             )
-        peft_model.save_pretrained(str(folder), save_embedding_layers=False)
-    (folder / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card; ours replaces it
-
-    expert = Expert.from_folder(
-        folder,
-        tasks=prepared.tasks,
-        examples=len(prepared.features),
-        hyperparameters={**config.hyperparameters(), **hyperparameters},
-        eval_results=_eval_results(prepared.tasks, metrics) if metrics else [],
-        **summary,
-    )
-    expert.save(folder)
+        _check_converged(peft_model, summary["steps"], config)
+        with _writing_expert(folder) as staging:
+            peft_model.save_pretrained(str(staging), save_embedding_layers=False)
+            (staging / "README.md").unlink(missing_ok=True)  # PEFT's placeholder; ours follows
+            expert = Expert.from_folder(
+                staging,
+                tasks=prepared.tasks,
+                examples=len(prepared.features),
+                hyperparameters={**config.hyperparameters(), **hyperparameters},
+                eval_results=_eval_results(prepared.tasks, metrics) if metrics else [],
+                **summary,
+            )
+            expert.save(staging)
     return Expert.from_folder(folder)
+
+
+@contextlib.contextmanager
+def _writing_expert(folder: Path) -> Iterator[Path]:
+    """A staging folder beside ``folder`` to write the expert into, moved onto ``folder`` (new
+    or empty) when the block ends, or removed: never half an expert. A full disk or a folder
+    that cannot be written is a ``TrainingError`` naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        check_output_dir(folder).parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    except OSError as error:
+        raise _unwritable(folder, error) from error
+    try:
+        yield staging
+        os.replace(staging, folder)  # atomic
+    except (OSError, SafetensorError) as error:
+        raise _unwritable(folder, error) from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unwritable(folder: Path, error: Exception) -> TrainingError:
+    return TrainingError(
+        f"cannot write the expert to {folder}: {error}",
+        hint="free some space, or pick an output folder you may write to",
+    )
+
+
+def _check_converged(peft_model: Any, steps: int, config: TrainConfig) -> None:
+    """Refuse weights that the training turned into NaN or infinities."""
+    for name, parameter in peft_model.named_parameters():
+        if parameter.requires_grad and not torch.isfinite(parameter).all():
+            raise TrainingError(
+                f"the training diverged: {name} holds NaN or infinite values after {steps} "
+                f"steps (learning rate {config.learning_rate})",
+                hint="lower TrainConfig.learning_rate or max_grad_norm, or train in fp32",
+            )
