@@ -3,8 +3,10 @@
 Pretrain (or reuse) the base model and check it copies; train one private expert per task
 (``quiver.training``), check each masters its task; bundle them as a library; cluster them with MBC
 and train one expert per cluster on the union of its tasks (``build_mbc_library``, which stores the
-Arrow prototypes); train one shared expert on every task; pull the libraries back from the
-registry; route (``quiver.routing``) and score every method on the training and held-out tasks.
+Arrow prototypes); build an ELREA library on all the tasks' examples pooled
+(``build_elrea_library``: it clusters examples by their gradients, not tasks); train one shared
+expert on every task; pull the libraries back from the registry; route (``quiver.routing``) and
+score every method on the training and held-out tasks.
 """
 
 from __future__ import annotations
@@ -18,26 +20,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from sklearn.metrics import adjusted_rand_score
 from transformers import PreTrainedModel
 
 from quiver.errors import InvalidInputError, TrainingError
 from quiver.registry import Library, Registry
-from quiver.routing import Arrow, route
+from quiver.routing import ELREA, Arrow, route
 from quiver.routing.base_model import push_base_model
+from quiver.routing.elrea import prompt_features
+from quiver.routing.elrea_artifact import stored_artifact
 from quiver.toyworld.evaluate import Evaluation, TaskResult, evaluate
-from quiver.toyworld.model import PretrainConfig, pretrain_base, training_pairs
+from quiver.toyworld.model import PretrainConfig, encode, pretrain_base, training_pairs
 from quiver.toyworld.tasks import HELD_OUT, Task, copy_tasks, get_tasks
-from quiver.training import TrainConfig, build_mbc_library, train_experts
+from quiver.training import TrainConfig, build_elrea_library, build_mbc_library, train_experts
 from quiver.training import load_base as load_pretrained
 
 NAMESPACE = "quiver-demo"
-BASE_NAME, PRIVATE_NAME, MBC_NAME, SHARED_NAME = (
+BASE_NAME, PRIVATE_NAME, MBC_NAME, SHARED_NAME, ELREA_NAME = (
     "toyworld-base",
     "toyworld-private",
     "toyworld",
     "toyworld-shared",
+    "toyworld-elrea",
 )
+ELREA_ROWS = {"all members": None, "top-1": 1}
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -90,6 +97,10 @@ class RunConfig:
     def training_tasks(self) -> list[Task]:
         return get_tasks(self.tasks)
 
+    def cluster_count(self) -> int:
+        """MBC's and ELREA's k: ``k``, or the number of designed clusters."""
+        return self.k or len({task.cluster for task in self.training_tasks()})
+
     def held_out_tasks(self) -> list[Task]:
         if self.held_out is not None:
             return get_tasks(self.held_out)
@@ -118,6 +129,7 @@ class Built:
     base_id: str
     private_id: str
     mbc_id: str
+    elrea_id: str
     shared_folder: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -199,7 +211,7 @@ def build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Bu
                 private,
                 registry,
                 f"{NAMESPACE}/{MBC_NAME}",
-                k=config.k or len({t.cluster for t in tasks}),
+                k=config.cluster_count(),
                 embedding=config.embedding,
                 seed=config.seed,
                 data=data,
@@ -207,7 +219,66 @@ def build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Bu
                 tokenizer=tokenizer,
                 config=config.train_config(config.cluster_steps),
             )
-    return Built(registry, model, tokenizer, base_id, private.repo_id, mbc.repo_id)
+        with stages.stage("ELREA: base adapter, gradient clusters, one expert per cluster"):
+            elrea = build_elrea(config, registry, model, tokenizer, data)
+    return Built(registry, model, tokenizer, base_id, private.repo_id, mbc.repo_id, elrea.repo_id)
+
+
+def build_elrea(config: RunConfig, registry: Registry, model, tokenizer, data) -> Library:
+    """ELREA on every training task's examples pooled: a base adapter, then ``k`` experts
+    continuing from it, each trained as long as an MBC expert (``cluster_steps``, like the base
+    adapter: ELREA's cost is ``k + 1`` such trainings)."""
+    return build_elrea_library(
+        [pair for pairs in data.values() for pair in pairs],
+        registry,
+        f"{NAMESPACE}/{ELREA_NAME}",
+        base_model=model,
+        tokenizer=tokenizer,
+        k=config.cluster_count(),
+        config=config.train_config(config.cluster_steps),
+        feature_batch_size=32,
+        seed=config.seed,
+    )
+
+
+def elrea_clusters(
+    model, tokenizer, library: Library, tasks: Sequence[Task], config: RunConfig, per_task: int
+) -> tuple[dict[str, str], float]:
+    """Each ELREA expert's designed cluster, and the ARI of ELREA's example clusters against the
+    designed ones, on the first ``per_task`` training examples of each task: each is put in the
+    cluster of the nearest centroid by cosine (the build's rule for examples beyond its fit), and
+    an expert serves the designed cluster of most of its examples."""
+    artifact = stored_artifact(library)
+    experts = [name for name in artifact.expert_names if name != artifact.base_expert]
+    centroids = artifact.centroids[[artifact.expert_names.index(name) for name in experts]]
+    routed = route(model, library, ELREA())
+    try:
+        prompts = [
+            encode(tokenizer, e)[0] for t in tasks for e in t.examples(per_task, seed=config.seed)
+        ]
+        features = torch.cat(
+            [
+                _prompt_features(routed, tokenizer, prompts[i : i + 50])
+                for i in range(0, len(prompts), 50)
+            ]
+        )
+    finally:
+        routed.unroute()
+    nearest = [experts[i] for i in (features @ centroids.T).argmax(1).tolist()]
+    designed = [t.cluster for t in tasks for _ in range(per_task)]
+    votes: dict[str, list[str]] = {}
+    for expert, cluster in zip(nearest, designed, strict=True):
+        votes.setdefault(expert, []).append(cluster)
+    owners = {e: max(set(cs), key=cs.count) for e, cs in votes.items()}
+    return owners, adjusted_rand_score(designed, nearest)
+
+
+def _prompt_features(routed, tokenizer, prompts: Sequence[list[int]]) -> torch.Tensor:
+    ids = torch.full((len(prompts), max(map(len, prompts))), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)], mask[row, : len(prompt)] = torch.tensor(prompt), 1
+    return prompt_features(routed, ids, mask)
 
 
 def _train_private(config, registry, model, tokenizer, data, scratch: Path) -> Library:
@@ -297,8 +368,7 @@ def _better(a: TaskResult, b: TaskResult) -> bool:
 def train_shared(config: RunConfig, built: Built, scratch: Path) -> Path:
     """One expert on every training task together, with the compute of the whole MBC library."""
     tasks = config.training_tasks()
-    k = config.k or len({t.cluster for t in tasks})
-    steps = config.shared_steps or config.cluster_steps * k
+    steps = config.shared_steps or config.cluster_steps * config.cluster_count()
     union = {
         t.name: training_pairs(built.tokenizer, t.examples(config.train_examples, seed=config.seed))
         for t in tasks
@@ -320,6 +390,9 @@ def method_list(libraries: dict[str, Library]) -> list[tuple[str, str, Any]]:
     """``(method, library, strategy)`` for every routed row of the table."""
     rows = []
     for label, library in libraries.items():
+        if label == "ELREA":  # the paper's ensemble of all members, and its top-1 variant
+            rows += [(f"ELREA, {n}", label, ELREA(top_k=k)) for n, k in ELREA_ROWS.items()]
+            continue
         count = len(library.names)
         rows.append(("uniform merge (mu)", label, "uniform"))
         rows += [
