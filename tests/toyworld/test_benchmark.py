@@ -25,16 +25,28 @@ def test_reduced_run_routes_held_out_tasks_to_the_right_cluster(tmp_path):
     assert (tmp_path / "out" / "results.png").stat().st_size > 10_000
     assert "| Arrow per sequence, top-1 | MBC |" in (tmp_path / "out" / "results.md").read_text()
     methods = {(row["method"], row["library"]) for row in saved["rows"]}
-    for expected in [("base", "-"), ("shared", "-"), ("ELREA", "-"), ("oracle", "MBC"),
+    for expected in [("base", "-"), ("shared", "-"), ("ELREA, all members", "ELREA"),
+                     ("ELREA, top-1", "ELREA"), ("oracle", "MBC"),
                      ("uniform merge (mu)", "private"), ("Arrow per token, top-4", "private"),
                      ("Arrow per sequence, top-1", "MBC")]:  # fmt: skip
         assert expected in methods
     assert results.adjusted_rand == 1.0  # MBC finds the two designed clusters
     sequence = results.row("Arrow per sequence, top-1", "MBC").summary()
     assert sequence["right_cluster_held_out"] > 0.5  # better than chance between two clusters
-    assert sequence["held_out_em"] > results.row("base", "-").summary()["held_out_em"]
+    base = results.row("base", "-").summary()
+    assert sequence["held_out_em"] > base["held_out_em"]
     assert results.row("oracle", "MBC").summary()["train_em"] >= 0.9
     assert registry.refs("quiver-demo/toyworld")  # the libraries went through the registry
+    # ELREA: built on all four tasks' examples pooled, pulled from the registry, routed per prompt
+    assert registry.refs("quiver-demo/toyworld-elrea")
+    assert set(saved["elrea_clusters"]["members"]) == {"cluster-0", "cluster-1"}
+    for task in config.tasks:  # the sample: 100 training examples of each task, each in a cluster
+        assert sum(c.get(task, 0) for c in saved["elrea_clusters"]["members"].values()) == 100
+    assert -1 <= results.elrea.adjusted_rand <= 1
+    ensemble = results.row("ELREA, all members", "ELREA").summary()
+    assert ensemble["train_em"] > 0.8  # the ensemble of base adapter and experts learned the tasks
+    assert ensemble["right_cluster_train"] is not None  # its diagnostics (the heaviest member)
+    assert results.row("ELREA, top-1", "ELREA").summary()["train_em"] > base["train_em"]
 
 
 def _result(task, exact_match):

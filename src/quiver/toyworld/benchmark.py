@@ -11,6 +11,7 @@ goals of the benchmark are checked against the table and reported, met or not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from quiver.registry import Library, LocalRegistry, Registry
 from quiver.routing import route
 from quiver.toyworld.evaluate import Evaluation, evaluate
 from quiver.toyworld.pipeline import (
+    ElreaClusters,
     RunConfig,
     Stages,
     adjusted_rand,
@@ -76,7 +78,7 @@ class Results:
     clusters: dict[str, list[str]]
     config: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
-    elrea_adjusted_rand: float | None = None  # on a sample (``elrea_clusters``)
+    elrea: ElreaClusters | None = None  # on a sample of the training examples
 
     def row(self, method: str, library: str) -> Row:
         return next(r for r in self.rows if (r.method, r.library) == (method, library))
@@ -117,7 +119,7 @@ class Results:
             "timings_s": self.timings,
             "adjusted_rand_index": self.adjusted_rand,
             "mbc_clusters": self.clusters,
-            "elrea_adjusted_rand_index": self.elrea_adjusted_rand,
+            "elrea_clusters": dataclasses.asdict(self.elrea) if self.elrea else None,
             "goals": self.goals(),
             "rows": [
                 {
@@ -155,7 +157,7 @@ class Results:
             head
             + "\n".join(lines)
             + f"\n\nMBC vs designed clusters: ARI {self.adjusted_rand:.2f}."
-            + _elrea_line(self.elrea_adjusted_rand)
+            + _elrea_line(self.elrea)
             + f"\n\nGoals (held-out exact match of {GOAL_METHOD[0]} over {GOAL_METHOD[1]} "
             f"experts):\n{goals}\n"
         )
@@ -199,12 +201,17 @@ class Results:
         return paths
 
 
-def _elrea_line(ari: float | None) -> str:
-    if ari is None:
+def _elrea_line(elrea: ElreaClusters | None) -> str:
+    if elrea is None:
         return ""
+    members = "; ".join(
+        f"{expert}: " + ", ".join(f"{task} {n}" for task, n in counts.items())
+        for expert, counts in elrea.members.items()
+    )
     return (
-        f" ELREA's example clusters vs designed clusters: ARI {ari:.2f} (on {ELREA_SAMPLE} "
-        "training examples per task, each in its nearest centroid's cluster)."
+        f"\n\nELREA's example clusters vs designed clusters: ARI {elrea.adjusted_rand:.2f} "
+        f"({ELREA_SAMPLE} training examples per task, each in its nearest centroid's cluster: "
+        f"{members})."
     )
 
 
@@ -244,9 +251,10 @@ def run(
             }
         with stages.stage("ELREA's clusters"):
             clusters = {label: expert_clusters(libraries[label], tasks) for label in LIBRARIES}
-            clusters["ELREA"], elrea_ari = elrea_clusters(
+            elrea = elrea_clusters(
                 model, tokenizer, libraries["ELREA"], config.training_tasks(), config, ELREA_SAMPLE
             )
+            clusters["ELREA"] = elrea.expert_clusters(tasks)
         with stages.stage("scoring every method"):
             rows = [Row("base", "-", evaluate(model, tokenizer, tasks, **options))]
             routed = route(model, {"shared": shared}, "single", expert="shared")
@@ -271,7 +279,7 @@ def run(
         clusters=(mbc.manifest.build or {}).get("tasks", {}),
         config=config.describe(),
         timings=stages.timings,
-        elrea_adjusted_rand=elrea_ari,
+        elrea=elrea,
     )
     paths = results.save(output)
     say(results.markdown())

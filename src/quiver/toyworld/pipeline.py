@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class RunConfig:
     eval_examples: int = 200  # per task
     k: int | None = None  # MBC clusters (default: the number of designed clusters)
     embedding: str = "update"
+    elrea_fit_examples: int = 5000  # ELREA's BIRCH fit (the paper's); the rest go to a centroid
     seed: int = 0
     base_gate: float = 0.95  # the base model copies at least this often
     expert_gate: float = 0.90  # every private expert's exact match on its own task
@@ -74,7 +76,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         get_tasks(self.tasks)  # unknown names fail here, before any training
         get_tasks(self.held_out)
-        for name in ("expert_steps", "cluster_steps", "train_examples", "eval_examples"):
+        for name in (
+            "expert_steps",
+            "cluster_steps",
+            "train_examples",
+            "eval_examples",
+            "elrea_fit_examples",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"RunConfig.{name} must be at least 1")
 
@@ -88,6 +96,7 @@ class RunConfig:
             cluster_steps=150,
             eval_examples=100,
             train_examples=1000,
+            elrea_fit_examples=1000,
         )
         return cls(**{**options, **changes})
 
@@ -236,26 +245,42 @@ def build_elrea(config: RunConfig, registry: Registry, model, tokenizer, data) -
         tokenizer=tokenizer,
         k=config.cluster_count(),
         config=config.train_config(config.cluster_steps),
+        fit_examples=config.elrea_fit_examples,
         feature_batch_size=32,
         seed=config.seed,
     )
 
 
+@dataclass(frozen=True)
+class ElreaClusters:
+    """ELREA's example clusters on a sample of the training examples, against the designed ones."""
+
+    members: dict[str, dict[str, int]]  # expert -> how many of each task's examples it holds
+    adjusted_rand: float  # against the designed clusters
+
+    def expert_clusters(self, tasks: Sequence[Task]) -> dict[str, str]:
+        """Each expert's designed cluster: that of most of its examples."""
+        designed = {task.name: task.cluster for task in tasks}
+        out: dict[str, Counter] = {}
+        for expert, counts in self.members.items():
+            for task, count in counts.items():
+                out.setdefault(expert, Counter())[designed[task]] += count
+        return {expert: counts.most_common(1)[0][0] for expert, counts in out.items()}
+
+
 def elrea_clusters(
     model, tokenizer, library: Library, tasks: Sequence[Task], config: RunConfig, per_task: int
-) -> tuple[dict[str, str], float]:
-    """Each ELREA expert's designed cluster, and the ARI of ELREA's example clusters against the
-    designed ones, on the first ``per_task`` training examples of each task: each is put in the
-    cluster of the nearest centroid by cosine (the build's rule for examples beyond its fit), and
-    an expert serves the designed cluster of most of its examples."""
+) -> ElreaClusters:
+    """ELREA's clusters of the first ``per_task`` training examples of each task: each example
+    in the cluster of the nearest centroid by cosine (the build's rule for examples beyond its
+    fit; the build does not store its labels)."""
     artifact = stored_artifact(library)
     experts = [name for name in artifact.expert_names if name != artifact.base_expert]
     centroids = artifact.centroids[[artifact.expert_names.index(name) for name in experts]]
+    sample = [(t, e) for t in tasks for e in t.examples(per_task, seed=config.seed)]
+    prompts = [encode(tokenizer, example)[0] for _, example in sample]
     routed = route(model, library, ELREA())
     try:
-        prompts = [
-            encode(tokenizer, e)[0] for t in tasks for e in t.examples(per_task, seed=config.seed)
-        ]
         features = torch.cat(
             [
                 _prompt_features(routed, tokenizer, prompts[i : i + 50])
@@ -265,12 +290,13 @@ def elrea_clusters(
     finally:
         routed.unroute()
     nearest = [experts[i] for i in (features @ centroids.T).argmax(1).tolist()]
-    designed = [t.cluster for t in tasks for _ in range(per_task)]
-    votes: dict[str, list[str]] = {}
-    for expert, cluster in zip(nearest, designed, strict=True):
-        votes.setdefault(expert, []).append(cluster)
-    owners = {e: max(set(cs), key=cs.count) for e, cs in votes.items()}
-    return owners, adjusted_rand_score(designed, nearest)
+    members: dict[str, Counter] = {expert: Counter() for expert in experts}
+    for expert, (task, _) in zip(nearest, sample, strict=True):
+        members[expert][task.name] += 1
+    designed = [task.cluster for task, _ in sample]
+    return ElreaClusters(
+        {e: dict(c) for e, c in members.items()}, adjusted_rand_score(designed, nearest)
+    )
 
 
 def _prompt_features(routed, tokenizer, prompts: Sequence[list[int]]) -> torch.Tensor:
