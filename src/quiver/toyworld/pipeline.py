@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from sklearn.metrics import adjusted_rand_score
 from transformers import PreTrainedModel
 
@@ -29,13 +28,13 @@ from quiver.errors import InvalidInputError, TrainingError
 from quiver.registry import Library, Registry
 from quiver.routing import ELREA, Arrow, route
 from quiver.routing.base_model import push_base_model
-from quiver.routing.elrea import prompt_features
 from quiver.routing.elrea_artifact import stored_artifact
 from quiver.toyworld.evaluate import Evaluation, TaskResult, evaluate
 from quiver.toyworld.model import PretrainConfig, encode, pretrain_base, training_pairs
 from quiver.toyworld.tasks import HELD_OUT, Task, copy_tasks, get_tasks
 from quiver.training import TrainConfig, build_elrea_library, build_mbc_library, train_experts
 from quiver.training import load_base as load_pretrained
+from quiver.training.elrea import gradient_features
 
 NAMESPACE = "quiver-demo"
 BASE_NAME, PRIVATE_NAME, MBC_NAME, SHARED_NAME, ELREA_NAME = (
@@ -278,17 +277,14 @@ def elrea_clusters(
     experts = [name for name in artifact.expert_names if name != artifact.base_expert]
     centroids = artifact.centroids[[artifact.expert_names.index(name) for name in experts]]
     sample = [(t, e) for t in tasks for e in t.examples(per_task, seed=config.seed)]
-    prompts = [encode(tokenizer, example)[0] for _, example in sample]
-    routed = route(model, library, ELREA())
-    try:
-        features = torch.cat(
-            [
-                _prompt_features(routed, tokenizer, prompts[i : i + 50])
-                for i in range(0, len(prompts), 50)
-            ]
-        )
-    finally:
-        routed.unroute()
+    features = gradient_features(
+        model,
+        library.expert_paths()[artifact.base_expert],
+        [encode(tokenizer, example)[0] for _, example in sample],
+        artifact.projection,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=32,
+    )
     nearest = [experts[i] for i in (features @ centroids.T).argmax(1).tolist()]
     members: dict[str, Counter] = {expert: Counter() for expert in experts}
     for expert, (task, _) in zip(nearest, sample, strict=True):
@@ -297,14 +293,6 @@ def elrea_clusters(
     return ElreaClusters(
         {e: dict(c) for e, c in members.items()}, adjusted_rand_score(designed, nearest)
     )
-
-
-def _prompt_features(routed, tokenizer, prompts: Sequence[list[int]]) -> torch.Tensor:
-    ids = torch.full((len(prompts), max(map(len, prompts))), tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)], mask[row, : len(prompt)] = torch.tensor(prompt), 1
-    return prompt_features(routed, ids, mask)
 
 
 def _train_private(config, registry, model, tokenizer, data, scratch: Path) -> Library:
