@@ -11,7 +11,8 @@ from quiver.registry import LocalRegistry
 from quiver.toyworld import DEMO_FOLDER, RunConfig, run_benchmark
 from quiver.toyworld.evaluate import Evaluation, TaskResult
 from quiver.toyworld.model import build_tokenizer, model_config
-from quiver.toyworld.pipeline import check_base, check_experts
+from quiver.toyworld.pipeline import ElreaClusters, check_base, check_experts
+from quiver.toyworld.tasks import get_tasks
 
 
 @pytest.mark.slow
@@ -45,7 +46,11 @@ def test_reduced_run_routes_held_out_tasks_to_the_right_cluster(tmp_path):
     assert -1 <= results.elrea.adjusted_rand <= 1
     ensemble = results.row("ELREA, all members", "ELREA").summary()
     assert ensemble["train_em"] > 0.8  # the ensemble of base adapter and experts learned the tasks
-    assert ensemble["right_cluster_train"] is not None  # its diagnostics (the heaviest member)
+    elrea_row = next(row for row in saved["rows"] if row["method"] == "ELREA, all members")
+    for task in elrea_row["tasks"]:  # routing diagnostics: the heaviest member, per layer
+        assert {sum(layer["top1"].values()) for layer in task["routing"].values()} == {
+            pytest.approx(1.0)
+        }
     assert results.row("ELREA, top-1", "ELREA").summary()["train_em"] > base["train_em"]
 
 
@@ -71,3 +76,15 @@ def test_unknown_task_names_fail_before_any_training():
         RunConfig(tasks=("digits-each", "digits-backwards"))
     with pytest.raises(InvalidInputError, match="nope"):
         RunConfig.reduced(held_out=("nope",))
+
+
+def test_an_elrea_expert_serves_the_designed_cluster_of_most_of_its_examples():
+    tasks = get_tasks(("digits-each", "digits-last", "colours-each", "colours-last"))
+    clusters = ElreaClusters(
+        {
+            "cluster-0": {"digits-each": 50, "colours-each": 50},  # one format of both: none
+            "cluster-1": {"digits-last": 45, "colours-last": 5, "digits-each": 50},
+        },
+        adjusted_rand=0.0,
+    )
+    assert clusters.expert_clusters(tasks) == {"cluster-1": "digits"}

@@ -254,7 +254,7 @@ def run(
             elrea = elrea_clusters(
                 model, tokenizer, libraries["ELREA"], config.training_tasks(), config, ELREA_SAMPLE
             )
-            clusters["ELREA"] = elrea.expert_clusters(tasks)
+            clusters["ELREA"] = elrea.expert_clusters(tasks) or None  # None: no right cluster
         with stages.stage("scoring every method"):
             rows = [Row("base", "-", evaluate(model, tokenizer, tasks, **options))]
             routed = route(model, {"shared": shared}, "single", expert="shared")

@@ -258,13 +258,19 @@ class ElreaClusters:
     adjusted_rand: float  # against the designed clusters
 
     def expert_clusters(self, tasks: Sequence[Task]) -> dict[str, str]:
-        """Each expert's designed cluster: that of most of its examples."""
+        """Each expert's designed cluster: that of more than half of its examples (an expert
+        without one, e.g. holding one format of every cluster, serves none)."""
         designed = {task.name: task.cluster for task in tasks}
         out: dict[str, Counter] = {}
         for expert, counts in self.members.items():
             for task, count in counts.items():
                 out.setdefault(expert, Counter())[designed[task]] += count
-        return {expert: counts.most_common(1)[0][0] for expert, counts in out.items()}
+        return {
+            expert: cluster
+            for expert, counts in out.items()
+            for cluster, count in counts.items()
+            if count > counts.total() / 2
+        }
 
 
 def elrea_clusters(
