@@ -233,3 +233,39 @@ def test_using_elrea_on_a_model_routed_otherwise(planted, tokenizer):
     with torch.no_grad():  # outside the block the model routes by Arrow again
         arrow = route(tiny_model(), library, "arrow", top_k=2)(**batch).logits
         torch.testing.assert_close(routed(**batch).logits, arrow)
+
+
+def test_teacher_forced_rows_are_weighted_by_their_prompt_alone(planted, tokenizer):
+    """``prompt_lengths``: prompt + answer rows (right-padded) in one forward get the weights
+    of their prompts alone, and each row's logits are that prompt's ensemble."""
+    _, library, _, _ = planted
+    pairs = planted_pairs([0, 2, 1], seed=3)
+    prompts = [tokenizer(p)["input_ids"] for p, _ in pairs]
+    rows = [tokenizer(p + " " + a)["input_ids"] for p, a in pairs]
+    assert all(row[: len(p)] == p for row, p in zip(rows, prompts, strict=True))
+
+    def padded(seqs):
+        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
+        return ids, mask
+
+    ids, mask = padded(rows)
+    routed = route(tiny_model(), library, "elrea")
+    alone = ensemble_choice(routed, *padded(prompts))
+    with torch.no_grad(), routed.trace() as trace:
+        logits = routed(input_ids=ids, attention_mask=mask, prompt_lengths=list(map(len, prompts)))
+        routed(input_ids=ids, attention_mask=mask)  # no prompt_lengths: the whole rows
+    ours, whole = trace.choices
+    torch.testing.assert_close(ours.weights, alone.weights)
+    assert not torch.allclose(whole.weights, alone.weights, atol=1e-4)  # the answers move it
+    names = routed.expert_names
+    for row, weights in enumerate(alone.as_dicts(names)):
+        fixed = route(tiny_model(), library, "elrea", weights=weights)
+        length = len(rows[row])
+        with torch.no_grad():
+            expected = fixed(input_ids=ids[row : row + 1, :length]).logits[0]
+        torch.testing.assert_close(logits.logits[row, :length], expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RoutingError, match="prompt_lengths is for sequence-level routing"):
+        route(tiny_model(), library, "uniform")(input_ids=ids, prompt_lengths=[2, 2, 2])

@@ -11,7 +11,8 @@ from quiver.registry import LocalRegistry
 from quiver.toyworld import DEMO_FOLDER, RunConfig, run_benchmark
 from quiver.toyworld.evaluate import Evaluation, TaskResult
 from quiver.toyworld.model import build_tokenizer, model_config
-from quiver.toyworld.pipeline import check_base, check_experts
+from quiver.toyworld.pipeline import ElreaClusters, check_base, check_experts
+from quiver.toyworld.tasks import get_tasks
 
 
 @pytest.mark.slow
@@ -25,16 +26,31 @@ def test_reduced_run_routes_held_out_tasks_to_the_right_cluster(tmp_path):
     assert (tmp_path / "out" / "results.png").stat().st_size > 10_000
     assert "| Arrow per sequence, top-1 | MBC |" in (tmp_path / "out" / "results.md").read_text()
     methods = {(row["method"], row["library"]) for row in saved["rows"]}
-    for expected in [("base", "-"), ("shared", "-"), ("ELREA", "-"), ("oracle", "MBC"),
+    for expected in [("base", "-"), ("shared", "-"), ("ELREA, all members", "ELREA"),
+                     ("ELREA, top-1", "ELREA"), ("oracle", "MBC"),
                      ("uniform merge (mu)", "private"), ("Arrow per token, top-4", "private"),
                      ("Arrow per sequence, top-1", "MBC")]:  # fmt: skip
         assert expected in methods
     assert results.adjusted_rand == 1.0  # MBC finds the two designed clusters
     sequence = results.row("Arrow per sequence, top-1", "MBC").summary()
     assert sequence["right_cluster_held_out"] > 0.5  # better than chance between two clusters
-    assert sequence["held_out_em"] > results.row("base", "-").summary()["held_out_em"]
+    base = results.row("base", "-").summary()
+    assert sequence["held_out_em"] > base["held_out_em"]
     assert results.row("oracle", "MBC").summary()["train_em"] >= 0.9
     assert registry.refs("quiver-demo/toyworld")  # the libraries went through the registry
+    # ELREA: built on all four tasks' examples pooled, pulled from the registry, routed per prompt
+    assert registry.refs("quiver-demo/toyworld-elrea")
+    assert set(saved["elrea_clusters"]["members"]) == {"cluster-0", "cluster-1"}
+    for task in config.tasks:  # the sample: 100 training examples of each task, each in a cluster
+        assert sum(c.get(task, 0) for c in saved["elrea_clusters"]["members"].values()) == 100
+    assert -1 <= results.elrea.adjusted_rand <= 1
+    ensemble = results.row("ELREA, all members", "ELREA").summary()
+    assert ensemble["train_em"] > 0.8  # the ensemble of base adapter and experts learned the tasks
+    elrea_row = next(row for row in saved["rows"] if row["method"] == "ELREA, all members")
+    for task in elrea_row["tasks"]:  # routing diagnostics: the heaviest member, per layer
+        for layer in task["routing"].values():
+            assert sum(layer["top1"].values()) == pytest.approx(1.0)
+    assert results.row("ELREA, top-1", "ELREA").summary()["train_em"] > base["train_em"]
 
 
 def _result(task, exact_match):
@@ -59,3 +75,15 @@ def test_unknown_task_names_fail_before_any_training():
         RunConfig(tasks=("digits-each", "digits-backwards"))
     with pytest.raises(InvalidInputError, match="nope"):
         RunConfig.reduced(held_out=("nope",))
+
+
+def test_an_elrea_expert_serves_the_designed_cluster_of_most_of_its_examples():
+    tasks = get_tasks(("digits-each", "digits-last", "colours-each", "colours-last"))
+    clusters = ElreaClusters(
+        {
+            "cluster-0": {"digits-each": 50, "colours-each": 50},  # one format of both: none
+            "cluster-1": {"digits-last": 45, "colours-last": 5, "digits-each": 50},
+        },
+        adjusted_rand=0.0,
+    )
+    assert clusters.expert_clusters(tasks) == {"cluster-1": "digits"}

@@ -120,6 +120,7 @@ class CallState:
     oracle_rows: torch.Tensor | None = None  # expert per batch row (or one for all rows)
     choice: SequenceChoice | None = None  # sequence-level Arrow: the rows' experts
     scoring: PromptScores | None = None  # set while a no-expert pass scores a prompt
+    prompt_mask: torch.Tensor | None = None  # ELREA, teacher-forced: which positions are prompt
 
 
 NO_STATE = CallState()

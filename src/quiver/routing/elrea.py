@@ -185,6 +185,8 @@ class Ensemble:
         loss with respect to the base adapter, count-sketched."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         check_prompts(mask)
+        end = int(mask.any(0).nonzero().max()) + 1  # a causal model: later columns cannot matter
+        input_ids, mask = input_ids[:, :end], mask[:, :end]
         inputs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
         if self._positions:  # so that features do not depend on the padding side
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -259,7 +261,7 @@ class Ensemble:
             raise RoutingError(
                 "ELREA routes by the prompt's token ids", hint="pass input_ids, not inputs_embeds"
             )
-        choice, new = self._choice_for(kwargs)
+        choice, new = self._choice_for(kwargs, routing.prompt_mask)
         if new and routing.trace is not None:
             routing.trace.record_choice(choice)
         rows, members = choice.index.shape
@@ -291,8 +293,11 @@ class Ensemble:
         )
         return (), expanded
 
-    def _choice_for(self, kwargs: dict) -> tuple[EnsembleChoice, bool]:
-        """The choice of the generation this call continues (by its cache), or a new one; and
+    def _choice_for(
+        self, kwargs: dict, prompt_mask: torch.Tensor | None
+    ) -> tuple[EnsembleChoice, bool]:
+        """The choice of the generation this call continues (by its cache), or a new one (from
+        the ``prompt_mask`` positions when given: teacher-forced prompt + answer rows); and
         whether it is new."""
         cache = _cache_of(kwargs)
         if cache is not None:
@@ -304,7 +309,8 @@ class Ensemble:
                     "this KV cache was not started by the ELREA-routed model",
                     hint="start the generation on the routed model",
                 )
-        choice = self.choose(kwargs["input_ids"], kwargs.get("attention_mask"))
+        mask = kwargs.get("attention_mask") if prompt_mask is None else prompt_mask
+        choice = self.choose(kwargs["input_ids"], mask)
         if cache is not None:
             self._choices[cache] = choice
         return choice, True

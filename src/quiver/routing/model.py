@@ -20,6 +20,7 @@ from torch import nn
 from quiver.errors import RoutingError
 from quiver.routing import context
 from quiver.routing.context import PromptScores, SequenceChoice
+from quiver.routing.elrea import ELREA
 from quiver.routing.experts import ExpertSource, expert_index, load_experts
 from quiver.routing.layers import Mixer, OracleMixer, RoutedLinear
 from quiver.routing.strategies import Arrow, Strategy, StrategyName, resolve
@@ -34,8 +35,8 @@ class RoutedModel(nn.Module):
     With ``Arrow(granularity="sequence")`` each call first scores its rows' prompts on a
     no-expert pass (``choose_experts``): ``generate`` routes by the prompt it is given;
     ``forward`` by its whole input, or by each row's first ``prompt_lengths[row]`` unmasked
-    tokens (teacher-forced scoring of prompt + answer rows). Pass ``attention_mask`` as a keyword
-    so padding is left out of the scores.
+    tokens (teacher-forced scoring of prompt + answer rows); so does ELREA. Pass
+    ``attention_mask`` as a keyword so padding is left out of the scores.
     """
 
     def __init__(
@@ -179,14 +180,24 @@ class RoutedModel(nn.Module):
         self, args: tuple, kwargs: dict, prompt_lengths: Sequence[int] | torch.Tensor | None
     ) -> Iterator[None]:
         """For sequence-level Arrow: choose each row's experts from its prompt (the first
-        positional argument or ``input_ids``/``inputs_embeds``), for this call only."""
+        positional argument or ``input_ids``/``inputs_embeds``), for this call only. ELREA
+        chooses in its own forward hook, from the prompt positions bound here."""
         if self._sequence_arrow() is None:
-            if prompt_lengths is not None:
+            if prompt_lengths is None:
+                yield
+                return
+            if not isinstance(self._active_strategy(), ELREA):
                 raise RoutingError(
-                    "prompt_lengths is for sequence-level routing",
-                    hint="route with Arrow(granularity='sequence'), or leave prompt_lengths out",
+                    "prompt_lengths is for sequence-level routing (Arrow per sequence, ELREA)",
+                    hint="route with Arrow(granularity='sequence') or ELREA, or leave "
+                    "prompt_lengths out",
                 )
-            yield
+            tokens = args[0] if args else kwargs.get("input_ids")
+            mask = kwargs.get("attention_mask")
+            if mask is None and tokens is not None:
+                mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+            with context.bound(self.owner, prompt_mask=_prompt_mask(mask, prompt_lengths)):
+                yield
             return
         choice = self.choose_experts(
             args[0] if args else kwargs.get("input_ids"),

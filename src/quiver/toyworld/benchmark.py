@@ -4,12 +4,14 @@ Rows: the base model; one shared expert trained on all tasks; for the private li
 expert per task) and the MBC library (one expert per cluster): the uniform merge (mu), Arrow per
 token (top-1/2/4, the paper's), Arrow per sequence (top-1/2, prompt-level) and the oracle (each
 training task's own expert; for a held-out task, the library's best single expert, picked with
-hindsight). ELREA has a slot until Quiver has it. Every routed row carries its routing
-diagnostics; the goals of the benchmark are checked against the table and reported, met or not.
+hindsight); ELREA (a library built on all the tasks' examples pooled), as the paper routes it (a
+logit ensemble of all members) and top-1. Every routed row carries its routing diagnostics; the
+goals of the benchmark are checked against the table and reported, met or not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -22,11 +24,13 @@ from quiver.registry import Library, LocalRegistry, Registry
 from quiver.routing import route
 from quiver.toyworld.evaluate import Evaluation, evaluate
 from quiver.toyworld.pipeline import (
+    ElreaClusters,
     RunConfig,
     Stages,
     adjusted_rand,
     best_single,
     build_libraries,
+    elrea_clusters,
     expert_clusters,
     method_list,
     oracle_evaluation,
@@ -34,25 +38,23 @@ from quiver.toyworld.pipeline import (
 )
 
 LIBRARIES = ("private", "MBC")
+ELREA_SAMPLE = 100  # training examples per task for ELREA's cluster diagnostics
 GOAL_METHOD = ("Arrow per sequence, top-1", "MBC")
 
 
 @dataclass
 class Row:
-    """One method's line of the table; ``evaluation`` is None for a method Quiver lacks."""
+    """One method's line of the table."""
 
     method: str
     library: str
-    evaluation: Evaluation | None
-    note: str = ""
+    evaluation: Evaluation
 
     @property
     def label(self) -> str:
         return self.method if self.library == "-" else f"{self.method} ({self.library})"
 
     def summary(self) -> dict[str, float | None]:
-        if self.evaluation is None:
-            return {}
         e = self.evaluation
         kinds = {r.kind for r in e.results}
         out = {
@@ -76,6 +78,7 @@ class Results:
     clusters: dict[str, list[str]]
     config: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    elrea: ElreaClusters | None = None  # on a sample of the training examples
 
     def row(self, method: str, library: str) -> Row:
         return next(r for r in self.rows if (r.method, r.library) == (method, library))
@@ -116,14 +119,14 @@ class Results:
             "timings_s": self.timings,
             "adjusted_rand_index": self.adjusted_rand,
             "mbc_clusters": self.clusters,
+            "elrea_clusters": dataclasses.asdict(self.elrea) if self.elrea else None,
             "goals": self.goals(),
             "rows": [
                 {
                     "method": r.method,
                     "library": r.library,
-                    "note": r.note,
                     "summary": r.summary(),
-                    "tasks": r.evaluation.to_dict()["results"] if r.evaluation else None,
+                    "tasks": r.evaluation.to_dict()["results"],
                 }
                 for r in self.rows
             ],
@@ -138,9 +141,6 @@ class Results:
         lines = []
         for r in self.rows:
             s = r.summary()
-            if not s:
-                lines.append(f"| {r.method} | {r.library} | {r.note} |  |  |  |  |  |  |")
-                continue
             right = s["right_cluster_train"], s["right_cluster_held_out"]
             routing = " / ".join(f"{v:.2f}" for v in right) if right[0] is not None else ""
             lines.append(
@@ -157,6 +157,7 @@ class Results:
             head
             + "\n".join(lines)
             + f"\n\nMBC vs designed clusters: ARI {self.adjusted_rand:.2f}."
+            + _elrea_line(self.elrea)
             + f"\n\nGoals (held-out exact match of {GOAL_METHOD[0]} over {GOAL_METHOD[1]} "
             f"experts):\n{goals}\n"
         )
@@ -169,7 +170,7 @@ class Results:
         import matplotlib.pyplot as plt
         import numpy as np
 
-        rows = [r for r in self.rows if r.evaluation is not None]
+        rows = self.rows
         x = np.arange(len(rows))
         figure, axes = plt.subplots(figsize=(max(8, 0.7 * len(rows) + 2), 5))
         train = [r.summary()["train_em"] for r in rows]
@@ -198,6 +199,20 @@ class Results:
         paths["markdown"].write_text(self.markdown(), encoding="utf-8")
         self.plot(paths["chart"])
         return paths
+
+
+def _elrea_line(elrea: ElreaClusters | None) -> str:
+    if elrea is None:
+        return ""
+    members = "; ".join(
+        f"{expert}: " + ", ".join(f"{task} {n}" for task, n in counts.items())
+        for expert, counts in elrea.members.items()
+    )
+    return (
+        f"\n\nELREA's example clusters vs designed clusters: ARI {elrea.adjusted_rand:.2f} "
+        f"({ELREA_SAMPLE} training examples per task, each in its nearest centroid's cluster: "
+        f"{members})."
+    )
 
 
 def _numbers(goal: dict[str, Any]) -> str:
@@ -232,20 +247,28 @@ def run(
             libraries = {
                 "private": Library.pull(registry, built.private_id),
                 "MBC": Library.pull(registry, built.mbc_id),
+                "ELREA": Library.pull(registry, built.elrea_id),
             }
+        with stages.stage("ELREA's clusters"):
+            clusters = {label: expert_clusters(libraries[label], tasks) for label in LIBRARIES}
+            elrea = elrea_clusters(
+                model, tokenizer, libraries["ELREA"], config.training_tasks(), config, ELREA_SAMPLE
+            )
+            clusters["ELREA"] = elrea.expert_clusters(tasks) or None  # None: no right cluster
         with stages.stage("scoring every method"):
             rows = [Row("base", "-", evaluate(model, tokenizer, tasks, **options))]
             routed = route(model, {"shared": shared}, "single", expert="shared")
             rows.append(Row("shared", "-", evaluate(routed, tokenizer, tasks, **options)))
             routed.unroute()
             for method, label, strategy in method_list(libraries):
-                clusters = expert_clusters(libraries[label], tasks)
                 routed = route(model, libraries[label], strategy)
-                scored = evaluate(routed, tokenizer, tasks, expert_clusters=clusters, **options)
+                scored = evaluate(
+                    routed, tokenizer, tasks, expert_clusters=clusters[label], **options
+                )
                 rows.append(Row(method, label, scored))
                 routed.unroute()
-            rows.append(Row("ELREA", "-", None, note="not in Quiver yet"))
-            for label, library in libraries.items():
+            for label in LIBRARIES:
+                library = libraries[label]
                 own = oracle_evaluation(model, tokenizer, library, config.training_tasks(), config)
                 held = best_single(model, tokenizer, library, config.held_out_tasks(), config)
                 rows.append(Row("oracle", label, Evaluation([*own.results, *held])))
@@ -256,6 +279,7 @@ def run(
         clusters=(mbc.manifest.build or {}).get("tasks", {}),
         config=config.describe(),
         timings=stages.timings,
+        elrea=elrea,
     )
     paths = results.save(output)
     say(results.markdown())

@@ -5,9 +5,9 @@ greedy exact match equals "every answer token (and ``</s>``) is the argmax", bec
 model's prediction at a position depends only on what precedes it. A router that decides per
 sequence is told where each prompt ends, so it sees what it sees in ``generate``.
 
-With a routed model (``quiver.route``), every result also carries routing diagnostics per layer:
-how often the top-1 expert lies in the task's own cluster, and how the top-1 choices spread over
-the experts.
+With a model routed by Arrow or ELREA (``quiver.route``), every result also carries routing
+diagnostics per layer: how often the top-1 expert (for ELREA: the prompt's heaviest member) lies
+in the task's own cluster, and how the top-1 choices spread over the experts.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from quiver.errors import InvalidInputError
-from quiver.routing import Arrow, RoutedModel
+from quiver.routing import ELREA, Arrow, RoutedModel
 from quiver.routing.trace import layer_of
 from quiver.toyworld.model import encode
 from quiver.toyworld.tasks import Example, Task
@@ -79,8 +79,10 @@ class Evaluation:
 
 
 def _sequence_routed(model: torch.nn.Module) -> bool:
-    granularity = getattr(getattr(model, "strategy", None), "granularity", "token")
-    return isinstance(model, RoutedModel) and granularity == "sequence"
+    """Routed once per prompt: Arrow per sequence, or ELREA (its weights come from the prompt)."""
+    strategy = getattr(model, "strategy", None)
+    per_prompt = isinstance(strategy, ELREA) or getattr(strategy, "granularity", "") == "sequence"
+    return isinstance(model, RoutedModel) and per_prompt
 
 
 @torch.no_grad()
@@ -170,7 +172,7 @@ def evaluate(
             f"the oracle names no expert for {', '.join(missing)}",
             hint="map every task evaluated to its expert",
         )
-    diagnose = isinstance(model, RoutedModel) and isinstance(model.strategy, Arrow)
+    diagnose = isinstance(model, RoutedModel) and isinstance(model.strategy, (Arrow, ELREA))
     results = []
     for task in tasks:
         data = task.examples(examples, split=split, seed=seed)

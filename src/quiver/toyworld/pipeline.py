@@ -3,8 +3,10 @@
 Pretrain (or reuse) the base model and check it copies; train one private expert per task
 (``quiver.training``), check each masters its task; bundle them as a library; cluster them with MBC
 and train one expert per cluster on the union of its tasks (``build_mbc_library``, which stores the
-Arrow prototypes); train one shared expert on every task; pull the libraries back from the
-registry; route (``quiver.routing``) and score every method on the training and held-out tasks.
+Arrow prototypes); build an ELREA library on all the tasks' examples pooled
+(``build_elrea_library``: it clusters examples by their gradients, not tasks); train one shared
+expert on every task; pull the libraries back from the registry; route (``quiver.routing``) and
+score every method on the training and held-out tasks.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,21 +26,25 @@ from transformers import PreTrainedModel
 
 from quiver.errors import InvalidInputError, TrainingError
 from quiver.registry import Library, Registry
-from quiver.routing import Arrow, route
+from quiver.routing import ELREA, Arrow, route
 from quiver.routing.base_model import push_base_model
+from quiver.routing.elrea_artifact import stored_artifact
 from quiver.toyworld.evaluate import Evaluation, TaskResult, evaluate
-from quiver.toyworld.model import PretrainConfig, pretrain_base, training_pairs
+from quiver.toyworld.model import PretrainConfig, encode, pretrain_base, training_pairs
 from quiver.toyworld.tasks import HELD_OUT, Task, copy_tasks, get_tasks
-from quiver.training import TrainConfig, build_mbc_library, train_experts
+from quiver.training import TrainConfig, build_elrea_library, build_mbc_library, train_experts
 from quiver.training import load_base as load_pretrained
+from quiver.training.elrea import gradient_features
 
 NAMESPACE = "quiver-demo"
-BASE_NAME, PRIVATE_NAME, MBC_NAME, SHARED_NAME = (
+BASE_NAME, PRIVATE_NAME, MBC_NAME, SHARED_NAME, ELREA_NAME = (
     "toyworld-base",
     "toyworld-private",
     "toyworld",
     "toyworld-shared",
+    "toyworld-elrea",
 )
+ELREA_ROWS = {"all members": None, "top-1": 1}
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -60,6 +67,7 @@ class RunConfig:
     eval_examples: int = 200  # per task
     k: int | None = None  # MBC clusters (default: the number of designed clusters)
     embedding: str = "update"
+    elrea_fit_examples: int = 5000  # ELREA's BIRCH fit (the paper's); the rest go to a centroid
     seed: int = 0
     base_gate: float = 0.95  # the base model copies at least this often
     expert_gate: float = 0.90  # every private expert's exact match on its own task
@@ -67,7 +75,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         get_tasks(self.tasks)  # unknown names fail here, before any training
         get_tasks(self.held_out)
-        for name in ("expert_steps", "cluster_steps", "train_examples", "eval_examples"):
+        for name in (
+            "expert_steps",
+            "cluster_steps",
+            "train_examples",
+            "eval_examples",
+            "elrea_fit_examples",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"RunConfig.{name} must be at least 1")
 
@@ -81,6 +95,7 @@ class RunConfig:
             cluster_steps=150,
             eval_examples=100,
             train_examples=1000,
+            elrea_fit_examples=1000,
         )
         return cls(**{**options, **changes})
 
@@ -89,6 +104,10 @@ class RunConfig:
 
     def training_tasks(self) -> list[Task]:
         return get_tasks(self.tasks)
+
+    def cluster_count(self) -> int:
+        """MBC's and ELREA's k: ``k``, or the number of designed clusters."""
+        return self.k or len({task.cluster for task in self.training_tasks()})
 
     def held_out_tasks(self) -> list[Task]:
         if self.held_out is not None:
@@ -118,6 +137,7 @@ class Built:
     base_id: str
     private_id: str
     mbc_id: str
+    elrea_id: str
     shared_folder: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -199,7 +219,7 @@ def build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Bu
                 private,
                 registry,
                 f"{NAMESPACE}/{MBC_NAME}",
-                k=config.k or len({t.cluster for t in tasks}),
+                k=config.cluster_count(),
                 embedding=config.embedding,
                 seed=config.seed,
                 data=data,
@@ -207,7 +227,78 @@ def build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Bu
                 tokenizer=tokenizer,
                 config=config.train_config(config.cluster_steps),
             )
-    return Built(registry, model, tokenizer, base_id, private.repo_id, mbc.repo_id)
+        with stages.stage("ELREA: base adapter, gradient clusters, one expert per cluster"):
+            elrea = build_elrea(config, registry, model, tokenizer, data)
+    return Built(registry, model, tokenizer, base_id, private.repo_id, mbc.repo_id, elrea.repo_id)
+
+
+def build_elrea(config: RunConfig, registry: Registry, model, tokenizer, data) -> Library:
+    """ELREA on every training task's examples pooled: a base adapter, then ``k`` experts
+    continuing from it, each trained as long as an MBC expert (``cluster_steps``, like the base
+    adapter: ELREA's cost is ``k + 1`` such trainings)."""
+    return build_elrea_library(
+        [pair for pairs in data.values() for pair in pairs],
+        registry,
+        f"{NAMESPACE}/{ELREA_NAME}",
+        base_model=model,
+        tokenizer=tokenizer,
+        k=config.cluster_count(),
+        config=config.train_config(config.cluster_steps),
+        fit_examples=config.elrea_fit_examples,
+        feature_batch_size=32,
+        seed=config.seed,
+    )
+
+
+@dataclass(frozen=True)
+class ElreaClusters:
+    """ELREA's example clusters on a sample of the training examples, against the designed ones."""
+
+    members: dict[str, dict[str, int]]  # expert -> how many of each task's examples it holds
+    adjusted_rand: float  # against the designed clusters
+
+    def expert_clusters(self, tasks: Sequence[Task]) -> dict[str, str]:
+        """Each expert's designed cluster: that of more than half of its examples (an expert
+        without one, e.g. holding one format of every cluster, serves none)."""
+        designed = {task.name: task.cluster for task in tasks}
+        out: dict[str, Counter] = {}
+        for expert, counts in self.members.items():
+            for task, count in counts.items():
+                out.setdefault(expert, Counter())[designed[task]] += count
+        return {
+            expert: cluster
+            for expert, counts in out.items()
+            for cluster, count in counts.items()
+            if count > counts.total() / 2
+        }
+
+
+def elrea_clusters(
+    model, tokenizer, library: Library, tasks: Sequence[Task], config: RunConfig, per_task: int
+) -> ElreaClusters:
+    """ELREA's clusters of the first ``per_task`` training examples of each task: each example
+    in the cluster of the nearest centroid by cosine (the build's rule for examples beyond its
+    fit; the build does not store its labels)."""
+    artifact = stored_artifact(library)
+    experts = [name for name in artifact.expert_names if name != artifact.base_expert]
+    centroids = artifact.centroids[[artifact.expert_names.index(name) for name in experts]]
+    sample = [(t, e) for t in tasks for e in t.examples(per_task, seed=config.seed)]
+    features = gradient_features(
+        model,
+        library.expert_paths()[artifact.base_expert],
+        [encode(tokenizer, example)[0] for _, example in sample],
+        artifact.projection,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=32,
+    )
+    nearest = [experts[i] for i in (features @ centroids.T).argmax(1).tolist()]
+    members: dict[str, Counter] = {expert: Counter() for expert in experts}
+    for expert, (task, _) in zip(nearest, sample, strict=True):
+        members[expert][task.name] += 1
+    designed = [task.cluster for task, _ in sample]
+    return ElreaClusters(
+        {e: dict(c) for e, c in members.items()}, adjusted_rand_score(designed, nearest)
+    )
 
 
 def _train_private(config, registry, model, tokenizer, data, scratch: Path) -> Library:
@@ -297,8 +388,7 @@ def _better(a: TaskResult, b: TaskResult) -> bool:
 def train_shared(config: RunConfig, built: Built, scratch: Path) -> Path:
     """One expert on every training task together, with the compute of the whole MBC library."""
     tasks = config.training_tasks()
-    k = config.k or len({t.cluster for t in tasks})
-    steps = config.shared_steps or config.cluster_steps * k
+    steps = config.shared_steps or config.cluster_steps * config.cluster_count()
     union = {
         t.name: training_pairs(built.tokenizer, t.examples(config.train_examples, seed=config.seed))
         for t in tasks
@@ -320,6 +410,9 @@ def method_list(libraries: dict[str, Library]) -> list[tuple[str, str, Any]]:
     """``(method, library, strategy)`` for every routed row of the table."""
     rows = []
     for label, library in libraries.items():
+        if label == "ELREA":  # the paper's ensemble of all members, and its top-1 variant
+            rows += [(f"ELREA, {n}", label, ELREA(top_k=k)) for n, k in ELREA_ROWS.items()]
+            continue
         count = len(library.names)
         rows.append(("uniform merge (mu)", label, "uniform"))
         rows += [
