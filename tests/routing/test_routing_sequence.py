@@ -80,6 +80,7 @@ def test_ignored_tokens_are_scored_by_no_expert(llama, expert_paths):
     choice = routed.choose_experts(ids, attention_mask=mask)
     for row, prompt in enumerate(PROMPTS):
         index, weights, total = reference_choice(paths, prompt, 2, 0.5, ignored=ignored)
+        torch.testing.assert_close(choice.weights[row], weights, atol=1e-5, rtol=1e-5)
         assert torch.equal(choice.index[row], index)
         torch.testing.assert_close(choice.scores[row], total, atol=1e-5, rtol=1e-5)
         _, _, everything = reference_choice(paths, prompt, 2, 0.5)
