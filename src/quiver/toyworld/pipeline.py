@@ -75,9 +75,9 @@ class RunConfig:
         """About two minutes on two cores: two clusters of two tasks, from a saved base."""
         options = dict(
             base=base,
-            tasks=("numbers-each", "numbers-last", "words-each", "words-last"),
-            expert_steps=120,
-            cluster_steps=150,
+            tasks=("numbers-each", "numbers-ends", "words-each", "words-ends"),
+            expert_steps=200,
+            cluster_steps=200,
             eval_examples=100,
             train_examples=1000,
         )
