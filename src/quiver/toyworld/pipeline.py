@@ -72,7 +72,7 @@ class RunConfig:
 
     @classmethod
     def reduced(cls, base: str | None = None, **changes: Any) -> RunConfig:
-        """About two minutes on two cores: two clusters of two tasks, from a saved base."""
+        """About three minutes on two cores: two clusters of two tasks, from a saved base."""
         options = dict(
             base=base,
             tasks=("numbers-each", "numbers-ends", "words-each", "words-ends"),
