@@ -8,7 +8,7 @@ from quiver.routing.arrow import ARTIFACT_NAME
 from quiver.toyworld import DOMAINS
 from quiver.toyworld.pipeline import task_owners
 
-COLOURS = "grey black green"
+WORDS = "bar dis fun"
 
 
 def test_installed_once_with_experts_prototypes_and_base_model(tmp_path):
@@ -31,13 +31,13 @@ def answer(engine, strategy: StrategySpec, message: str):
     return list(engine.stream(message, [], strategy, GenerationSettings(12)))[-1]
 
 
-def test_arrow_per_sequence_sends_a_colour_prompt_to_the_colour_expert(engine):
-    expected = " ".join(DOMAINS["colours"].map(colour) for colour in COLOURS.split())
-    colour_expert = task_owners(engine.library)["colours-each"]
-    message = f"map each : {COLOURS}"
+def test_arrow_per_sequence_sends_a_words_prompt_to_the_words_expert(engine):
+    expected = " ".join(DOMAINS["words"].map(word) for word in WORDS.split())
+    words_expert = task_owners(engine.library)["words-each"]
+    message = f"map each : {WORDS}"
 
     text, routing = answer(engine, StrategySpec("arrow", top_k=1, granularity="sequence"), message)
 
     assert text == expected
-    assert dict(zip(routing.experts, routing.sequence, strict=True))[colour_expert] == 1.0
+    assert dict(zip(routing.experts, routing.sequence, strict=True))[words_expert] == 1.0
     assert answer(engine, StrategySpec("base"), message)[0] != expected  # the expert knows it

@@ -26,12 +26,15 @@ def module_inputs(model, ids):
     return {name: x[0] for name, x in seen.items()}
 
 
-def reference_choice(paths, prompt, top_k, temperature):
-    """The definition, by hand: per module the mean |x . p_e| over the prompt's tokens, divided
-    by its sum over experts; summed over modules; top-k; softmax at the temperature."""
+def reference_choice(paths, prompt, top_k, temperature, ignored=()):
+    """The definition, by hand: per module the mean |x . p_e| over the prompt's tokens (but those
+    ``ignored``), divided by its sum over experts; summed over modules; top-k; softmax at the
+    temperature."""
     prototypes = compute_arrow_prototypes(paths).vectors
+    kept = torch.tensor([token not in ignored for token in prompt])
     total = sum(
-        (x @ prototypes[name].T).abs().mean(0) / (x @ prototypes[name].T).abs().mean(0).sum()
+        (x[kept] @ prototypes[name].T).abs().mean(0)
+        / (x[kept] @ prototypes[name].T).abs().mean(0).sum()
         for name, x in module_inputs(tiny_model("llama"), prompt).items()
     )
     top, index = total.topk(top_k)
@@ -64,6 +67,37 @@ def test_each_padded_row_chooses_as_the_hand_computed_reference(sequence_routed)
             assert torch.equal(choice.index[row], index)
             torch.testing.assert_close(choice.weights[row], weights, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(choice.scores[row], total, atol=1e-5, rtol=1e-5)
+
+
+def test_ignored_tokens_are_scored_by_no_expert(llama, expert_paths):
+    """``ignore_token_ids`` (a chat template's tokens): those positions still shape the others'
+    hidden states, but add nothing to the prompt's scores."""
+    paths = expert_paths(llama, n=5)
+    ignored = (11, 21, 34, 99)
+    arrow = Arrow(top_k=2, temperature=0.5, granularity="sequence", ignore_token_ids=ignored)
+    routed = route(llama, paths, arrow)
+    ids, mask = left_padded(PROMPTS)
+    choice = routed.choose_experts(ids, attention_mask=mask)
+    for row, prompt in enumerate(PROMPTS):
+        index, weights, total = reference_choice(paths, prompt, 2, 0.5, ignored=ignored)
+        torch.testing.assert_close(choice.weights[row], weights, atol=1e-5, rtol=1e-5)
+        assert torch.equal(choice.index[row], index)
+        torch.testing.assert_close(choice.scores[row], total, atol=1e-5, rtol=1e-5)
+        _, _, everything = reference_choice(paths, prompt, 2, 0.5)
+        assert not torch.allclose(total, everything, atol=1e-3)  # the option changed the scores
+    routed.unroute()
+
+
+def test_ignore_token_ids_is_checked(llama, expert_paths):
+    with pytest.raises(RoutingError, match="sequence-level"):
+        Arrow(ignore_token_ids=(1,))
+    routed = route(llama, expert_paths(llama, n=2), "arrow", top_k=1, granularity="sequence",
+                   ignore_token_ids=[21, 22])  # fmt: skip
+    with pytest.raises(RoutingError, match="no prompt token"):  # row 1 is all ignored
+        routed.choose_experts(*left_padded(PROMPTS))
+    embeds = llama.get_input_embeddings()(torch.tensor([PROMPTS[0]]))
+    with pytest.raises(RoutingError, match="input_ids"):
+        routed.choose_experts(inputs_embeds=embeds)
 
 
 def test_teacher_forced_rows_route_by_their_prompt_as_a_fixed_merge(sequence_routed, tmp_path):

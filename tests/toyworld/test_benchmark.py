@@ -54,7 +54,7 @@ def test_reduced_run_routes_held_out_tasks_to_the_right_cluster(tmp_path):
 
 
 def _result(task, exact_match):
-    return TaskResult(task, "digits", "train", 10, exact_match, exact_match, 1.0)
+    return TaskResult(task, "numbers", "train", 10, exact_match, exact_match, 1.0)
 
 
 def test_gates_stop_the_run_with_an_error_that_names_them():
@@ -63,16 +63,16 @@ def test_gates_stop_the_run_with_an_error_that_names_them():
     untrained = LlamaForCausalLM(model_config(tokenizer, hidden=32, layers=1, mlp=64)).eval()
     with pytest.raises(TrainingError, match="gate 'base copies' failed"):
         check_base(untrained, tokenizer, gate=0.95, examples=5)
-    weak = Evaluation([_result("digits-each", 1.0), _result("digits-last", 0.5)])
-    with pytest.raises(TrainingError, match="gate 'private experts' failed: digits-last") as info:
+    weak = Evaluation([_result("numbers-each", 1.0), _result("numbers-last", 0.5)])
+    with pytest.raises(TrainingError, match="gate 'private experts' failed: numbers-last") as info:
         check_experts(weak, gate=0.9)
-    assert info.value.expert == "digits-last"
+    assert info.value.expert == "numbers-last"
     check_experts(weak, gate=0.5)  # passes
 
 
 def test_unknown_task_names_fail_before_any_training():
-    with pytest.raises(InvalidInputError, match="digits-backwards"):
-        RunConfig(tasks=("digits-each", "digits-backwards"))
+    with pytest.raises(InvalidInputError, match="numbers-backwards"):
+        RunConfig(tasks=("numbers-each", "numbers-backwards"))
     with pytest.raises(InvalidInputError, match="nope"):
         RunConfig.reduced(held_out=("nope",))
 

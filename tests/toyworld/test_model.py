@@ -18,7 +18,7 @@ from quiver.toyworld.tasks import TASKS, Example, vocabulary
 def test_tokenizer_is_one_token_per_word_and_round_trips(tmp_path):
     tokenizer = build_tokenizer()
     assert len(tokenizer) == 7 + len(vocabulary())
-    text = "map each : 3 1 4 red ? Z"
+    text = "map each : 3 1 4 bar !? AA"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text.split()) and tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids) == text

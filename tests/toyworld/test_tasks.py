@@ -28,8 +28,15 @@ def test_examples_are_seeded_and_answers_follow_the_domain_mapping():
         instruction, inputs = example.prompt.split(" : ")
         assert instruction == "map ends"
         letters = inputs.split()
-        shifted = [chr((ord(x) - ord("A") + 1) % 26 + ord("A")) for x in (letters[0], letters[-1])]
-        assert example.answer.split() == shifted
+        domain = world.DOMAINS["letters"]
+        assert example.answer.split() == [domain.map(letters[0]), domain.map(letters[-1])]
+
+
+def test_each_domain_maps_by_a_seeded_permutation_of_its_own_symbols():
+    for domain in world.DOMAINS.values():
+        assert len(domain.symbols) == world.TABLE_SIZE
+        assert sorted(domain.outputs) == sorted(domain.symbols)
+        assert domain.outputs != domain.symbols
 
 
 def test_train_and_eval_splits_never_share_an_input():
@@ -59,7 +66,7 @@ def test_anyone_can_add_a_task():
 
 def test_bad_input_is_a_typed_error():
     with pytest.raises(InvalidInputError, match="no-such-task"):
-        get_tasks(["digits-each", "no-such-task"])
+        get_tasks(["numbers-each", "no-such-task"])
     with pytest.raises(InvalidInputError, match="split"):
         TASKS[0].examples(3, split="test")
     with pytest.raises(InvalidInputError, match="kind"):

@@ -1,8 +1,9 @@
 """The embedded default: the toy world's demo library, installed into a registry on first use.
 
 ``quiver.toyworld`` ships it in the package: a tiny trained Llama (word-level tokenizer, 32
-positions), one LoRA expert per MBC cluster of its tasks (digits, letters, symbols, colour words),
-bundled in the library with its Arrow prototypes; it installs offline in well under a second.
+positions), one LoRA expert per MBC cluster of its tasks (numbers, letter pairs, symbol pairs,
+words), bundled in the library with its Arrow prototypes; it installs offline in well under a
+second.
 ``ensure_demo_library`` is the app's one seam to it.
 
 ``install_random_library`` puts random LoRA experts over any model into a registry: the app on a
@@ -30,14 +31,14 @@ __all__ = [
     "install_random_library",
 ]
 
-# The demo's language: an instruction, a colon, 3 to 6 digits, capitals, symbols or colour words.
-# Arrow per sequence routes these to the right expert (colour words and symbols most often; see
-# the README's toy world for how often, and the letters it mostly sends elsewhere).
+# The demo's language: an instruction, a colon, 3 to 6 numbers, letter pairs, symbol pairs or
+# words, each mapped by its domain's lookup table. Arrow per sequence routes these to their
+# cluster's expert (see the README's toy world for how often it does in general).
 DEMO_PROMPTS = (
-    "map each : purple black brown white",
-    "map last : @ $ + ^",
-    "map each : 5 7 6 3",
-    "map ends : 6 2 4 9 5 8",
+    "map each : bar dis fun",
+    "map last : !? @# #$",
+    "map each : 12 40 7 33",
+    "map ends : BE CI DO AU",
 )
 
 _RANDOM_EXPERT = (

@@ -96,7 +96,8 @@ class PromptScores:
         if (counts == 0).any():
             raise RoutingError(
                 "a row has no prompt token to route by",
-                hint="give every row at least one unmasked prompt token",
+                hint="give every row at least one unmasked prompt token that "
+                "Arrow.ignore_token_ids does not leave out",
             )
         self.token_weights = prompt_mask.float() / counts
         self.total: torch.Tensor | None = None

@@ -88,8 +88,9 @@ class RoutedModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> SequenceChoice:
         """Sequence-level Arrow's experts for each row, from its prompt (the unmasked tokens, or
-        the first ``prompt_lengths[row]`` of them), on one no-expert pass of the base model's
-        backbone: every routed module adds its normalised prompt scores (``PromptScores``)."""
+        the first ``prompt_lengths[row]`` of them, less those in ``Arrow.ignore_token_ids``), on
+        one no-expert pass of the base model's backbone: every routed module adds its normalised
+        prompt scores (``PromptScores``)."""
         arrow = self._sequence_arrow()
         if arrow is None:
             raise RoutingError(
@@ -103,6 +104,14 @@ class RoutedModel(nn.Module):
         if mask is None:
             mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
         prompt = _prompt_mask(mask, prompt_lengths)
+        if arrow.ignore_token_ids:
+            if input_ids is None:
+                raise RoutingError(
+                    "Arrow.ignore_token_ids needs the prompt's input_ids, not inputs_embeds",
+                    hint="pass input_ids, or route without ignore_token_ids",
+                )
+            ignored = torch.tensor(arrow.ignore_token_ids, device=input_ids.device)
+            prompt = prompt & ~torch.isin(input_ids, ignored)
         end = int(prompt.any(0).nonzero().max()) + 1 if prompt.any() else 1
         scoring = PromptScores(prompt[:, :end])  # a causal model: later tokens cannot matter
         backbone = getattr(self.model, "base_model", self.model)

@@ -78,6 +78,11 @@ class Arrow:
     module the mean of ``|x . p_e|`` over the prompt's tokens (padding masked) on a no-expert
     pass, normalised to sum to 1 over the experts, summed over the modules; the row keeps those
     experts and weights at every module for the whole generation.
+
+    ``ignore_token_ids`` (sequence granularity only): prompt positions holding these tokens are
+    not scored. Pass the chat template's tokens (e.g. ``tokenizer.all_special_ids``): every
+    prompt shares them, so they say nothing about the task, yet they add the same bias towards
+    some expert to every prompt's scores (in the toy world it sent most prompts to one expert).
     """
 
     top_k: int = 4
@@ -85,6 +90,7 @@ class Arrow:
     mixing: Mixing = "outputs"
     general_experts: ExpertSource | None = None  # GenKnowSub: subtract their mean first
     granularity: Granularity = "token"
+    ignore_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_selection(self.top_k, self.temperature, all_allowed=False)
@@ -94,6 +100,12 @@ class Arrow:
                 f"unknown granularity {self.granularity!r}",
                 hint=f"use one of {get_args(Granularity)}",
             )
+        if self.ignore_token_ids and self.granularity != "sequence":
+            raise RoutingError(
+                "ignore_token_ids is for sequence-level routing (per token, every token routes)",
+                hint="use Arrow(granularity='sequence', ignore_token_ids=...)",
+            )
+        object.__setattr__(self, "ignore_token_ids", tuple(int(i) for i in self.ignore_token_ids))
 
     def choose(self, scores: torch.Tensor) -> SequenceChoice:
         """Sequence granularity: each row's top-k of its summed prompt scores ``[rows, E]``."""

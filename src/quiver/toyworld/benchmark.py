@@ -2,11 +2,12 @@
 
 Rows: the base model; one shared expert trained on all tasks; for the private library (one
 expert per task) and the MBC library (one expert per cluster): the uniform merge (mu), Arrow per
-token (top-1/2/4, the paper's), Arrow per sequence (top-1/2, prompt-level) and the oracle (each
-training task's own expert; for a held-out task, the library's best single expert, picked with
-hindsight); ELREA (a library built on all the tasks' examples pooled), as the paper routes it (a
-logit ensemble of all members) and top-1. Every routed row carries its routing diagnostics; the
-goals of the benchmark are checked against the table and reported, met or not.
+token (top-1/2/4, the paper's), Arrow per sequence (top-1/2 over the whole prompt; top-1 without
+the chat template's tokens, and over the inputs alone) and the oracle (each training task's own
+expert; for a held-out task, the library's best single expert, picked with hindsight); ELREA (a
+library built on all the tasks' examples pooled), as the paper routes it (a logit ensemble of all
+members) and top-1. Every routed row carries its routing diagnostics; the goals of the benchmark
+are checked against the table and reported, met or not.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from quiver.registry import Library, LocalRegistry, Registry
 from quiver.routing import route
 from quiver.toyworld.evaluate import Evaluation, evaluate
+from quiver.toyworld.model import instruction_token_ids
 from quiver.toyworld.pipeline import (
     ElreaClusters,
     RunConfig,
@@ -260,7 +262,8 @@ def run(
             routed = route(model, {"shared": shared}, "single", expert="shared")
             rows.append(Row("shared", "-", evaluate(routed, tokenizer, tasks, **options)))
             routed.unroute()
-            for method, label, strategy in method_list(libraries):
+            ignored = tokenizer.all_special_ids, instruction_token_ids(tokenizer)
+            for method, label, strategy in method_list(libraries, *ignored):
                 routed = route(model, libraries[label], strategy)
                 scored = evaluate(
                     routed, tokenizer, tasks, expert_clusters=clusters[label], **options

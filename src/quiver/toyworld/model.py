@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from quiver.errors import TrainingError
-from quiver.toyworld.tasks import Example, pretraining_example, vocabulary
+from quiver.toyworld.tasks import Example, instruction_words, pretraining_example, vocabulary
 from quiver.training.data import IGNORE_INDEX, collate, load_examples, tokenize_examples
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -54,6 +54,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def instruction_token_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, ...]:
+    """Token ids every prompt shares whatever its inputs: the chat template's special tokens and
+    the instruction words. Sequence-level Arrow can leave them out of a prompt's scores
+    (``Arrow(ignore_token_ids=...)``): they name no input domain, so no cluster."""
+    words = tokenizer.convert_tokens_to_ids(instruction_words())
+    return tuple(sorted({*tokenizer.all_special_ids, *words}))
 
 
 def model_config(tokenizer: PreTrainedTokenizerFast, *, hidden: int = 128, layers: int = 4,

@@ -1,14 +1,16 @@
 """The toy world's tasks: short instructions over four input domains, seeded and public.
 
-Each domain (digits, upper-case letters, symbols, colour words) has one mapping, a lookup table
-(digits to their complement, letters to the next letter, symbols to their partner, colours to an
-animal). A domain's tasks differ only in the output format: map each element, the first, the last,
-or both ends. This is "World B" of the feasibility notes: tasks that map the same inputs
-differently could not be told apart by input-side prototypes, while one mapping per domain gives
-clusters that routing can find from the inputs alone.
+Each domain (numbers, capital pairs, symbol pairs, short words; ``TABLE_SIZE`` of each) has one
+mapping, a seeded random permutation of its symbols: a lookup table with no rule behind it, so
+each cluster's knowledge is the table itself. A domain's tasks differ only in the output format:
+map each element, the first, the last, or both ends. This is "World B" of the feasibility notes
+(tasks that map the same inputs differently could not be told apart by input-side prototypes,
+while one mapping per domain gives clusters routing can find from the inputs), with tables long
+enough that one low-rank adapter cannot hold all four as well as one expert holds its own: the
+capacity limit that motivates a library of experts.
 
 A prompt reads ``"<verb> <format> : <inputs>"`` (``"map each : 3 1 4"``) and its answer is the
-mapped elements in that format (``"6 8 5"``). Held-out tasks are new instructions over one
+mapped elements in that format. Held-out tasks are new instructions over one
 domain's inputs, never trained on by any expert: paraphrases (the verb ``convert`` and a synonym
 of the format word, both of which the base model knows from pretraining) and a new format
 (``reverse``).
@@ -59,26 +61,33 @@ def distinct(rng: random.Random, words: Sequence[str]) -> list[str]:
     return rng.sample(list(words), rng.randint(MIN_LENGTH, MAX_LENGTH))
 
 
-def _rotate(items: Sequence[str], by: int) -> tuple[str, ...]:
-    return tuple(items[by:]) + tuple(items[:by])
+TABLE_SIZE = 48  # symbols per input domain: each cluster's knowledge is a table this long
 
 
-_DIGITS = tuple("0123456789")
-_LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_SYMBOLS = ("!", "?", "@", "#", "$", "%", "&", "*", "+", "=", "~", "^")
-_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
-_COLOURS += ("pink", "brown", "black", "white", "grey", "gold")
-ANIMALS = ("cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen", "eel", "ant", "bat", "elk")
+def _permutation(symbols: Sequence[str], seed: str) -> tuple[str, ...]:
+    """A seeded random permutation of ``symbols``: a lookup table with no rule to learn it by."""
+    outputs = list(symbols)
+    random.Random(seed).shuffle(outputs)
+    return tuple(outputs)
 
+
+def _domain(name: str, symbols: Sequence[str]) -> Domain:
+    return Domain(name, tuple(symbols), _permutation(symbols, f"toyworld/{name}"))
+
+
+_LETTER_PAIRS = [a + b for a in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" for b in "AEIOU"]
+_SYMBOL_PAIRS = [a + b for a in "!?@#$%&*+=~^" for b in "!?@#$%&*+=~^"]
+_WORDS = [c + v + e for c in "bdfgklmnprstvz" for v in "aeiou" for e in "nrs"]
 DOMAINS: dict[str, Domain] = {
     domain.name: domain
     for domain in (
-        Domain("digits", _DIGITS, tuple(reversed(_DIGITS))),  # complement: d -> 9 - d
-        Domain("letters", _LETTERS, _rotate(_LETTERS, 1)),  # the next letter, Z -> A
-        Domain("symbols", _SYMBOLS, tuple(_SYMBOLS[i ^ 1] for i in range(len(_SYMBOLS)))),
-        Domain("colours", _COLOURS, ANIMALS),  # each colour names an animal
+        _domain("numbers", [str(i) for i in range(TABLE_SIZE)]),
+        _domain("letters", _LETTER_PAIRS[:TABLE_SIZE]),
+        _domain("symbols", _SYMBOL_PAIRS[:TABLE_SIZE]),
+        _domain("words", _WORDS[:TABLE_SIZE]),
     )
 }
+
 
 # Output formats: which elements an answer holds, in order. Each has the words that name it: the
 # first is what the trained tasks use, the others are synonyms the base model learns in pretraining.
@@ -201,14 +210,14 @@ def get_tasks(names: Iterable[str] | None = None, *, held_out: bool = False) -> 
 
 
 def pretraining_example(rng: random.Random) -> Example:
-    """One line of the base model's generic text over every vocabulary (animals included).
+    """One line of the base model's generic text over every input vocabulary.
 
     Half the lines copy the inputs whole (``copy each``: the skill the strength gate checks, and
     the one a small model takes longest to learn), a quarter apply another format to them
     (``repeat final``, ``copy backwards``...), and a quarter give a mapping verb with random
     words as the answer, so the base learns every instruction's shape but no mapping.
     """
-    vocabularies = [*(d.symbols for d in DOMAINS.values()), ANIMALS]
+    vocabularies = [d.symbols for d in DOMAINS.values()]
     inputs = distinct(rng, rng.choice(vocabularies))
     draw = rng.random()
     fmt = "each" if draw < 0.5 else rng.choice([f for f in FORMATS if f != "each"])
@@ -234,10 +243,15 @@ def copy_tasks() -> list[Task]:
     return [copier(domain) for domain in DOMAINS.values()]
 
 
+def instruction_words() -> list[str]:
+    """The words of instructions (verbs, format words and ``:``), not of any input domain."""
+    formats = [word for words in FORMAT_WORDS.values() for word in words]
+    return list(dict.fromkeys([":", *COPY_VERBS, *MAPPING_VERBS, *formats]))
+
+
 def vocabulary() -> list[str]:
     """Every word a toy-world prompt or answer can hold (special tokens excluded)."""
-    words = [":", *COPY_VERBS, *MAPPING_VERBS]
-    words += [w for ws in FORMAT_WORDS.values() for w in ws]
+    words = instruction_words()
     for domain in DOMAINS.values():
         words += [*domain.symbols, *domain.outputs]
     return list(dict.fromkeys(words))
