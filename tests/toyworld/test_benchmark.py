@@ -78,12 +78,12 @@ def test_unknown_task_names_fail_before_any_training():
 
 
 def test_an_elrea_expert_serves_the_designed_cluster_of_most_of_its_examples():
-    tasks = get_tasks(("digits-each", "digits-last", "colours-each", "colours-last"))
+    tasks = get_tasks(("numbers-each", "numbers-last", "words-each", "words-last"))
     clusters = ElreaClusters(
         {
-            "cluster-0": {"digits-each": 50, "colours-each": 50},  # one format of both: none
-            "cluster-1": {"digits-last": 45, "colours-last": 5, "digits-each": 50},
+            "cluster-0": {"numbers-each": 50, "words-each": 50},  # one format of both: none
+            "cluster-1": {"numbers-last": 45, "words-last": 5, "numbers-each": 50},
         },
         adjusted_rand=0.0,
     )
-    assert clusters.expert_clusters(tasks) == {"cluster-1": "digits"}
+    assert clusters.expert_clusters(tasks) == {"cluster-1": "numbers"}
