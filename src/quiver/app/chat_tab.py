@@ -188,7 +188,7 @@ def chat_tab(
                 controls_b = _strategy_controls(engine, "Second strategy", "base", "b")
             with gr.Accordion("Generation", open=False):
                 max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
-                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)")
+                temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
     with gr.Row():
         message = gr.Textbox(
