@@ -96,13 +96,21 @@ def test_imports_follow_the_layers():
     assert violations() == []
 
 
-def test_the_check_sees_a_crossing(tmp_path):
-    """A registry module importing routing (lazily, inside a function) is reported."""
+def _package_with_bad_registry_module(tmp_path, source: str):
+    """A fake ``quiver`` package whose ``registry/bad.py`` holds ``source``."""
     fake = tmp_path / "quiver"
     (fake / "registry").mkdir(parents=True)
     (fake / "__init__.py").write_text("")
     (fake / "registry" / "__init__.py").write_text("")
-    (fake / "registry" / "bad.py").write_text("def f():\n    from quiver.routing import route\n")
+    (fake / "registry" / "bad.py").write_text(source)
+    return fake
+
+
+def test_the_check_sees_a_crossing(tmp_path):
+    """A registry module importing routing (lazily, inside a function) is reported."""
+    fake = _package_with_bad_registry_module(
+        tmp_path, "def f():\n    from quiver.routing import route\n"
+    )
     assert violations(fake) == [
         "quiver.registry.bad imports quiver.routing (quiver.registry -> quiver.routing)",
         "quiver.registry.bad imports quiver.routing.route (quiver.registry -> quiver.routing)",
@@ -111,11 +119,7 @@ def test_the_check_sees_a_crossing(tmp_path):
 
 def test_the_check_sees_a_crossing_through_the_lazy_api(tmp_path):
     """``from quiver import route`` in the registry is routing, whatever package it is read from."""
-    fake = tmp_path / "quiver"
-    (fake / "registry").mkdir(parents=True)
-    (fake / "__init__.py").write_text("")
-    (fake / "registry" / "__init__.py").write_text("")
-    (fake / "registry" / "bad.py").write_text("from quiver import route\n")
+    fake = _package_with_bad_registry_module(tmp_path, "from quiver import route\n")
     assert violations(fake) == [
         "quiver.registry.bad imports quiver.route (quiver.registry -> quiver.routing)"
     ]
