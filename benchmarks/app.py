@@ -12,8 +12,11 @@ Llama of hidden size 512 and 6 layers (14.5M parameters):
   the routing picture needs);
 - engine: ``ChatEngine.stream`` (``routed.using``, worker thread, decoding, the routing);
 - app (HTTP): the app served on 127.0.0.1, its ``/chat`` endpoint called through Gradio's HTTP API
-  (POST the call, read its server-sent events): queue, JSON, HTTP, what any client sees.
-  (``gradio_client`` adds its own waits on top: it polls for messages every 50 ms.)
+  (POST the call, read its server-sent events): queue, JSON, HTTP, what any client sees. The
+  calls share one session, as a ``gradio_client.Client``'s calls and a page's chats do;
+  (``gradio_client`` adds its own waits on top: it polls for messages every 50 ms);
+- app (HTTP), new session: each call in a session of its own (what a call without a
+  ``session_hash`` gets): Gradio builds a session's state from every block of the app (129) first.
 
 Time to first token (TTFT) runs from the request to the first token's text; tokens per second
 counts the tokens after the first over the time from the first token to the complete answer
@@ -35,6 +38,7 @@ import os
 import statistics
 import tempfile
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -99,13 +103,17 @@ def engine_stream(engine, strategy, settings) -> tuple[float, float, int]:
     return times[0] - start, (count - 1) / (times[-1] - times[0]), count
 
 
-def app_stream(http: httpx.Client, url: str, tokens: int) -> tuple[float, float, int]:
+def app_stream(
+    http: httpx.Client, url: str, tokens: int, session: str | None
+) -> tuple[float, float, int]:
     """The /chat endpoint through Gradio's HTTP API (POST the call, then read its server-sent
-    events), every update timed as it arrives."""
+    events), every update timed as it arrives; ``session``: the session hash, None for a new
+    session."""
     times, count = [], 0
     start = time.perf_counter()
     data = [MESSAGE, "arrow", 2, 1.0, "outputs", "token", "", tokens, 0.0, 1.0, None]
-    event = http.post(f"{url}gradio_api/call/chat", json={"data": data}).json()["event_id"]
+    call = {"data": data, "session_hash": session}
+    event = http.post(f"{url}gradio_api/call/chat", json=call).json()["event_id"]
     with http.stream("GET", f"{url}gradio_api/call/chat/{event}") as events:
         for line in events.iter_lines():
             if not line.startswith("data:"):
@@ -157,6 +165,7 @@ def main() -> None:
     engine = open_bench_engine(args.model)
     app = serve(engine=engine)
     http = httpx.Client(timeout=60)
+    session = uuid.uuid4().hex  # one client's session, as gradio_client keeps
     library = engine.library
     model, _ = load_base_model(engine.registry, library.manifest.base_model)
     routed = route(model, library, Arrow(top_k=2))  # a second copy: the reference
@@ -170,7 +179,8 @@ def main() -> None:
         "direct": lambda: direct(routed, input_ids, tokens),
         "direct, traced": lambda: direct(routed, input_ids, tokens, traced=True),
         "engine": lambda: engine_stream(engine, strategy, settings),
-        "app (HTTP)": lambda: app_stream(http, app.local_url, tokens),
+        "app (HTTP)": lambda: app_stream(http, app.local_url, tokens, session),
+        "app (HTTP), new session": lambda: app_stream(http, app.local_url, tokens, None),
     }
     results: dict[str, list[tuple[float, ...]]] = {name: [] for name in ways}
     for round_ in range(args.rounds + 1):  # round 0 warms up (kernels, caches, connections)
@@ -221,6 +231,8 @@ def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace
     for step, before, after in zip(steps, ways, ways[1:], strict=False):
         extra = (paired[after] - paired[before]) * per_token
         print(f"extra CPU per token for {step}: {extra:.2f} ms (paired)")
+    session = (paired["app (HTTP), new session"] - paired["app (HTTP)"]) * cpu0 * 1000
+    print(f"extra CPU per answer for a new session: {session:.1f} ms (paired)")
     print(f"direct: {per_token:.2f} ms CPU per token")
     print(f"torch {torch.__version__}, {args.threads} thread(s); {Path(__file__).name}")
 
