@@ -10,6 +10,8 @@ Llama of hidden size 512 and 6 layers (14.5M parameters):
 - direct: ``route(model, library, Arrow(top_k=2)).generate(..., streamer=...)``, the reference;
 - direct, traced: the same inside ``routed.trace()``, and the per-token routing read from it (what
   the routing picture needs);
+- using(), in a thread: the engine's shared routed model under ``routed.using(Arrow top-2)``,
+  traced, generating in a worker thread as the engine does, without the engine's streaming;
 - engine: ``ChatEngine.stream`` (``routed.using``, worker thread, decoding, the routing);
 - app (HTTP): the app served on 127.0.0.1, its ``/chat`` endpoint called through Gradio's HTTP API
   (POST the call, read its server-sent events): queue, JSON, HTTP, what any client sees. The
@@ -37,6 +39,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import nullcontext
@@ -91,6 +94,21 @@ def direct(routed, input_ids, tokens: int, *, traced: bool = False) -> tuple[flo
         trace.step_layer_weights()
         clock.times[-1] = time.perf_counter()  # the answer is complete with its routing
     return (*_measure(start, clock.times), len(clock.times))
+
+
+def using_in_thread(engine, strategy, input_ids, tokens: int) -> tuple[float, float, int]:
+    """``direct(traced=True)`` on the engine's shared model under ``using()``, in a thread."""
+    name, options = strategy.using()
+    results = []
+
+    def run() -> None:
+        with engine.routed.using(name, **options):
+            results.append(direct(engine.routed, input_ids, tokens, traced=True))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    return results[0]
 
 
 def engine_stream(engine, strategy, settings) -> tuple[float, float, int]:
@@ -178,6 +196,7 @@ def main() -> None:
     ways = {
         "direct": lambda: direct(routed, input_ids, tokens),
         "direct, traced": lambda: direct(routed, input_ids, tokens, traced=True),
+        "using(), in a thread": lambda: using_in_thread(engine, strategy, input_ids, tokens),
         "engine": lambda: engine_stream(engine, strategy, settings),
         "app (HTTP)": lambda: app_stream(http, app.local_url, tokens, session),
         "app (HTTP), new session": lambda: app_stream(http, app.local_url, tokens, None),
@@ -225,8 +244,13 @@ def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace
             f"{tokens:.0f}",
         )
     Console(width=140).print(table)
-    ways = ("direct", "direct, traced", "engine", "app (HTTP)")
-    steps = ("recording the routing", "the engine (using, thread, decoding)", "Gradio and HTTP")
+    ways = ("direct", "direct, traced", "using(), in a thread", "engine", "app (HTTP)")
+    steps = (
+        "recording the routing",
+        "using() and a worker thread",
+        "the engine's streaming (stop check, streamer, frames, decoding)",
+        "Gradio and HTTP",
+    )
     per_token = cpu0 / median["direct"][2] * 1000
     for step, before, after in zip(steps, ways, ways[1:], strict=False):
         extra = (paired[after] - paired[before]) * per_token
