@@ -149,16 +149,23 @@ def measure_row(experts, paths, ids, hidden, peft_max, repeats, console):
     return row
 
 
-def run(expert_counts, hidden, peft_max, repeats, console):
+def measure_decode(experts, paths, ids, hidden, repeats) -> dict[str, float]:
+    """Decoding alone (``--decode-only``): our Arrow's greedy decoding against the base model's."""
+    base, ours = base_model(hidden), route(base_model(hidden), paths, Arrow(top_k=TOP_K))
+    decoded = interleaved_medians(
+        {"base": decode_of(base, ids), "ours": decode_of(ours, ids)}, repeats
+    )
+    return dict(E=experts, **decoded, decode=decoded["ours"] / decoded["base"])
+
+
+def run(expert_counts, console, measure, *args):
+    """``measure(E, paths, ids, *args)`` for each E, on random experts written once."""
     ids = torch.randint(3, 512, (4, 128), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:
-        reference = base_model(hidden)
+        reference = base_model(args[0])
         writing = track(range(max(expert_counts)), description="writing experts", console=console)
         paths = [make_random_expert(reference, Path(folder) / f"e{i:03d}", seed=i) for i in writing]
-        return [
-            measure_row(e, paths[:e], ids, hidden, peft_max, repeats, console)
-            for e in expert_counts
-        ]
+        return [measure(e, paths[:e], ids, *args) for e in expert_counts]
 
 
 def markdown(rows, hidden, repeats) -> str:
@@ -231,6 +238,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512, help="model width (anchors: 512)")
     parser.add_argument("--readme", type=Path, help="write the table into this README")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--decode-only", action="store_true", help="only decoding ours / base")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,7 +247,14 @@ def main() -> None:
     skipped = [e for e in counts if e > args.peft_max]
     if skipped:
         console.print(f"note: PEFT skipped for E={skipped} (above --peft-max {args.peft_max})")
-    rows = run(counts, args.hidden, args.peft_max, args.repeats, console)
+    if args.decode_only:
+        for row in run(counts, console, measure_decode, args.hidden, args.repeats):
+            print(
+                f"E={row['E']}: decoding {DECODE_TOKENS} tokens, base {row['base'] * 1e3:.0f} ms, "
+                f"ours {row['ours'] * 1e3:.0f} ms, ours / base {row['decode']:.2f}x"
+            )
+        return
+    rows = run(counts, console, measure_row, args.hidden, args.peft_max, args.repeats, console)
     table = markdown(rows, args.hidden, args.repeats)
     print(table)
     if args.readme:
