@@ -1,8 +1,6 @@
 """The fused CPU kernels against a per-token loop, torch's top-k, and the portable path; the
 custom ops refusing calls that do not fit; and the build cache keyed on the CPU it targets."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from routing_helpers import naive_mix

@@ -4,13 +4,24 @@ PyTorch has no CPU kernel that multiplies each token by a few experts picked per
 gathering their factors (``embedding_bag`` comes closest, at a fraction of GEMM speed). So
 ``lowrank.cpp`` does it: per chunk of tokens (while they are in cache) it scores them against
 the prototypes, picks each token's top-k, then visits the (token, expert) pairs expert by expert,
-keeping each expert's factors in cache. It is compiled once per CPU with the system's GCC
-(about a second; no torch headers) into ``$QUIVER_HOME/kernels`` and loaded with ctypes. The
-build targets the exact CPU (``-march=native``), so its file name carries a hash of every target
-option that expands to: a ``$QUIVER_HOME`` shared by several machines never loads another CPU's
-build. It runs as the CPU implementation of the ``ops.py`` custom ops. Built
-with OpenMP, it runs on the libgomp torch has already loaded, i.e. on torch's threads; clang's
-OpenMP would start a second pool fighting torch's for the cores, so clang is refused.
+keeping each expert's factors in cache.
+
+It registers itself, from C++, in front of the ``quiver::`` ops of ``ops.py`` (at the dispatcher's
+BackendSelect key, below the fake, functionalization and autograd keys): a call on CPU float32
+tensors that fit runs the kernel; any other call goes on to the portable implementation, whose
+checks raise the ``RoutingError``. Registering from C++ rather than from Python is what makes a
+decoding step cheap: a call on one token (E=32, in 512) costs about half as much as through a
+Python-registered kernel (``benchmarks/op_dispatch.py``), and a batch-1 decoding step makes one
+call per routed module (42 on the benchmarks' Llama).
+
+The price is the build: against torch's headers, once per CPU and torch version, about 10-15 s of
+CPU time (20-45 s on a loaded machine; without torch's headers it took about a second), into
+``$QUIVER_HOME/kernels``, where every later process, and every test of a session, loads it
+(``torch.ops.load_library``). The build targets the exact CPU (``-march=native``), so its file
+name carries a hash of every target option that expands to, and of torch's version: a
+``$QUIVER_HOME`` shared by several machines never loads another CPU's build. Built with OpenMP,
+it runs on the libgomp torch has already loaded, i.e. on torch's threads; clang's OpenMP would
+start a second pool fighting torch's for the cores, so clang is refused.
 
 The kernels cover float32 on the CPU without autograd; everything else (GPUs, bf16/fp16,
 training, machines without GCC, ``QUIVER_KERNELS=0``) takes the portable torch implementation in

@@ -362,7 +362,8 @@ int run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const a
 
 // The keys below BackendSelect: the device's own kernel (ops.py's portable one).
 c10::DispatchKeySet past(c10::DispatchKeySet keys) {
-  return keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
+  using c10::DispatchKeySet;
+  return keys & DispatchKeySet(DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
 }
 
 void lowrank_add_op(c10::DispatchKeySet keys, const at::Tensor& out, const at::Tensor& x,
