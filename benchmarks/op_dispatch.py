@@ -1,7 +1,7 @@
 """What one call of ``quiver::arrow_add_`` on one token costs (a batch-1 decoding step makes one
 such call per routed module): the op as it runs, its fused CPU kernel registered from C++,
 against the same op behind a kernel registered from Python (as Quiver had it: the checks in
-Python, then the fused kernel), interleaved in one process.
+Python, then the fused kernel), interleaved in one process, in this process's CPU time.
 
     python benchmarks/op_dispatch.py [--experts 32] [--features 512] [--calls 2000]
 """
@@ -9,6 +9,7 @@ Python, then the fused kernel), interleaved in one process.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -62,7 +63,7 @@ def main() -> None:
             through_python(*arguments)
 
     ways = {"cpp": registered_from_cpp, "python": registered_from_python}
-    medians = interleaved_medians(ways, repeats=7)
+    medians = interleaved_medians(ways, repeats=7, clock=time.process_time)  # one thread
     cpp, python = (medians[way] / args.calls * 1e6 for way in ways)
     print(f"E={experts}, in={features}, r={rank}, top-k {top_k}, 1 token, 1 thread")
     print(f"kernel registered from C++: {cpp:.1f} us per call; from Python: {python:.1f} us")
