@@ -15,7 +15,7 @@ Python-registered kernel (``benchmarks/op_dispatch.py``), and a batch-1 decoding
 call per routed module (42 on the benchmarks' Llama).
 
 The price is the build: against torch's headers, once per CPU and torch version, about 10-15 s of
-CPU time (20-45 s on a loaded machine; without torch's headers it took about a second), into
+CPU time (25-55 s on a loaded machine; without torch's headers it took about a second), into
 ``$QUIVER_HOME/kernels``, where every later process, and every test of a session, loads it
 (``torch.ops.load_library``). The build targets the exact CPU (``-march=native``), so its file
 name carries a hash of every target option that expands to, and of torch's version: a
@@ -43,6 +43,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from quiver.fs import atomic_path
 from quiver.home import quiver_home
@@ -85,7 +86,8 @@ def build(compiler: str) -> Path:
     target = build_path(compiler, target_options(compiler))
     if target.is_file():
         return target
-    with atomic_path(target) as temp:
+    status = "Building Quiver's CPU kernels (once per CPU and torch version; 10-60 s)"
+    with atomic_path(target) as temp, Console(stderr=True).status(status):
         command = [compiler, *FLAGS, str(SOURCE), "-o", str(temp), *TORCH_FLAGS]
         subprocess.run(command, check=True, capture_output=True, text=True)
     return target
