@@ -52,15 +52,17 @@ def base_model(hidden: int):
     )
 
 
-def interleaved_medians(forwards: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per forward, calling the models in turn so load noise hits all alike."""
+def interleaved_medians(forwards: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
+    """Median seconds per forward, calling the models in turn so load noise hits all alike.
+    (``clock=time.process_time`` counts only this process's CPU time: with one thread, what a
+    loaded machine's other processes take is not counted.)"""
     times = {name: [] for name in forwards}
     for round_ in range(repeats + 1):  # round 0 warms up (PEFT builds prototypes on first use)
         for name, forward in forwards.items():
-            start = time.perf_counter()
+            start = clock()
             forward()
             if round_:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -149,16 +151,22 @@ def measure_row(experts, paths, ids, hidden, peft_max, repeats, console):
     return row
 
 
-def run(expert_counts, hidden, peft_max, repeats, console):
+def measure_decode(experts, paths, ids, hidden, repeats, clock) -> dict[str, float]:
+    """Decoding alone (``--decode-only``): our Arrow's greedy decoding against the base model's."""
+    base, ours = base_model(hidden), route(base_model(hidden), paths, Arrow(top_k=TOP_K))
+    decodes = {"base": decode_of(base, ids), "ours": decode_of(ours, ids)}
+    decoded = interleaved_medians(decodes, repeats, clock)
+    return dict(E=experts, **decoded, decode=decoded["ours"] / decoded["base"])
+
+
+def run(expert_counts, console, measure, *args):
+    """``measure(E, paths, ids, *args)`` for each E, on random experts written once."""
     ids = torch.randint(3, 512, (4, 128), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:
-        reference = base_model(hidden)
+        reference = base_model(args[0])
         writing = track(range(max(expert_counts)), description="writing experts", console=console)
         paths = [make_random_expert(reference, Path(folder) / f"e{i:03d}", seed=i) for i in writing]
-        return [
-            measure_row(e, paths[:e], ids, hidden, peft_max, repeats, console)
-            for e in expert_counts
-        ]
+        return [measure(e, paths[:e], ids, *args) for e in expert_counts]
 
 
 def markdown(rows, hidden, repeats) -> str:
@@ -231,6 +239,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512, help="model width (anchors: 512)")
     parser.add_argument("--readme", type=Path, help="write the table into this README")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--decode-only", action="store_true", help="only decoding ours / base")
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="decoding in process CPU time (use --threads 1)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,7 +251,15 @@ def main() -> None:
     skipped = [e for e in counts if e > args.peft_max]
     if skipped:
         console.print(f"note: PEFT skipped for E={skipped} (above --peft-max {args.peft_max})")
-    rows = run(counts, args.hidden, args.peft_max, args.repeats, console)
+    if args.decode_only:
+        clock = time.process_time if args.cpu_time else time.perf_counter
+        for row in run(counts, console, measure_decode, args.hidden, args.repeats, clock):
+            print(
+                f"E={row['E']}: decoding {DECODE_TOKENS} tokens, base {row['base'] * 1e3:.0f} ms, "
+                f"ours {row['ours'] * 1e3:.0f} ms, ours / base {row['decode']:.2f}x"
+            )
+        return
+    rows = run(counts, console, measure_row, args.hidden, args.peft_max, args.repeats, console)
     table = markdown(rows, args.hidden, args.repeats)
     print(table)
     if args.readme:

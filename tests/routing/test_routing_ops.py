@@ -7,7 +7,13 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from quiver.errors import RoutingError
-from quiver.routing import Arrow, ops, route
+from quiver.routing import Arrow, kernels, ops, route
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cpu_kernels():
+    """The fused CPU kernels loaded (as routing a model does), so CPU calls go through them."""
+    assert kernels.cpu_kernels() is not None
 
 
 def lowrank_args(tokens=6, experts=4, rank=3, din=10, dout=7, k=2):
@@ -119,6 +125,27 @@ def test_portable_and_fused_cpu_implementations_agree():
     assert torch.equal(index, expected_index)
     torch.testing.assert_close(weights, expected_weights, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(args["out"], portable["out"], atol=1e-5, rtol=1e-5)
+
+
+def test_calls_the_cpu_kernel_does_not_take_go_on_to_the_portable_implementation():
+    """bf16 on the CPU: the fused kernel (float32) hands the call on; the portable path answers."""
+    args, prototypes = lowrank_args(tokens=5), torch.randn(4, 10).bfloat16()
+    args = {k: v.bfloat16() if v.is_floating_point() else v for k, v in args.items()}
+    portable = {k: v.clone() for k, v in args.items()}
+    index, weights = call_arrow(args, prototypes)
+    expected = ops.portable_arrow_add_(
+        *(portable[k] for k in ("out", "x")),
+        prototypes,
+        ops.prototype_panel(prototypes),
+        *(portable[k] for k in ("a_rows", "b_rows")),
+        2,
+        1.0,
+        3,
+        False,
+    )
+    assert args["out"].dtype == weights.dtype == torch.bfloat16 and args["out"].any()
+    assert torch.equal(index, expected[0]) and torch.equal(weights, expected[1])
+    assert torch.equal(args["out"], portable["out"])
 
 
 def test_torch_compile_traces_a_routed_model_in_one_graph(llama, expert_paths):

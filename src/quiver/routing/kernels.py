@@ -4,13 +4,24 @@ PyTorch has no CPU kernel that multiplies each token by a few experts picked per
 gathering their factors (``embedding_bag`` comes closest, at a fraction of GEMM speed). So
 ``lowrank.cpp`` does it: per chunk of tokens (while they are in cache) it scores them against
 the prototypes, picks each token's top-k, then visits the (token, expert) pairs expert by expert,
-keeping each expert's factors in cache. It is compiled once per CPU with the system's GCC
-(about a second; no torch headers) into ``$QUIVER_HOME/kernels`` and loaded with ctypes. The
-build targets the exact CPU (``-march=native``), so its file name carries a hash of every target
-option that expands to: a ``$QUIVER_HOME`` shared by several machines never loads another CPU's
-build. It runs as the CPU implementation of the ``ops.py`` custom ops. Built
-with OpenMP, it runs on the libgomp torch has already loaded, i.e. on torch's threads; clang's
-OpenMP would start a second pool fighting torch's for the cores, so clang is refused.
+keeping each expert's factors in cache.
+
+It registers itself, from C++, in front of the ``quiver::`` ops of ``ops.py`` (at the dispatcher's
+BackendSelect key, below the fake, functionalization and autograd keys): a call on CPU float32
+tensors that fit runs the kernel; any other call goes on to the portable implementation, whose
+checks raise the ``RoutingError``. Registering from C++ rather than from Python is what makes a
+decoding step cheap: a call on one token (E=32, in 512) costs about half as much as through a
+Python-registered kernel (``benchmarks/op_dispatch.py``), and a batch-1 decoding step makes one
+call per routed module (42 on the benchmarks' Llama).
+
+The price is the build: against torch's headers, once per CPU and torch version, about 10-15 s of
+CPU time (25-55 s on a loaded machine; without torch's headers it took about a second), into
+``$QUIVER_HOME/kernels``, where every later process, and every test of a session, loads it
+(``torch.ops.load_library``). The build targets the exact CPU (``-march=native``), so its file
+name carries a hash of every target option that expands to, and of torch's version: a
+``$QUIVER_HOME`` shared by several machines never loads another CPU's build. Built with OpenMP,
+it runs on the libgomp torch has already loaded, i.e. on torch's threads; clang's OpenMP would
+start a second pool fighting torch's for the cores, so clang is refused.
 
 The kernels cover float32 on the CPU without autograd; everything else (GPUs, bf16/fp16,
 training, machines without GCC, ``QUIVER_KERNELS=0``) takes the portable torch implementation in
@@ -32,16 +43,23 @@ import warnings
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
-from quiver.errors import RoutingError
 from quiver.fs import atomic_path
 from quiver.home import quiver_home
-from quiver.routing import ops
 
 SOURCE = Path(__file__).with_name("lowrank.cpp")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
-MAX_CHUNK = 256  # tokens per work item: a chunk's inputs stay in L2 while its pairs reuse factors
+FLAGS = ("-O3", "-march=native", "-std=c++20", "-fopenmp", "-shared", "-fPIC", "-w")
+_TORCH = Path(torch.__file__).parent
+TORCH_FLAGS = (
+    f"-I{_TORCH / 'include'}",
+    f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    f"-L{_TORCH / 'lib'}",
+    "-lc10",
+    "-ltorch_cpu",
+)
 _MARCH = re.compile(r"^\s*-march=\s+(\S+)", re.MULTILINE)
+_LOADED: dict[str, ctypes.CDLL] = {}  # every build loaded in this process, by path
 
 
 def target_options(compiler: str) -> str:
@@ -52,112 +70,61 @@ def target_options(compiler: str) -> str:
 
 
 def build_path(compiler: str, targets: str) -> Path:
-    """Where the build for these sources, flags, compiler and target options lives; any change
-    in what the build would target gives another file."""
-    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), targets.encode()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    """Where the build for these sources, flags, torch, compiler and target options lives; any
+    change in what the build would target or link against gives another file."""
+    parts = [SOURCE.read_bytes(), " ".join(FLAGS + TORCH_FLAGS), torch.__version__, compiler]
+    parts += [targets]
+    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts))
     march = _MARCH.search(targets)
     cpu = march.group(1) if march else "unknown"
-    return quiver_home() / "kernels" / f"lowrank-{platform.machine()}-{cpu}-{key}.so"
+    name = f"lowrank-{platform.machine()}-{cpu}-{key.hexdigest()[:16]}.so"
+    return quiver_home() / "kernels" / name
 
 
-def _build(compiler: str) -> Path:
+def build(compiler: str) -> Path:
     """Compile ``lowrank.cpp`` unless this exact build exists; the target appears atomically."""
     target = build_path(compiler, target_options(compiler))
     if target.is_file():
         return target
-    with atomic_path(target) as temp:
-        subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", temp], check=True, capture_output=True, text=True
-        )
+    status = "Building Quiver's CPU kernels (once per CPU and torch version; 10-60 s)"
+    with atomic_path(target) as temp, Console(stderr=True).status(status):
+        command = [compiler, *FLAGS, str(SOURCE), "-o", str(temp), *TORCH_FLAGS]
+        subprocess.run(command, check=True, capture_output=True, text=True)
     return target
 
 
 @functools.cache
 def cpu_kernels() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (with one warning saying why) when they cannot be had."""
+    """Load the fused kernels (building them first if need be) as the ops' CPU implementation, or
+    turn them off: the library, or None (with one warning saying why when they cannot be had)."""
+    library = _load()
+    for loaded in _LOADED.values():
+        loaded.quiver_use_kernels(int(loaded is library))
+    return library
+
+
+def _load() -> ctypes.CDLL | None:
     if os.environ.get("QUIVER_KERNELS", "1") == "0":
         return None
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     try:
         if compiler is None:
             raise OSError("no C++ compiler on PATH; set CXX")
-        library = ctypes.CDLL(str(_build(compiler)))
+        path = str(build(compiler))
+        torch.ops.load_library(path)
     except (OSError, subprocess.CalledProcessError) as error:
         lines = (getattr(error, "stderr", None) or str(error)).strip().splitlines()
         detail = next((line.strip() for line in lines if "error" in line), lines[-1])
         warnings.warn(
             f"Quiver's CPU kernels did not build ({detail}); routed layers take the slower "
             "portable path",
-            stacklevel=2,
+            stacklevel=3,
         )
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.quiver_lowrank_add.argtypes = [pointer] * 5 + [ctypes.c_float, pointer, pointer]
-    library.quiver_lowrank_add.argtypes += [size] * 6 + [ctypes.c_int, size]
-    library.quiver_lowrank_add.restype = ctypes.c_int
-    return library
+    # The handle torch.ops.load_library opened, for the kernels' switch.
+    return _LOADED.setdefault(path, ctypes.CDLL(path))
 
 
 def fused(x: torch.Tensor) -> bool:
     """True when the fused kernel can stand in for the portable path on a CPU input ``x``."""
     return x.dtype == torch.float32 and cpu_kernels() is not None
-
-
-@torch.library.impl("quiver::lowrank_add_", "CPU")
-def _lowrank_add_cpu(out, x, a_rows, b_rows, index, weights, rank, mix_parameters) -> None:
-    if not fused(x):
-        return ops.portable_lowrank_add_(
-            out, x, a_rows, b_rows, index, weights, rank, mix_parameters
-        )
-    ops.check_lowrank(out, x, a_rows, b_rows, index, weights, rank)
-    _run(out, x, a_rows, b_rows, None, 0.0, index, weights, rank, mix_parameters)
-    return None
-
-
-@torch.library.impl("quiver::arrow_add_", "CPU")
-def _arrow_add_cpu(out, x, prototypes, panel, a_rows, b_rows, top_k, temperature, rank, mix):
-    if not fused(x):
-        return ops.portable_arrow_add_(
-            out, x, prototypes, panel, a_rows, b_rows, top_k, temperature, rank, mix
-        )
-    ops.check_arrow(out, x, prototypes, panel, a_rows, b_rows, top_k, temperature, rank)
-    index = torch.empty(len(x), top_k, dtype=torch.int64)
-    weights = torch.empty(len(x), top_k, dtype=x.dtype)
-    _run(out, x, a_rows, b_rows, panel, temperature, index, weights, rank, mix)
-    return index, weights
-
-
-def _chunk(tokens: int) -> int:
-    """Tokens per work item: one per thread when that fits in MAX_CHUNK, since the larger a
-    chunk, the more of its (token, expert) pairs share each expert's factors."""
-    per_thread = -(-tokens // torch.get_num_threads())
-    return min(MAX_CHUNK, max(8, -(-per_thread // 8) * 8))
-
-
-def _run(out, x, a_rows, b_rows, panel, temperature, index, weights, rank, mix_parameters):
-    """Call the kernel on arguments ``ops`` has checked (with a panel: Arrow fills index and
-    weights; without: they are read, and an expert index out of range writes nothing)."""
-    x, a_rows, b_rows = x.contiguous(), a_rows.contiguous(), b_rows.contiguous()
-    index, weights = index.contiguous(), weights.contiguous()
-    experts = a_rows.shape[0] // rank
-    status = cpu_kernels().quiver_lowrank_add(
-        out.data_ptr(),
-        x.data_ptr(),
-        a_rows.data_ptr(),
-        b_rows.data_ptr(),
-        None if panel is None else panel.data_ptr(),
-        temperature,
-        index.data_ptr(),
-        weights.data_ptr(),
-        len(x),
-        x.shape[1],
-        out.shape[1],
-        experts,
-        rank,
-        index.shape[1],
-        int(mix_parameters),
-        _chunk(len(x)),
-    )
-    if status != 0:
-        raise RoutingError(f"an expert index is outside 0..{experts - 1}")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from quiver.errors import RoutingError
-from quiver.routing import context, ops
+from quiver.routing import context, kernels, ops
 from quiver.routing.context import CallState, batch_rows
 from quiver.routing.experts import LoraStack
 
@@ -62,6 +62,8 @@ class LowRankMixer(Mixer):
     def __init__(self, stack: LoraStack) -> None:
         super().__init__()
         experts, out_features, self.rank = stack.B.shape
+        if stack.B.device.type == "cpu":
+            kernels.cpu_kernels()  # the fused CPU kernels, built on first use
         b_rows = stack.B.new_empty(experts, self.rank, out_features)
         torch.mul(stack.B.mT, stack.scales.to(stack.B)[:, None, None], out=b_rows)
         self.register_buffer("a_rows", stack.A.flatten(0, 1).contiguous(), persistent=False)

@@ -1,7 +1,9 @@
-// Quiver's CPU kernels for routed LoRA layers (float32), called through ctypes by kernels.py.
+// Quiver's CPU kernels for routed LoRA layers (float32), registered as the CPU side of the
+// quiver:: custom ops that ops.py defines (kernels.py builds this file against torch's headers and
+// loads it with torch.ops.load_library).
 //
-// Built with OpenMP and no torch headers: the OpenMP runtime they link (libgomp.so.1) is the one
-// torch has already loaded, so they run on torch's own thread pool.
+// Built with OpenMP: the OpenMP runtime it links (libgomp.so.1) is the one torch has already
+// loaded, so the kernels run on torch's own thread pool.
 //
 // Layouts: x [n, din], out [n, dout], a [experts, rank, din] (each expert's A),
 // b [experts, rank, dout] (each expert's scaled B, transposed), index and weights [n, k], and
@@ -12,7 +14,13 @@
 #error "Quiver's kernels need GCC (g++): they run on torch's GNU OpenMP threads (libgomp)"
 #endif
 
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -222,17 +230,13 @@ inline void by_expert_blocks(int64_t experts, int64_t dim, const int64_t* start,
         visit(e, offset, std::min(kBlock, dim - offset), pairs[s]);
 }
 
-}  // namespace
-
-extern "C" {
-
 // out[t] += sum_j w_tj b_e^T (a_e x_t) with e = index[t, j] (output mixing), or
 // out[t] += sum_j w_tj b_e^T (sum_i w_ti a_i x_t) (parameter mixing).
 // With a prototype `panel`, Arrow first fills index and weights (top-k of |p_e . x_t|,
 // softmax at temperature); without, they are given and checked. Tokens are split into chunks;
 // within a chunk the (token, expert) pairs are visited expert by expert so each expert's factors
 // stay in cache. Returns -1 (writing nothing) if a given index is out of range.
-int quiver_lowrank_add(float* out, const float* x, const float* a, const float* b,
+int lowrank_add(float* out, const float* x, const float* a, const float* b,
                        const float* panel, float temperature, int64_t* index,
                        float* weights, int64_t n, int64_t din, int64_t dout, int64_t experts,
                        int64_t rank, int64_t k, int mix_parameters, int64_t chunk) {
@@ -299,4 +303,121 @@ int quiver_lowrank_add(float* out, const float* x, const float* a, const float* 
   return 0;
 }
 
-}  // extern "C"
+
+// Tokens per work item: one chunk per thread when that fits in kMaxChunk tokens, since the larger
+// a chunk, the more of its (token, expert) pairs share each expert's factors; at most kMaxChunk,
+// so a chunk's inputs stay in L2 while its pairs reuse factors.
+constexpr int64_t kMaxChunk = 256;
+
+int64_t chunk_tokens(int64_t tokens) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = (tokens + threads - 1) / threads;
+  return std::min(kMaxChunk, std::max<int64_t>(8, (per_thread + 7) / 8 * 8));
+}
+
+// Off while kernels.py says the kernels are off (QUIVER_KERNELS=0 after they were loaded).
+std::atomic<bool> enabled{true};
+
+bool is(const at::Tensor& t, at::ScalarType type, at::IntArrayRef shape) {
+  return t.is_cpu() && t.scalar_type() == type && t.sizes() == shape;
+}
+
+// Whether out, x and the factors are what the kernel reads: CPU float32 tensors of matching shapes.
+bool factors_fit(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a,
+                 const at::Tensor& b, int64_t rank) {
+  if (!enabled || x.dim() != 2 || out.dim() != 2 || a.dim() != 2 || rank < 1 ||
+      a.size(0) % rank != 0 || !out.is_contiguous())
+    return false;
+  const int64_t tokens = x.size(0), din = x.size(1), dout = out.size(1), rows = a.size(0);
+  return is(x, at::kFloat, {tokens, din}) && is(out, at::kFloat, {tokens, dout}) &&
+         is(a, at::kFloat, {rows, din}) && is(b, at::kFloat, {rows, dout});
+}
+
+bool choice_fits(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights) {
+  return index.dim() == 2 && is(index, at::kLong, {x.size(0), index.size(1)}) &&
+         is(weights, at::kFloat, {x.size(0), index.size(1)});
+}
+
+bool arrow_fits(const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& panel,
+                int64_t experts, int64_t top_k, double temperature) {
+  const int64_t groups = (experts + kTileExperts - 1) / kTileExperts;
+  return top_k >= 1 && top_k <= experts && temperature > 0 &&
+         is(prototypes, at::kFloat, {experts, x.size(1)}) &&
+         is(panel, at::kFloat, {groups, x.size(1), kTileExperts});
+}
+
+// lowrank_add on tensors that fit (see lowrank_add's comment for index and weights).
+int run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+        const float* panel, double temperature, const at::Tensor& index,
+        const at::Tensor& weights, int64_t rank, bool mix_parameters) {
+  const at::Tensor xs = x.contiguous(), as = a.contiguous(), bs = b.contiguous();
+  const at::Tensor indices = index.contiguous(), ws = weights.contiguous();
+  const int64_t n = x.size(0);
+  return lowrank_add(out.data_ptr<float>(), xs.data_ptr<float>(), as.data_ptr<float>(),
+                     bs.data_ptr<float>(), panel, static_cast<float>(temperature),
+                     indices.data_ptr<int64_t>(), ws.data_ptr<float>(), n, x.size(1),
+                     out.size(1), a.size(0) / rank, rank, index.size(1), mix_parameters,
+                     chunk_tokens(n));
+}
+
+// The keys below BackendSelect: the device's own kernel (ops.py's portable one).
+c10::DispatchKeySet past(c10::DispatchKeySet keys) {
+  using c10::DispatchKeySet;
+  return keys & DispatchKeySet(DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
+}
+
+void lowrank_add_op(c10::DispatchKeySet keys, const at::Tensor& out, const at::Tensor& x,
+                    const at::Tensor& a_rows, const at::Tensor& b_rows, const at::Tensor& index,
+                    const at::Tensor& weights, int64_t rank, bool mix_parameters) {
+  if (!factors_fit(out, x, a_rows, b_rows, rank) || !choice_fits(x, index, weights)) {
+    static const auto portable =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("quiver::lowrank_add_", "")
+            .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+    return portable.redispatch(past(keys), out, x, a_rows, b_rows, index, weights, rank,
+                               mix_parameters);
+  }
+  const int status = run(out, x, a_rows, b_rows, nullptr, 0.0, index, weights, rank,
+                         mix_parameters);
+  TORCH_CHECK_INDEX(status == 0, "quiver::lowrank_add_: an expert index is outside 0..",
+                    a_rows.size(0) / rank - 1);
+}
+
+std::tuple<at::Tensor, at::Tensor> arrow_add_op(
+    c10::DispatchKeySet keys, const at::Tensor& out, const at::Tensor& x,
+    const at::Tensor& prototypes, const at::Tensor& panel, const at::Tensor& a_rows,
+    const at::Tensor& b_rows, int64_t top_k, double temperature, int64_t rank,
+    bool mix_parameters) {
+  if (!factors_fit(out, x, a_rows, b_rows, rank) ||
+      !arrow_fits(x, prototypes, panel, a_rows.size(0) / rank, top_k, temperature)) {
+    static const auto portable =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("quiver::arrow_add_", "")
+            .typed<std::tuple<at::Tensor, at::Tensor>(
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                const at::Tensor&, const at::Tensor&, int64_t, double, int64_t, bool)>();
+    return portable.redispatch(past(keys), out, x, prototypes, panel, a_rows, b_rows, top_k,
+                               temperature, rank, mix_parameters);
+  }
+  at::Tensor index = at::empty({x.size(0), top_k}, x.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({x.size(0), top_k}, x.options());
+  const at::Tensor panel_ = panel.contiguous();
+  run(out, x, a_rows, b_rows, panel_.data_ptr<float>(), temperature, index, weights, rank,
+      mix_parameters);
+  return {index, weights};
+}
+
+}  // namespace
+
+// For kernels.py (through ctypes): turn the fused path on or off.
+extern "C" void quiver_use_kernels(int on) { enabled = on != 0; }
+
+// Registered at BackendSelect, the key every call passes between the fake, functionalization and
+// autograd keys (which see it first) and the device's kernel: calls that fit run the fused kernel;
+// every other call (another device or dtype, shapes that do not fit) goes on to the portable
+// implementation, whose checks raise a RoutingError before anything is written.
+TORCH_LIBRARY_IMPL(quiver, BackendSelect, m) {
+  m.impl("lowrank_add_", &lowrank_add_op);
+  m.impl("arrow_add_", &arrow_add_op);
+}

@@ -5,13 +5,14 @@
 - ``quiver::arrow_add_``: Arrow's choice (top-k of ``|x . p_e|``, softmax at a temperature) and
   that update in one pass; returns the choice.
 
-As bitsandbytes does with its ctypes kernels: the schemas mark what is written (``out``); a fake
-(meta) implementation checks shapes, dtypes and devices (as every implementation does, before it
-touches memory) and gives the outputs' shapes, so a wrong
+As bitsandbytes does with its kernels: the schemas mark what is written (``out``); a fake
+(meta) implementation checks shapes, dtypes and devices and gives the outputs' shapes, so a wrong
 call raises a ``RoutingError`` before any kernel reads memory and ``torch.compile`` can trace a
-routed model; the portable torch implementation is the default for every device; ``kernels.py``
-registers the fused CPU kernel (float32). The ops carry no gradient: routed layers call the
-portable functions below directly while autograd records.
+routed model; the portable torch implementation (the same checks, then torch ops) serves every
+device. The fused CPU kernels (``lowrank.cpp``, built and loaded by ``kernels.py``) register
+themselves from C++ in front of it and take every call that fits them (CPU, float32); the rest
+they hand on to it. The ops carry no gradient: routed layers call the portable functions below
+directly while autograd records.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def portable_arrow_add_(out, x, prototypes, panel, a_rows, b_rows, top_k, temper
     return index, weights
 
 
-# The portable implementations serve every device; kernels.py overrides the CPU one.
+# The portable implementations serve every device; lowrank.cpp's kernels stand in front of them.
 torch.library.impl("quiver::lowrank_add_", "CompositeExplicitAutograd", portable_lowrank_add_)
 torch.library.impl("quiver::arrow_add_", "CompositeExplicitAutograd", portable_arrow_add_)
 
@@ -211,7 +212,10 @@ def lowrank_add_(
     mix_parameters: bool,
 ) -> None:
     """``quiver::lowrank_add_``: add the chosen experts' update to ``out`` in place."""
-    _LOWRANK_ADD(out, x, a_rows, b_rows, index, weights, rank, mix_parameters)
+    try:
+        _LOWRANK_ADD(out, x, a_rows, b_rows, index, weights, rank, mix_parameters)
+    except IndexError as error:  # the CPU kernel's range check on index, before it writes
+        raise RoutingError(str(error)) from None
 
 
 def arrow_add_(
@@ -232,7 +236,3 @@ def arrow_add_(
     return _ARROW_ADD(
         out, x, prototypes, panel, a_rows, b_rows, top_k, temperature, rank, mix_parameters
     )
-
-
-# The fused CPU kernels register themselves as these ops' CPU implementation (as a backend does).
-from quiver.routing import kernels as _cpu_kernels  # noqa: E402, F401
