@@ -2,7 +2,12 @@
 sends a prompt to the expert of the prompt's cluster and answers it right."""
 
 from quiver.app import GenerationSettings, StrategySpec
-from quiver.app.demo import DEMO_BASE_MODEL, DEMO_LIBRARY, ensure_demo_library
+from quiver.app.demo import (
+    DEMO_BASE_MODEL,
+    DEMO_ELREA_LIBRARY,
+    DEMO_LIBRARY,
+    ensure_demo_library,
+)
 from quiver.registry import Library, LocalRegistry
 from quiver.routing.arrow import ARTIFACT_NAME
 from quiver.toyworld import DOMAINS
@@ -41,3 +46,16 @@ def test_arrow_per_sequence_sends_a_words_prompt_to_the_words_expert(engine):
     assert text == expected
     assert dict(zip(routing.experts, routing.sequence, strict=True))[words_expert] == 1.0
     assert answer(engine, StrategySpec("base"), message)[0] != expected  # the expert knows it
+
+
+def test_elrea_on_the_default_routes_over_the_demos_elrea_library(engine):
+    expected = " ".join(DOMAINS["words"].map(word) for word in WORDS.split())
+    elrea = Library.open(engine.registry, DEMO_ELREA_LIBRARY)
+
+    text, routing = answer(engine, StrategySpec("elrea", top_k=1), f"map each : {WORDS}")
+
+    assert text == expected
+    assert set(routing.experts) == set(elrea.names)  # not the MBC library's experts
+    assert sorted(routing.sequence)[-1] == 1.0  # top-1: one member answers the whole prompt
+    assert engine.expert_names == Library.open(engine.registry, DEMO_LIBRARY).names
+    assert DEMO_ELREA_LIBRARY in engine.describe()
