@@ -26,7 +26,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from quiver.app.demo import ELREA_SIBLINGS
-from quiver.errors import InvalidInputError, QuiverError, RoutingError
+from quiver.errors import InvalidInputError, NotFoundError, QuiverError, RoutingError
 from quiver.registry import Library, Registry
 from quiver.routing import RoutedModel, RoutingTrace, route
 from quiver.routing.base_model import load_base_model
@@ -356,19 +356,22 @@ class ChatEngine:
                 registry, base_model, dtype=self.dtype, device=self.device
             )
             self._base_model = base_model
-        # Routed with no strategy of its own: every chat chooses one with routed.using().
         self.elrea = self._elrea_sibling(registry, library)  # copies the model: before routing it
+        # Routed with no strategy of its own: every chat chooses one with routed.using().
         self.routed = route(self.model, library, "base") if library.names else None
         self.registry, self.library = registry, library
 
     def _elrea_sibling(self, registry: Registry, library: Library) -> RoutedModel | None:
         """ELREA chats on a library without ELREA's centroids go to its ELREA sibling when it
         has one (the demo library's, built from the same data on the same base model): a copy of
-        the base model, routed over that library."""
+        the base model, routed over that library. Without it, ELREA chats get routing's error."""
         sibling = ELREA_SIBLINGS.get(library.repo_id)
         if sibling is None or library.artifact_path("elrea") is not None:
             return None
-        elrea = Library.pull(registry, sibling)
+        try:
+            elrea = Library.pull(registry, sibling)
+        except NotFoundError:  # a registry holding an older demo, without its ELREA library
+            return None
         if elrea.manifest.base_model != library.manifest.base_model:
             raise RoutingError(
                 f"{sibling} is built on {elrea.manifest.base_model}, not on "
