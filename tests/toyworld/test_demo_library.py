@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quiver.errors import RegistryError
+from quiver.errors import InvalidInputError, RegistryError
 from quiver.registry import Library, LocalRegistry
 from quiver.routing import route
 from quiver.routing.elrea_artifact import stored_artifact
@@ -17,7 +17,7 @@ from quiver.toyworld import (
     evaluate,
     install_demo,
 )
-from quiver.toyworld.demo import MAX_BYTES
+from quiver.toyworld.demo import DEMO_REPOS, MAX_BYTES, _files, export_demo
 from quiver.toyworld.pipeline import task_owners
 
 
@@ -80,3 +80,15 @@ def test_a_failure_half_way_leaves_no_demo_repo_behind(tmp_path, monkeypatch, fa
     with pytest.raises(RegistryError, match="No space left"):
         install_demo(registry)
     assert registry.list() == []
+
+
+def test_export_copies_the_three_repos_and_refuses_an_incomplete_set(tmp_path):
+    registry = LocalRegistry(tmp_path / "store")
+    install_demo(registry)
+    output = export_demo(registry, DEMO_REPOS, tmp_path / "demo", say=lambda _: None)
+    for name in DEMO_REPOS:
+        assert _files(output / name) == _files(DEMO_FOLDER / name)
+    partial = {k: v for k, v in DEMO_REPOS.items() if k != "elrea"}
+    with pytest.raises(InvalidInputError, match="elrea"):
+        export_demo(registry, partial, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
