@@ -87,8 +87,8 @@ class Arrow:
 
     ``prompt_layers`` (sequence granularity only): the blocks (layer numbers, 0 first) whose
     modules score the prompt; None: every module. The first block's inputs are closest to the
-    prompt's tokens: in the toy world, scoring block 0 alone sent 94% of prompts to their
-    cluster's expert, against 42% for all four blocks (README, Toy world).
+    prompt's tokens: in the toy world, scoring block 0 alone sent 94% of training prompts to
+    their cluster's MBC expert, against 42% for all four blocks (README, Toy world).
     """
 
     top_k: int = 4
