@@ -1,11 +1,20 @@
 """The embedded default: the toy world's demo library, installed once, offline; routed, its chat
 sends a prompt to the expert of the prompt's cluster and answers it right."""
 
-from quiver.app import GenerationSettings, StrategySpec
-from quiver.app.demo import DEMO_BASE_MODEL, DEMO_LIBRARY, ensure_demo_library
+import pytest
+
+from quiver.app import ChatEngine, GenerationSettings, StrategySpec
+from quiver.app.demo import (
+    DEMO_BASE_MODEL,
+    DEMO_ELREA_LIBRARY,
+    DEMO_LIBRARY,
+    ensure_demo_library,
+)
+from quiver.errors import RoutingError
 from quiver.registry import Library, LocalRegistry
 from quiver.routing.arrow import ARTIFACT_NAME
-from quiver.toyworld import DOMAINS
+from quiver.toyworld import DEMO_FOLDER, DOMAINS
+from quiver.toyworld.demo import DEMO_REPOS
 from quiver.toyworld.pipeline import task_owners
 
 WORDS = "bar dis fun"
@@ -41,3 +50,28 @@ def test_arrow_per_sequence_sends_a_words_prompt_to_the_words_expert(engine):
     assert text == expected
     assert dict(zip(routing.experts, routing.sequence, strict=True))[words_expert] == 1.0
     assert answer(engine, StrategySpec("base"), message)[0] != expected  # the expert knows it
+
+
+def test_elrea_on_the_default_routes_over_the_demos_elrea_library(engine):
+    expected = " ".join(DOMAINS["words"].map(word) for word in WORDS.split())
+    elrea = Library.open(engine.registry, DEMO_ELREA_LIBRARY)
+
+    text, routing = answer(engine, StrategySpec("elrea", top_k=1), f"map each : {WORDS}")
+
+    assert text == expected
+    assert set(routing.experts) == set(elrea.names)  # not the MBC library's experts
+    assert sorted(routing.sequence)[-1] == 1.0  # top-1: one member answers the whole prompt
+    assert engine.expert_names == Library.open(engine.registry, DEMO_LIBRARY).names
+    assert DEMO_ELREA_LIBRARY in engine.describe()
+
+
+def test_a_registry_with_an_older_demo_chats_but_elrea_says_what_is_missing(tmp_path):
+    registry = LocalRegistry(tmp_path / "store")
+    for name in ("base", "library"):  # the demo before it shipped its ELREA library
+        repo_id = DEMO_REPOS[name]
+        registry.upload(repo_id, DEMO_FOLDER / name, message=f"Install {repo_id}")
+    engine = ChatEngine(registry, DEMO_LIBRARY)
+
+    assert answer(engine, StrategySpec("base"), f"map each : {WORDS}")[0]
+    with pytest.raises(RoutingError, match="'elrea' artifact"):
+        answer(engine, StrategySpec("elrea", top_k=1), f"map each : {WORDS}")

@@ -26,16 +26,17 @@ def module_inputs(model, ids):
     return {name: x[0] for name, x in seen.items()}
 
 
-def reference_choice(paths, prompt, top_k, temperature, ignored=()):
-    """The definition, by hand: per module the mean |x . p_e| over the prompt's tokens (but those
-    ``ignored``), divided by its sum over experts; summed over modules; top-k; softmax at the
-    temperature."""
+def reference_choice(paths, prompt, top_k, temperature, ignored=(), layers=None):
+    """The definition, by hand: per module (of blocks ``layers``, default all) the mean |x . p_e|
+    over the prompt's tokens (but those ``ignored``), divided by its sum over experts; summed
+    over modules; top-k; softmax at the temperature."""
     prototypes = compute_arrow_prototypes(paths).vectors
     kept = torch.tensor([token not in ignored for token in prompt])
     total = sum(
         (x[kept] @ prototypes[name].T).abs().mean(0)
         / (x[kept] @ prototypes[name].T).abs().mean(0).sum()
         for name, x in module_inputs(tiny_model("llama"), prompt).items()
+        if layers is None or int(name.split(".layers.")[1].split(".")[0]) in layers
     )
     top, index = total.topk(top_k)
     return index, (top / temperature).softmax(-1), total
@@ -98,6 +99,40 @@ def test_ignore_token_ids_is_checked(llama, expert_paths):
     embeds = llama.get_input_embeddings()(torch.tensor([PROMPTS[0]]))
     with pytest.raises(RoutingError, match="input_ids"):
         routed.choose_experts(inputs_embeds=embeds)
+
+
+def test_prompt_layers_score_the_prompt_at_those_blocks_only(llama, expert_paths):
+    """``prompt_layers``: only the modules of those blocks add their scores; every module still
+    adds the chosen experts' updates."""
+    paths = expert_paths(llama, n=5)
+    arrow = Arrow(top_k=2, temperature=0.5, granularity="sequence", prompt_layers=[0])
+    assert arrow.prompt_layers == (0,)
+    routed = route(llama, paths, arrow)
+    ids, mask = left_padded(PROMPTS)
+    choice = routed.choose_experts(ids, attention_mask=mask)
+    for row, prompt in enumerate(PROMPTS):
+        index, weights, total = reference_choice(paths, prompt, 2, 0.5, layers=(0,))
+        torch.testing.assert_close(choice.scores[row], total, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(choice.weights[row], weights, atol=1e-5, rtol=1e-5)
+        assert torch.equal(choice.index[row], index)
+        _, _, everything = reference_choice(paths, prompt, 2, 0.5)
+        assert not torch.allclose(total, everything, atol=1e-3)  # the option changed the scores
+    with routed.trace() as trace, torch.no_grad():
+        routed(ids, attention_mask=mask)
+    assert {int(m.split(".layers.")[1].split(".")[0]) for m in trace.modules} == set(
+        range(llama.config.num_hidden_layers)
+    )  # every block still adds the chosen experts
+    routed.unroute()
+
+
+def test_prompt_layers_is_checked(llama, expert_paths):
+    with pytest.raises(RoutingError, match="sequence-level"):
+        Arrow(prompt_layers=(0,))
+    for bad in ((), (-1,), (0.5,), (True,)):
+        with pytest.raises(RoutingError, match="layer numbers"):
+            Arrow(granularity="sequence", prompt_layers=bad)
+    with pytest.raises(RoutingError, match="no routed module lies in prompt_layers"):
+        route(llama, expert_paths(llama, n=2), Arrow(1, granularity="sequence", prompt_layers=(9,)))
 
 
 def test_teacher_forced_rows_route_by_their_prompt_as_a_fixed_merge(sequence_routed, tmp_path):

@@ -29,11 +29,15 @@ def test_reduced_run_routes_held_out_tasks_to_the_right_cluster(tmp_path):
     for expected in [("base", "-"), ("shared", "-"), ("ELREA, all members", "ELREA"),
                      ("ELREA, top-1", "ELREA"), ("oracle", "MBC"),
                      ("uniform merge (mu)", "private"), ("Arrow per token, top-4", "private"),
-                     ("Arrow per sequence, top-1", "MBC")]:  # fmt: skip
+                     ("Arrow per sequence, top-1", "MBC"),
+                     ("Arrow per sequence, top-1, first block", "MBC")]:  # fmt: skip
         assert expected in methods
     assert results.adjusted_rand == 1.0  # MBC finds the two designed clusters
     sequence = results.row("Arrow per sequence, top-1", "MBC").summary()
     assert sequence["right_cluster_held_out"] > 0.5  # better than chance between two clusters
+    first_block = results.row("Arrow per sequence, top-1, first block", "MBC").summary()
+    assert first_block["right_cluster_train"] > 0.8  # all blocks: 0.50 (measured 0.87)
+    assert first_block["right_cluster_held_out"] > 0.7  # all blocks: 0.66 (measured 0.74)
     base = results.row("base", "-").summary()
     assert sequence["held_out_em"] > base["held_out_em"]
     assert results.row("oracle", "MBC").summary()["train_em"] >= 0.9

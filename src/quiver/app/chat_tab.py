@@ -283,12 +283,12 @@ def _chat_endpoint(engine: ChatEngine, concurrency: int) -> None:
         history: list | None = None,
     ) -> Iterator[tuple[str, dict]]:
         """Answer a message with the routed model, streamed as it is written (at most 20 updates
-        a second). strategy: arrow, elrea (a library built with build-elrea), uniform, single
-        (with expert) or base; Arrow routes every token (granularity "token") or the whole
-        answer once by its prompt ("sequence"). Each update is [answer so far, routing]; routing
-        is null until the answer is complete, then {experts, tokens, mean: [token][expert],
-        layers: {layer: [token][expert]}, sequence: [expert] weights of the whole answer (Arrow
-        per sequence, ELREA) or null}.
+        a second). strategy: arrow, elrea (a library built with build-elrea, or the demo's),
+        uniform, single (with expert) or base; Arrow routes every token (granularity "token") or
+        the whole answer once by its prompt ("sequence"). Each update is [answer so far,
+        routing]; routing is null until the answer is complete, then {experts, tokens, mean:
+        [token][expert], layers: {layer: [token][expert]}, sequence: [expert] weights of the
+        whole answer (Arrow per sequence, ELREA) or null}.
         """
         spec = _spec(strategy, top_k, router_temperature, mixing, granularity, expert)
         settings = GenerationSettings(max_new_tokens, temperature, top_p)

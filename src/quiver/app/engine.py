@@ -13,6 +13,7 @@ end.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -24,7 +25,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from quiver.errors import InvalidInputError, QuiverError, RoutingError
+from quiver.app.demo import ELREA_SIBLINGS
+from quiver.errors import InvalidInputError, NotFoundError, QuiverError, RoutingError
 from quiver.registry import Library, Registry
 from quiver.routing import RoutedModel, RoutingTrace, route
 from quiver.routing.base_model import load_base_model
@@ -40,7 +42,7 @@ STRATEGIES = {
 # that routing adds needs a line here and in STRATEGIES (and its label), nothing else.
 STRATEGY_OPTIONS = {
     "arrow": ("top_k", "temperature", "mixing", "granularity"),
-    "elrea": ("top_k", "temperature"),  # needs a library built with build-elrea
+    "elrea": ("top_k", "temperature"),  # needs a library built with build-elrea, or a sibling
     "uniform": ("mixing",),
     "single": ("expert",),
     "base": (),
@@ -340,6 +342,7 @@ class ChatEngine:
         self.dtype = dtype
         self.model = self.tokenizer = self._base_model = None
         self.routed: RoutedModel | None = None
+        self.elrea: RoutedModel | None = None  # the ELREA sibling's, see _elrea_sibling
         self._use(registry, Library.pull(registry, library_id))
 
     # -- the library ----------------------------------------------------------------------------
@@ -353,9 +356,30 @@ class ChatEngine:
                 registry, base_model, dtype=self.dtype, device=self.device
             )
             self._base_model = base_model
+        self.elrea = self._elrea_sibling(registry, library)  # copies the model: before routing it
         # Routed with no strategy of its own: every chat chooses one with routed.using().
         self.routed = route(self.model, library, "base") if library.names else None
         self.registry, self.library = registry, library
+
+    def _elrea_sibling(self, registry: Registry, library: Library) -> RoutedModel | None:
+        """ELREA chats on a library without ELREA's centroids go to its ELREA sibling when it
+        has one (the demo library's, built from the same data on the same base model): a copy of
+        the base model, routed over that library. Without it, ELREA chats get routing's error."""
+        sibling = ELREA_SIBLINGS.get(library.repo_id)
+        if sibling is None or library.artifact_path("elrea") is not None:
+            return None
+        try:
+            elrea = Library.pull(registry, sibling)
+        except NotFoundError:  # a registry holding an older demo, without its ELREA library
+            return None
+        if elrea.manifest.base_model != library.manifest.base_model:
+            raise RoutingError(
+                f"{sibling} is built on {elrea.manifest.base_model}, not on "
+                f"{library.manifest.base_model} like {library.repo_id}",
+                hint="reinstall the demo (`quiver toyworld install`)",
+                repo_id=sibling,
+            )
+        return route(copy.deepcopy(self.model), elrea, "base")
 
     def load_library(self, registry: Registry, library_id: str) -> None:
         """Chat with another library from now on, once running chats are done. The base model
@@ -392,10 +416,13 @@ class ChatEngine:
 
     def describe(self) -> str:
         names = ", ".join(self.expert_names) or "no experts"
-        return (
+        text = (
             f"**{self.library.repo_id}** ({self.library.commit[:10]}) on "
             f"`{self.library.manifest.base_model}`: {len(self.expert_names)} experts ({names})"
         )
+        if self.elrea is not None:
+            text += f"; ELREA chats use **{ELREA_SIBLINGS[self.library.repo_id]}**"
+        return text
 
     # -- chatting -------------------------------------------------------------------------------
     def prompt_ids(self, message: str, history: Sequence[dict], max_new_tokens: int):
@@ -471,7 +498,8 @@ class ChatEngine:
     def _routing(self, strategy: StrategySpec) -> Iterator[tuple[torch.nn.Module, RoutingTrace]]:
         """The model routed by ``strategy`` for this call only, and the trace it records (none
         for the base model of a library without experts)."""
-        if self.routed is None:
+        routed = self.elrea if strategy.name == "elrea" and self.elrea else self.routed
+        if routed is None:
             if strategy.name != "base":
                 raise RoutingError(
                     f"library {self.library.repo_id} has no experts",
@@ -480,5 +508,5 @@ class ChatEngine:
             yield self.model, None
             return
         name, options = strategy.using()
-        with self.routed.using(name, **options), self.routed.trace() as trace:
-            yield self.routed, trace
+        with routed.using(name, **options), routed.trace() as trace:
+            yield routed, trace

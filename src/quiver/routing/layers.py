@@ -111,14 +111,16 @@ class SequenceArrowMixer(LowRankMixer):
     """Arrow per sequence: every token of a row uses the experts its prompt chose
     (``call.choice``, made by ``RoutedModel`` from ``prompt_scores`` on a no-expert pass)."""
 
-    def __init__(self, stack, prototypes, *, mix_parameters):
+    def __init__(self, stack, prototypes, *, mix_parameters, scores_prompt=True):
         super().__init__(stack)
         self.register_buffer("prototypes", prototypes, persistent=False)
         self.mix_parameters = mix_parameters
+        self.scores_prompt = scores_prompt  # False: a module outside Arrow.prompt_layers
 
-    def prompt_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """``|x . p_e|`` for every token of ``x [N, in]`` and expert: ``[N, E]``."""
-        return (x @ self.prototypes.mT).abs()
+    def prompt_scores(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``|x . p_e|`` for every token of ``x [N, in]`` and expert: ``[N, E]`` (None where
+        this module does not score prompts)."""
+        return (x @ self.prototypes.mT).abs() if self.scores_prompt else None
 
     def select(self, x: torch.Tensor, batch_shape: torch.Size, call: CallState) -> Choice:
         if call.choice is None:
@@ -191,7 +193,9 @@ class RoutedLinear(nn.Module):
             return out
         flat, batch_shape = x.reshape(-1, x.shape[-1]), x.shape[:-1]
         if call.scoring is not None:  # a no-expert pass over a prompt: score it, add nothing
-            call.scoring.add(mixer.prompt_scores(flat))
+            scores = mixer.prompt_scores(flat)
+            if scores is not None:
+                call.scoring.add(scores)
             return out
         index, weights = mixer.route_(out.view(-1, out.shape[-1]), flat, batch_shape, call)
         if call.trace is not None:

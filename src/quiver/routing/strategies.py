@@ -32,6 +32,7 @@ from quiver.routing.context import SequenceChoice, check_selection
 from quiver.routing.elrea import ELREA
 from quiver.routing.experts import ExpertSet, ExpertSource, LoraStack, load_experts
 from quiver.routing.layers import ArrowMixer, MergedMixer, Mixer, OracleMixer, SequenceArrowMixer
+from quiver.routing.trace import layer_of
 
 Mixing = Literal["outputs", "parameters"]
 """How k chosen experts combine: ``outputs`` adds ``w_j B_j A_j x`` (as PEFT); ``parameters``
@@ -83,6 +84,11 @@ class Arrow:
     not scored. Pass the chat template's tokens (e.g. ``tokenizer.all_special_ids``): every
     prompt shares them, so they say nothing about the task, yet they add the same bias towards
     some expert to every prompt's scores (in the toy world it sent most prompts to one expert).
+
+    ``prompt_layers`` (sequence granularity only): the blocks (layer numbers, 0 first) whose
+    modules score the prompt; None: every module. The first block's inputs are closest to the
+    prompt's tokens: in the toy world, scoring block 0 alone sent 94% of training prompts to
+    their cluster's MBC expert, against 42% for all four blocks (README, Toy world).
     """
 
     top_k: int = 4
@@ -91,6 +97,7 @@ class Arrow:
     general_experts: ExpertSource | None = None  # GenKnowSub: subtract their mean first
     granularity: Granularity = "token"
     ignore_token_ids: tuple[int, ...] = ()
+    prompt_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         check_selection(self.top_k, self.temperature, all_allowed=False)
@@ -106,6 +113,28 @@ class Arrow:
                 hint="use Arrow(granularity='sequence', ignore_token_ids=...)",
             )
         object.__setattr__(self, "ignore_token_ids", tuple(int(i) for i in self.ignore_token_ids))
+        if self.prompt_layers is not None:
+            self._check_prompt_layers()
+
+    def _check_prompt_layers(self) -> None:
+        given = self.prompt_layers
+        layers = tuple(given) if isinstance(given, (tuple, list)) else (given,)
+        if self.granularity != "sequence":
+            raise RoutingError(
+                "prompt_layers is for sequence-level routing (per token, every module routes)",
+                hint="use Arrow(granularity='sequence', prompt_layers=...)",
+            )
+        numbers = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in layers)
+        if not (layers and numbers):
+            raise RoutingError(
+                f"prompt_layers must be layer numbers (integers >= 0), got {given!r}",
+                hint="e.g. prompt_layers=(0,) scores the prompt at the first block only",
+            )
+        object.__setattr__(self, "prompt_layers", layers)
+
+    def scores_prompt(self, module: str) -> bool:
+        """Whether ``module``'s prompt scores count towards a sequence's choice."""
+        return self.prompt_layers is None or layer_of(module) in self.prompt_layers
 
     def choose(self, scores: torch.Tensor) -> SequenceChoice:
         """Sequence granularity: each row's top-k of its summed prompt scores ``[rows, E]``."""
@@ -126,11 +155,21 @@ class Arrow:
         else:
             prototypes = stored_prototypes(source, experts) or compute_arrow_prototypes(experts)
         mix_parameters = self.mixing == "parameters"
+        if self.granularity == "sequence" and not any(map(self.scores_prompt, experts.modules)):
+            raise RoutingError(
+                f"no routed module lies in prompt_layers={self.prompt_layers}",
+                hint="choose layer numbers of the model's blocks that the experts adapt",
+            )
         mixers: dict[str, Mixer] = {}
         for module, stack in experts.modules.items():
             vectors = prototypes.vectors[module].to(stack.A)
             if self.granularity == "sequence":
-                mixers[module] = SequenceArrowMixer(stack, vectors, mix_parameters=mix_parameters)
+                mixers[module] = SequenceArrowMixer(
+                    stack,
+                    vectors,
+                    mix_parameters=mix_parameters,
+                    scores_prompt=self.scores_prompt(module),
+                )
             else:
                 mixers[module] = ArrowMixer(
                     stack,

@@ -13,6 +13,7 @@ from quiver.toyworld.benchmark import Results, Row
 from quiver.toyworld.benchmark import run as run_benchmark
 from quiver.toyworld.demo import (
     DEMO_BASE_MODEL,
+    DEMO_ELREA_LIBRARY,
     DEMO_FOLDER,
     DEMO_LIBRARY,
     build_demo,
@@ -35,6 +36,7 @@ from quiver.toyworld.tasks import (
 __all__ = [
     "CLUSTERS",
     "DEMO_BASE_MODEL",
+    "DEMO_ELREA_LIBRARY",
     "DEMO_FOLDER",
     "DEMO_LIBRARY",
     "DOMAINS",

@@ -2,10 +2,11 @@
 
 ``demo/base`` is the toy world's base model as a plain transformers repo (config.json,
 model.safetensors, tokenizer files, card); ``demo/library`` is the MBC library built on it (one
-expert per cluster, bundled, with its Arrow prototypes) exactly as the registry stored it.
-``install_demo`` commits both into a registry (one commit each, so a reader never sees half of
-one), offline and in well under a second; ``build_demo`` regenerates them, seeded, through the
-same pipeline as the benchmark.
+expert per cluster, bundled, with its Arrow prototypes) and ``demo/elrea`` the ELREA library built
+from the same data (a base adapter, one expert per gradient cluster, its centroids), exactly as the
+registry stored them. ``install_demo`` commits all three into a registry (one commit each, so a
+reader never sees half of one), offline and in well under a second; ``build_demo`` regenerates
+them, seeded, through the same pipeline as the benchmark.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from quiver.errors import InvalidInputError, NotFoundError, QuiverError, Registr
 from quiver.registry import LocalRegistry, Registry
 from quiver.toyworld.pipeline import (
     BASE_NAME,
+    ELREA_NAME,
     MBC_NAME,
     NAMESPACE,
     RunConfig,
@@ -31,6 +33,11 @@ from quiver.toyworld.pipeline import (
 DEMO_FOLDER = Path(__file__).with_name("demo")
 DEMO_LIBRARY = f"{NAMESPACE}/{MBC_NAME}"
 DEMO_BASE_MODEL = f"{NAMESPACE}/{BASE_NAME}"
+DEMO_ELREA_LIBRARY = f"{NAMESPACE}/{ELREA_NAME}"
+# Folder under DEMO_FOLDER -> repo id, in install order: the base model before the libraries
+# whose manifests name it.
+DEMO_REPOS = {"base": DEMO_BASE_MODEL, "library": DEMO_LIBRARY, "elrea": DEMO_ELREA_LIBRARY}
+_MARKERS = {"base": "config.json", "library": "library.json", "elrea": "library.json"}
 MAX_BYTES = 25 * 2**20
 
 
@@ -53,24 +60,24 @@ def _holds(registry: Registry, repo_id: str, folder: Path) -> bool:
 
 
 def install_demo(registry: Registry | None = None) -> str:
-    """Install the demo library and its base model into ``registry`` (default: the local one);
-    return the library's repo id. Its manifest names the base model's repo id
-    (``DEMO_BASE_MODEL``), stored in the same registry.
+    """Install the demo library, its ELREA sibling and their base model into ``registry``
+    (default: the local one); return the library's repo id. Their manifests name the base
+    model's repo id (``DEMO_BASE_MODEL``), stored in the same registry.
 
     Idempotent: when the registry already holds these exact files, nothing is written. A failure
     leaves no new repo behind and raises ``RegistryError``.
     """
-    base, library = DEMO_FOLDER / "base", DEMO_FOLDER / "library"
-    if not (base / "config.json").is_file() or not (library / "library.json").is_file():
+    folders = {DEMO_FOLDER / name: repo_id for name, repo_id in DEMO_REPOS.items()}
+    if not all((folder / _MARKERS[folder.name]).is_file() for folder in folders):
         raise NotFoundError(
             f"the prebuilt demo is missing from {DEMO_FOLDER}",
             hint="reinstall lora-quiver, or rebuild it with `quiver toyworld build`",
         )
     try:
         registry = registry or LocalRegistry()
-        if _holds(registry, DEMO_LIBRARY, library) and _holds(registry, DEMO_BASE_MODEL, base):
+        if all(_holds(registry, repo_id, folder) for folder, repo_id in folders.items()):
             return DEMO_LIBRARY
-        _install(registry, base, library)
+        _install(registry, folders)
     except OSError as error:  # a read-only folder, a full disk
         where = getattr(registry, "location", "the local registry")
         raise RegistryError(
@@ -81,12 +88,12 @@ def install_demo(registry: Registry | None = None) -> str:
     return DEMO_LIBRARY
 
 
-def _install(registry: Registry, base: Path, library: Path) -> None:
-    """The base model first, then the library that names it; undo the base on failure."""
-    new_repos = [r for r in (DEMO_BASE_MODEL, DEMO_LIBRARY) if not _exists(registry, r)]
+def _install(registry: Registry, folders: dict[Path, str]) -> None:
+    """Each folder as its repo, in order; undo the repos this call created on failure."""
+    new_repos = [repo_id for repo_id in folders.values() if not _exists(registry, repo_id)]
     try:
-        registry.upload(DEMO_BASE_MODEL, base, message="Install the toy-world demo base model")
-        registry.upload(DEMO_LIBRARY, library, message="Install the toy-world demo library")
+        for folder, repo_id in folders.items():
+            registry.upload(repo_id, folder, message=f"Install the toy-world demo's {folder.name}")
     except BaseException:
         for repo_id in new_repos:
             _delete_quietly(registry, repo_id)
@@ -117,7 +124,8 @@ def build_demo(
     with tempfile.TemporaryDirectory(prefix="quiver-demo-build-") as scratch:
         registry = LocalRegistry(Path(scratch) / "registry")
         built = build_libraries(config or RunConfig(), registry, Stages(say))
-        return export_demo(registry, built.base_id, built.mbc_id, output, say=say)
+        repos = {"base": built.base_id, "library": built.mbc_id, "elrea": built.elrea_id}
+        return export_demo(registry, repos, output, say=say)
 
 
 def _check_writable(folder: Path) -> None:
@@ -133,19 +141,24 @@ def _check_writable(folder: Path) -> None:
 
 def export_demo(
     registry: Registry,
-    base_id: str,
-    library_id: str,
+    repos: dict[str, str],
     output: str | Path = DEMO_FOLDER,
     *,
     say: Callable[[str], None] = print,
 ) -> Path:
-    """Copy a base model repo and its library repo, as ``registry`` stores them, into
-    ``output/base`` and ``output/library``; the old folder is replaced only once all is copied."""
+    """Copy each repo of ``repos`` (folder name -> repo id: ``base``, ``library``, ``elrea``), as
+    ``registry`` stores it, into ``output/<folder name>``; the old folder is replaced only once all
+    is copied."""
+    if set(repos) != set(DEMO_REPOS):
+        raise InvalidInputError(
+            f"the demo needs the repos {sorted(DEMO_REPOS)}, got {sorted(repos)}",
+            hint="build them with the toy world's pipeline (build_libraries)",
+        )
     output = Path(output)
     _check_writable(output.parent)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=output.parent))
     try:
-        for name, repo_id in (("base", base_id), ("library", library_id)):
+        for name, repo_id in repos.items():
             snapshot, _ = registry.download(repo_id)
             shutil.copytree(snapshot, staging / name, copy_function=shutil.copyfile)
         size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())

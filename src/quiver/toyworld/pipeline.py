@@ -411,7 +411,9 @@ def method_list(
 ) -> list[tuple[str, str, Any]]:
     """``(method, library, strategy)`` for every routed row of the table. Arrow per sequence
     scores the whole prompt (the issue's definition), and, top-1, the prompt without the chat
-    template's tokens (``template_ids``), or its inputs alone (``instruction_ids`` ignored too)."""
+    template's tokens (``template_ids``), or its inputs alone (``instruction_ids`` ignored too),
+    or the whole prompt, or its inputs alone, at the first block's modules only
+    (``prompt_layers``)."""
     leave_out = {"chat template ignored": template_ids, "inputs only": instruction_ids}
     rows = []
     for label, library in libraries.items():
@@ -435,5 +437,13 @@ def method_list(
                 Arrow(top_k=1, granularity="sequence", ignore_token_ids=tuple(ids)),
             )
             for name, ids in leave_out.items()
+        ]
+        rows += [
+            (
+                f"Arrow per sequence, top-1, first block{suffix}",
+                label,
+                Arrow(top_k=1, granularity="sequence", prompt_layers=(0,), ignore_token_ids=ids),
+            )
+            for suffix, ids in (("", ()), (", inputs only", tuple(instruction_ids)))
         ]
     return rows
