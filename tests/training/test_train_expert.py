@@ -1,6 +1,7 @@
 """One expert: data formats, the filled card, determinism, and loading with plain PEFT."""
 
 import copy
+import json
 
 import datasets
 import pytest
@@ -63,6 +64,10 @@ def test_same_seeds_same_weights_bit_for_bit(model, tokenizer, tmp_path):
 
     first, again, other = run(0, "a"), run(0, "b"), run(1, "c")
     assert first.weights_sha256 == again.weights_sha256
+    # PEFT saves target_modules from a set, in the order of this process's string hashes; sorted,
+    # the config's bytes are the same in every process.
+    saved = json.loads((first.path / "adapter_config.json").read_text())["target_modules"]
+    assert saved == sorted(saved) and len(saved) == 7
     assert first.weights_sha256 != other.weights_sha256
 
 

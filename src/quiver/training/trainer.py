@@ -549,6 +549,11 @@ def train_prepared(
             )
         _check_converged(peft_model, summary["steps"], config)
         with _writing_expert(folder) as staging:
+            # PEFT holds target_modules as a set and saves it in hash order: sorted, a seeded
+            # rebuild writes the same bytes in every process.
+            lora = peft_model.peft_config["default"]
+            if isinstance(lora.target_modules, set):
+                lora.target_modules = sorted(lora.target_modules)
             peft_model.save_pretrained(str(staging), save_embedding_layers=False)
             (staging / "README.md").unlink(missing_ok=True)  # PEFT's placeholder; ours follows
             expert = Expert.from_folder(
