@@ -29,7 +29,7 @@ def tasks() -> None:
 @toyworld_app.command("run")
 def run(
     output: Path = typer.Option(Path("toyworld-results"), "--output", "-o", help="Where to save."),
-    reduced: bool = typer.Option(False, help="A two-minute run from the prebuilt base model."),
+    reduced: bool = typer.Option(False, help="A few minutes' run from the prebuilt base model."),
     base: Path | None = typer.Option(None, help="Start from this saved base model folder."),
     seed: int = typer.Option(0, help="Seeds the data, the base model and every expert."),
     backend: str | None = typer.Option(
