@@ -80,7 +80,7 @@ class RunConfig:
     seed: int = 0
     backend: str = field(default_factory=default_backend)  # trains the experts: "local" or "ray"
     # Torch threads of the stages that run one at a time (base, shared expert, scoring). One:
-    # beside other busy processes, 2 threads made pretraining and scoring 2-13x slower here.
+    # beside other busy processes, 2 threads made pretraining 4.5-13x, scoring 1.5-6x slower.
     threads: int = 1
     base_gate: float = 0.95  # the base model copies at least this often
     expert_gate: float = 0.90  # every private expert's exact match on its own task
