@@ -79,6 +79,10 @@ def test_unknown_task_names_fail_before_any_training():
         RunConfig(tasks=("numbers-each", "numbers-backwards"))
     with pytest.raises(InvalidInputError, match="nope"):
         RunConfig.reduced(held_out=("nope",))
+    with pytest.raises(InvalidInputError, match="unknown backend 'dask'"):
+        RunConfig(backend="dask")
+    with pytest.raises(InvalidInputError, match="threads must be at least 1"):
+        RunConfig(threads=0)
 
 
 def test_an_elrea_expert_serves_the_designed_cluster_of_most_of_its_examples():

@@ -45,3 +45,6 @@ def test_build_and_run_refuse_a_bad_output_or_base_before_any_work(tmp_path, mon
     result = quiver("toyworld", "run", "--reduced", "--base", tmp_path / "none", "-o", tmp_path)
     assert result.exit_code == 1
     assert "cannot load the base model" in " ".join(result.stderr.split())
+    result = quiver("toyworld", "run", "--reduced", "--backend", "dask", "-o", tmp_path)
+    assert result.exit_code == 1
+    assert "unknown backend 'dask'" in " ".join(result.stderr.split())

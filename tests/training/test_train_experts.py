@@ -52,19 +52,22 @@ def test_ray_gives_the_same_experts_as_local_and_workers_push(
     local_ray, hub_server, model, tokenizer, tmp_path
 ):
     hub = open_registry(hub_server.endpoint, token=hub_server.create_token("ray", write=True))
-    data = {name: DATA[name] for name in ("upper", "cluster")}
-    local = train_experts(model, data, config=FAST, tokenizer=tokenizer)
+    local = train_experts(model, DATA, config=FAST, tokenizer=tokenizer)
     model.save_pretrained(tmp_path / "base")  # workers load the base model by path
     tokenizer.save_pretrained(tmp_path / "base")
+    # Three experts on two workers: one worker trains two from the base model it loaded once.
     remote = train_experts(
-        tmp_path / "base", data, config=FAST, backend="ray", registry=hub, namespace="ray"
+        tmp_path / "base", DATA, config=FAST, backend="ray", registry=hub, namespace="ray"
     )
     assert all(r.ok for r in local + remote), [r.error for r in local + remote]
     assert [r.sha256 for r in remote] == [r.sha256 for r in local]
-    assert [r.repo_id for r in remote] == ["ray/upper", "ray/cluster"]
-    pulled = hub.pull("ray/cluster", revision=remote[1].commit)
-    assert pulled.weights_sha256 == local[1].sha256
+    assert [r.repo_id for r in remote] == ["ray/upper", "ray/reverse", "ray/cluster"]
+    pulled = hub.pull("ray/cluster", revision=remote[2].commit)
+    assert pulled.weights_sha256 == local[2].sha256
     assert pulled.card.tasks == ["double", "upper"]
+    # A loaded model travels through the object store; the workers drop the last call's base.
+    shipped = train_experts(model, DATA, config=FAST, tokenizer=tokenizer, backend="ray")
+    assert [r.sha256 for r in shipped] == [r.sha256 for r in local]
 
 
 def test_bad_input_is_refused_before_any_training(model, tokenizer, tmp_path):

@@ -26,6 +26,7 @@ from quiver.routing import route
 from quiver.toyworld.evaluate import Evaluation, evaluate
 from quiver.toyworld.model import instruction_token_ids
 from quiver.toyworld.pipeline import (
+    Built,
     ElreaClusters,
     RunConfig,
     Stages,
@@ -38,6 +39,7 @@ from quiver.toyworld.pipeline import (
     oracle_evaluation,
     train_shared,
 )
+from quiver.training.trainer import torch_threads
 
 LIBRARIES = ("private", "MBC")
 ELREA_SAMPLE = 100  # training examples per task for ELREA's cluster diagnostics
@@ -239,6 +241,13 @@ def run(
         registry = LocalRegistry(output / "registry")
     stages = Stages(say)
     built = build_libraries(config, registry, stages)
+    with torch_threads(config.threads):
+        return _score(config, built, stages, output, say)
+
+
+def _score(config: RunConfig, built: Built, stages: Stages, output: Path, say) -> Results:
+    """The scoring half of a run: the shared expert, the pulled libraries, every method."""
+    registry = built.registry
     tasks = [*config.training_tasks(), *config.held_out_tasks()]
     model, tokenizer = built.model, built.tokenizer
     options = dict(examples=config.eval_examples, seed=config.seed)

@@ -12,6 +12,7 @@ score every method on the training and held-out tasks.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tempfile
 import time
 from collections import Counter
@@ -35,6 +36,8 @@ from quiver.toyworld.tasks import HELD_OUT, Task, copy_tasks, get_tasks
 from quiver.training import TrainConfig, build_elrea_library, build_mbc_library, train_experts
 from quiver.training import load_base as load_pretrained
 from quiver.training.elrea import gradient_features
+from quiver.training.fanout import BACKENDS
+from quiver.training.trainer import torch_threads
 
 NAMESPACE = "quiver-demo"
 BASE_NAME, PRIVATE_NAME, MBC_NAME, SHARED_NAME, ELREA_NAME = (
@@ -46,6 +49,12 @@ BASE_NAME, PRIVATE_NAME, MBC_NAME, SHARED_NAME, ELREA_NAME = (
 )
 ELREA_ROWS = {"all members": None, "top-1": 1}
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def default_backend() -> str:
+    """Ray when it is installed: the experts train side by side, one per core, bit for bit the
+    ones the local backend trains one after another."""
+    return "ray" if importlib.util.find_spec("ray") is not None else "local"
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,10 @@ class RunConfig:
     embedding: str = "update"
     elrea_fit_examples: int = 5000  # ELREA's BIRCH fit (the paper's); the rest go to a centroid
     seed: int = 0
+    backend: str = field(default_factory=default_backend)  # trains the experts: "local" or "ray"
+    # Torch threads of the stages that run one at a time (base, shared expert, scoring). One:
+    # beside other busy processes, 2 threads made pretraining 4.5-13x, scoring 1.5-6x slower.
+    threads: int = 1
     base_gate: float = 0.95  # the base model copies at least this often
     expert_gate: float = 0.90  # every private expert's exact match on its own task
 
@@ -84,16 +97,23 @@ class RunConfig:
         ):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"RunConfig.{name} must be at least 1")
+        if self.backend not in BACKENDS:
+            raise InvalidInputError(
+                f"unknown backend {self.backend!r}", hint=f"use one of {', '.join(BACKENDS)}"
+            )
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise InvalidInputError(f"RunConfig.threads must be at least 1, got {self.threads!r}")
 
     @classmethod
     def reduced(cls, base: str | None = None, **changes: Any) -> RunConfig:
-        """About three minutes on two cores: two clusters of two tasks, from a saved base."""
+        """The test suite's run: two clusters of two tasks, from a saved base, scored on 60
+        examples per task (the private experts' gate and the routing goals hold there too)."""
         options = dict(
             base=base,
             tasks=("numbers-each", "numbers-ends", "words-each", "words-ends"),
             expert_steps=200,
             cluster_steps=200,
-            eval_examples=100,
+            eval_examples=60,
             train_examples=1000,
             elrea_fit_examples=1000,
         )
@@ -192,7 +212,13 @@ def load_base(base: str | Path) -> tuple[PreTrainedModel, Any]:
 
 
 def build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Built:
-    """The building half of a run: base, private experts, MBC library, shared expert."""
+    """The building half of a run: base, private experts, MBC library, ELREA library. The
+    experts train on ``config.backend`` with one thread each; the rest with ``config.threads``."""
+    with torch_threads(config.threads):
+        return _build_libraries(config, registry, stages)
+
+
+def _build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Built:
     with stages.stage("base model"):
         if config.base is None:
             model, tokenizer = pretrain_base(config.pretrain)
@@ -226,6 +252,7 @@ def build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Bu
                 base_model=model,
                 tokenizer=tokenizer,
                 config=config.train_config(config.cluster_steps),
+                backend=config.backend,
             )
         with stages.stage("ELREA: base adapter, gradient clusters, one expert per cluster"):
             elrea = build_elrea(config, registry, model, tokenizer, data)
@@ -247,6 +274,7 @@ def build_elrea(config: RunConfig, registry: Registry, model, tokenizer, data) -
         fit_examples=config.elrea_fit_examples,
         feature_batch_size=32,
         seed=config.seed,
+        backend=config.backend,
     )
 
 
@@ -309,6 +337,7 @@ def _train_private(config, registry, model, tokenizer, data, scratch: Path) -> L
         seed=config.seed,
         tokenizer=tokenizer,
         output_dir=scratch / "private",
+        backend=config.backend,
     )
     failed = [f"{r.name}: {r.error}" for r in results if not r.ok]
     if failed:
@@ -386,7 +415,8 @@ def _better(a: TaskResult, b: TaskResult) -> bool:
 
 
 def train_shared(config: RunConfig, built: Built, scratch: Path) -> Path:
-    """One expert on every training task together, with the compute of the whole MBC library."""
+    """One expert on every training task together, with the compute of the whole MBC library
+    (one expert: trained here, with ``config.threads`` threads)."""
     tasks = config.training_tasks()
     steps = config.shared_steps or config.cluster_steps * config.cluster_count()
     union = {
@@ -400,6 +430,7 @@ def train_shared(config: RunConfig, built: Built, scratch: Path) -> Path:
         seed=config.seed,
         tokenizer=built.tokenizer,
         output_dir=scratch,
+        cpus_per_expert=config.threads,
     )
     if not result.ok:
         raise TrainingError(f"the shared expert failed to train: {result.error}")

@@ -15,6 +15,7 @@ import socket
 import sys
 import tempfile
 import traceback
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,32 @@ def _run_job(
             expert = registry.push(expert, job.repo_id)
         return TrainResult(job.name, folder, expert.repo_id, expert.commit, expert.weights_sha256)
     except Exception as error:  # report it: one expert's failure must not stop the others
-        detail = str(error) if isinstance(error, QuiverError) else traceback.format_exc(limit=3)
-        return TrainResult(job.name, error=f"{type(error).__name__}: {detail}".strip())
+        return _failed(job.name, error)
+
+
+def _failed(name: str, error: Exception) -> TrainResult:
+    detail = str(error) if isinstance(error, QuiverError) else traceback.format_exc(limit=3)
+    return TrainResult(name, error=f"{type(error).__name__}: {detail}".strip())
+
+
+# In a Ray worker: the base model of the call being served, loaded by its first job there.
+_worker_base: dict[str, tuple[Any, Any]] = {}
+
+
+def _run_ray_job(job: _Job, call: str, base: list, tokenizer: Any, *shared: Any) -> TrainResult:
+    """``_run_job`` in a Ray worker, which loads call ``call``'s base model once for all the
+    jobs it serves (a worker trains several experts one after another): ``base`` holds the
+    model's object ref (in a list, so that Ray hands the ref over unresolved) or its id."""
+    if call not in _worker_base:
+        import ray
+
+        _worker_base.clear()  # one base at a time: a worker outlives the calls it serves
+        try:
+            source = ray.get(base[0]) if isinstance(base[0], ray.ObjectRef) else base[0]
+            _worker_base[call] = load_base(source, tokenizer)
+        except Exception as error:
+            return _failed(job.name, error)
+    return _run_job(job, *_worker_base[call], *shared)
 
 
 def _check_reachable(address: str) -> None:
@@ -142,10 +167,14 @@ def _start_ray(address: str | None, num_cpus: int | None):
 
 
 def _run_on_ray(jobs, base_model, tokenizer, config, seed, registry, init, options, progress):
+    """One Ray task per expert, ``config.num_threads`` CPUs each. The base model travels once:
+    a loaded one through the object store, an id as text; each worker loads it once."""
     ray = _start_ray(options["address"], options["num_cpus"])
-    train = ray.remote(num_cpus=config.num_threads, max_retries=0)(_run_job)
-    shared = [ray.put(value) for value in (base_model, tokenizer, config, seed, registry, init)]
-    pending = {train.remote(job, *shared): job.name for job in jobs}
+    train = ray.remote(num_cpus=config.num_threads, max_retries=0)(_run_ray_job)
+    base = [str(base_model) if isinstance(base_model, (str, Path)) else ray.put(base_model)]
+    shared = [ray.put(value) for value in (tokenizer, config, seed, registry, init)]
+    call = uuid.uuid4().hex
+    pending = {train.remote(job, call, base, *shared): job.name for job in jobs}
     results = {}
     with tqdm(total=len(jobs), desc="Training experts", unit="expert", disable=not progress) as bar:
         while pending:
