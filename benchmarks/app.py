@@ -18,7 +18,9 @@ Llama of hidden size 512 and 6 layers (14.5M parameters):
   calls share one session, as a ``gradio_client.Client``'s calls and a page's chats do;
   (``gradio_client`` adds its own waits on top: it polls for messages every 50 ms);
 - app (HTTP), new session: each call in a session of its own (what a call without a
-  ``session_hash`` gets): Gradio builds a session's state from every block of the app (129) first.
+  ``session_hash`` gets): Gradio builds a session's state from every block of the app (129) first;
+- Gradio alone (replay): a bare Gradio app streaming the same answer's updates through the same
+  HTTP API with no model: Gradio's own cost per streamed answer, the floor under the app's.
 
 Time to first token (TTFT) runs from the request to the first token's text; tokens per second
 counts the tokens after the first over the time from the first token to the complete answer
@@ -122,14 +124,21 @@ def engine_stream(engine, strategy, settings) -> tuple[float, float, int]:
 
 
 def app_stream(
-    http: httpx.Client, url: str, tokens: int, session: str | None
+    http: httpx.Client,
+    url: str,
+    tokens: int,
+    session: str | None,
+    *,
+    data: list | None = None,
+    frames: list | None = None,
 ) -> tuple[float, float, int]:
     """The /chat endpoint through Gradio's HTTP API (POST the call, then read its server-sent
     events), every update timed as it arrives; ``session``: the session hash, None for a new
-    session."""
+    session; ``data``: the call's inputs (default: the app's chat, Arrow top-2, greedy);
+    ``frames``: a list that collects the updates as they came."""
     times, count = [], 0
     start = time.perf_counter()
-    data = [MESSAGE, "arrow", 2, 1.0, "outputs", "token", "", tokens, 0.0, 1.0, None]
+    data = data or [MESSAGE, "arrow", 2, 1.0, "outputs", "token", "", tokens, 0.0, 1.0, None]
     call = {"data": data, "session_hash": session}
     event = http.post(f"{url}gradio_api/call/chat", json=call).json()["event_id"]
     with http.stream("GET", f"{url}gradio_api/call/chat/{event}") as events:
@@ -139,6 +148,8 @@ def app_stream(
             payload = json.loads(line.removeprefix("data:"))
             if not isinstance(payload, list):  # an error message
                 raise RuntimeError(f"the app answered {payload}")
+            if frames is not None:
+                frames.append(payload[0])
             text, routing = payload[0]
             if text and routing is None:
                 times.append(time.perf_counter())
@@ -147,6 +158,22 @@ def app_stream(
                 count = len(routing["tokens"])
     ttft = times[0] - start
     return ttft, (count - 1) / (times[-1] - times[0]), count
+
+
+def gradio_floor(frames: list):
+    """A bare Gradio app whose streamed endpoint replays an answer's updates with no model: what
+    Gradio itself (queue, JSON, HTTP, server-sent events) costs any streamed answer, the floor
+    under "app (HTTP)"."""
+    import gradio as gr
+
+    def replay(message: str):
+        yield from frames
+
+    with gr.Blocks() as floor:
+        message, answer = gr.Textbox(), gr.JSON()
+        message.submit(replay, message, answer, api_name="chat")
+    floor.launch(prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    return floor
 
 
 def open_bench_engine(model: str):
@@ -192,6 +219,9 @@ def main() -> None:
     for copy in (engine.model, model):  # every way writes them all (no early end of text)
         copy.generation_config.min_new_tokens = tokens
     settings = GenerationSettings(max_new_tokens=tokens, temperature=0.0)
+    frames: list = []  # one answer's updates as the app streams them, for Gradio's floor
+    app_stream(http, app.local_url, tokens, session, frames=frames)
+    floor = gradio_floor(frames)
 
     ways = {
         "direct": lambda: direct(routed, input_ids, tokens),
@@ -200,6 +230,9 @@ def main() -> None:
         "engine": lambda: engine_stream(engine, strategy, settings),
         "app (HTTP)": lambda: app_stream(http, app.local_url, tokens, session),
         "app (HTTP), new session": lambda: app_stream(http, app.local_url, tokens, None),
+        "Gradio alone (replay)": lambda: app_stream(
+            http, floor.local_url, tokens, session, data=[MESSAGE]
+        ),
     }
     results: dict[str, list[tuple[float, ...]]] = {name: [] for name in ways}
     for round_ in range(args.rounds + 1):  # round 0 warms up (kernels, caches, connections)
@@ -209,6 +242,7 @@ def main() -> None:
             if round_:
                 results[name].append((*result, time.process_time() - cpu))
     app.close()
+    floor.close()
     report(results, args)
 
 
@@ -257,6 +291,10 @@ def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace
         print(f"extra CPU per token for {step}: {extra:.2f} ms (paired)")
     session = (paired["app (HTTP), new session"] - paired["app (HTTP)"]) * cpu0 * 1000
     print(f"extra CPU per answer for a new session: {session:.1f} ms (paired)")
+    gradio = (paired["app (HTTP)"] - paired["engine"]) * cpu0 * 1000
+    floor = median["Gradio alone (replay)"][3] * 1000
+    print(f"the app's CPU per answer over the engine's: {gradio:.1f} ms (paired); Gradio alone")
+    print(f"  streaming the same updates with no model: {floor:.1f} ms")
     print(f"direct: {per_token:.2f} ms CPU per token")
     print(f"torch {torch.__version__}, {args.threads} thread(s); {Path(__file__).name}")
 
