@@ -19,6 +19,7 @@ def tokenizer():
 def local_ray():
     """A local Ray with 2 CPUs for the session (Ray takes seconds to start)."""
     ray = pytest.importorskip("ray")
+    ray.shutdown()  # one an earlier test's train_experts(backend="ray") left up: ours has 2 CPUs
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
