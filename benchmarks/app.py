@@ -32,6 +32,7 @@ which cancels the changing load of a shared machine), and the extra CPU per toke
 
     python benchmarks/app.py --rounds 9
     python benchmarks/app.py --model llama-512 --rounds 5
+    python benchmarks/app.py --model llama-512 --rounds 7 --queue-poll 0.01
 """
 
 from __future__ import annotations
@@ -198,6 +199,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--queue-poll",
+        type=float,
+        help="seconds between the app's Gradio queue looks for work (Gradio's private "
+        "sleep_when_free: 0.001 by default, no public setting), to measure what it costs",
+    )
     args = parser.parse_args()
     os.environ["QUIVER_HOME"] = tempfile.mkdtemp(prefix="quiver-bench-app-")
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -209,6 +216,8 @@ def main() -> None:
 
     engine = open_bench_engine(args.model)
     app = serve(engine=engine)
+    if args.queue_poll is not None:
+        app._queue.sleep_when_free = args.queue_poll
     http = httpx.Client(timeout=60)
     session = uuid.uuid4().hex  # one client's session, as gradio_client keeps
     library = engine.library

@@ -131,8 +131,10 @@ def test_prompt_layers_is_checked(llama, expert_paths):
     for bad in ((), (-1,), (0.5,), (True,)):
         with pytest.raises(RoutingError, match="layer numbers"):
             Arrow(granularity="sequence", prompt_layers=bad)
-    with pytest.raises(RoutingError, match="no routed module lies in prompt_layers"):
-        route(llama, expert_paths(llama, n=2), Arrow(1, granularity="sequence", prompt_layers=(9,)))
+    experts = expert_paths(llama, n=2)
+    for layers in ((9,), (0, 9)):  # one block the experts do not adapt is enough to refuse
+        with pytest.raises(RoutingError, match=r"no routed module lies in prompt_layers \[9\]"):
+            route(llama, experts, Arrow(1, granularity="sequence", prompt_layers=layers))
 
 
 def test_teacher_forced_rows_route_by_their_prompt_as_a_fixed_merge(sequence_routed, tmp_path):

@@ -155,10 +155,12 @@ class Arrow:
         else:
             prototypes = stored_prototypes(source, experts) or compute_arrow_prototypes(experts)
         mix_parameters = self.mixing == "parameters"
-        if self.granularity == "sequence" and not any(map(self.scores_prompt, experts.modules)):
+        adapted = {layer_of(module) for module in experts.modules}
+        missing = sorted(set(self.prompt_layers or ()) - adapted)
+        if missing:  # a layer scoring nothing would quietly route by the others alone
             raise RoutingError(
-                f"no routed module lies in prompt_layers={self.prompt_layers}",
-                hint="choose layer numbers of the model's blocks that the experts adapt",
+                f"no routed module lies in prompt_layers {missing}",
+                hint=f"choose among the blocks the experts adapt: {sorted(adapted)}",
             )
         mixers: dict[str, Mixer] = {}
         for module, stack in experts.modules.items():
