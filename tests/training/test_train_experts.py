@@ -1,6 +1,7 @@
 """Many experts in one call: the local and Ray backends, failures, pushing from the workers."""
 
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from training_helpers import FAST, pairs
@@ -140,6 +141,19 @@ def test_an_unreachable_ray_cluster_is_a_typed_error(model, tokenizer, tmp_path)
             registry=LocalRegistry(tmp_path / "r"),
             namespace="n",
         )
+
+
+def test_a_local_ray_is_not_started_from_a_side_thread(model, tokenizer, monkeypatch):
+    """Ray's processes die with the thread that started them: a side thread that ends would
+    take the run's Ray with it, so the call is refused up front."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(
+            train_experts, model, DATA, config=FAST, tokenizer=tokenizer, backend="ray"
+        )
+        with pytest.raises(TrainingError, match="must be started from the main thread"):
+            call.result()
 
 
 def test_pushing_into_a_namespace_the_token_may_not_write_fails_before_training(

@@ -37,7 +37,6 @@ from quiver.toyworld.pipeline import (
     expert_clusters,
     method_list,
     oracle_evaluation,
-    train_shared,
 )
 from quiver.training.trainer import torch_threads
 
@@ -240,50 +239,46 @@ def run(
         shutil.rmtree(output / "registry", ignore_errors=True)
         registry = LocalRegistry(output / "registry")
     stages = Stages(say)
-    built = build_libraries(config, registry, stages)
-    with torch_threads(config.threads):
-        return _score(config, built, stages, output, say)
+    with tempfile.TemporaryDirectory(prefix="quiver-toyworld-shared-") as scratch:
+        built = build_libraries(config, registry, stages, shared_dir=Path(scratch))
+        with torch_threads(config.threads):
+            return _score(config, built, stages, output, say)
 
 
 def _score(config: RunConfig, built: Built, stages: Stages, output: Path, say) -> Results:
-    """The scoring half of a run: the shared expert, the pulled libraries, every method."""
+    """The scoring half of a run: the pulled libraries, every method."""
     registry = built.registry
     tasks = [*config.training_tasks(), *config.held_out_tasks()]
     model, tokenizer = built.model, built.tokenizer
     options = dict(examples=config.eval_examples, seed=config.seed)
-    with tempfile.TemporaryDirectory(prefix="quiver-toyworld-shared-") as scratch:
-        with stages.stage("shared expert"):
-            shared = train_shared(config, built, Path(scratch))
-        with stages.stage("pulling the libraries"):
-            libraries = {
-                "private": Library.pull(registry, built.private_id),
-                "MBC": Library.pull(registry, built.mbc_id),
-                "ELREA": Library.pull(registry, built.elrea_id),
-            }
-        with stages.stage("ELREA's clusters"):
-            clusters = {label: expert_clusters(libraries[label], tasks) for label in LIBRARIES}
-            elrea = elrea_clusters(
-                model, tokenizer, libraries["ELREA"], config.training_tasks(), config, ELREA_SAMPLE
-            )
-            clusters["ELREA"] = elrea.expert_clusters(tasks) or None  # None: no right cluster
-        with stages.stage("scoring every method"):
-            rows = [Row("base", "-", evaluate(model, tokenizer, tasks, **options))]
-            routed = route(model, {"shared": shared}, "single", expert="shared")
-            rows.append(Row("shared", "-", evaluate(routed, tokenizer, tasks, **options)))
+    with stages.stage("pulling the libraries"):
+        libraries = {
+            "private": Library.pull(registry, built.private_id),
+            "MBC": Library.pull(registry, built.mbc_id),
+            "ELREA": Library.pull(registry, built.elrea_id),
+        }
+    with stages.stage("ELREA's clusters"):
+        clusters = {label: expert_clusters(libraries[label], tasks) for label in LIBRARIES}
+        elrea = elrea_clusters(
+            model, tokenizer, libraries["ELREA"], config.training_tasks(), config, ELREA_SAMPLE
+        )
+        clusters["ELREA"] = elrea.expert_clusters(tasks) or None  # None: no right cluster
+    with stages.stage("scoring every method"):
+        rows = [Row("base", "-", evaluate(model, tokenizer, tasks, **options))]
+        routed = route(model, {"shared": built.shared}, "single", expert="shared")
+        rows.append(Row("shared", "-", evaluate(routed, tokenizer, tasks, **options)))
+        routed.unroute()
+        ignored = tokenizer.all_special_ids, instruction_token_ids(tokenizer)
+        for method, label, strategy in method_list(libraries, *ignored):
+            routed = route(model, libraries[label], strategy)
+            scored = evaluate(routed, tokenizer, tasks, expert_clusters=clusters[label], **options)
+            rows.append(Row(method, label, scored))
             routed.unroute()
-            ignored = tokenizer.all_special_ids, instruction_token_ids(tokenizer)
-            for method, label, strategy in method_list(libraries, *ignored):
-                routed = route(model, libraries[label], strategy)
-                scored = evaluate(
-                    routed, tokenizer, tasks, expert_clusters=clusters[label], **options
-                )
-                rows.append(Row(method, label, scored))
-                routed.unroute()
-            for label in LIBRARIES:
-                library = libraries[label]
-                own = oracle_evaluation(model, tokenizer, library, config.training_tasks(), config)
-                held = best_single(model, tokenizer, library, config.held_out_tasks(), config)
-                rows.append(Row("oracle", label, Evaluation([*own.results, *held])))
+        for label in LIBRARIES:
+            library = libraries[label]
+            own = oracle_evaluation(model, tokenizer, library, config.training_tasks(), config)
+            held = best_single(model, tokenizer, library, config.held_out_tasks(), config)
+            rows.append(Row("oracle", label, Evaluation([*own.results, *held])))
     mbc = libraries["MBC"]
     results = Results(
         rows=rows,

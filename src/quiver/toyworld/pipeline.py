@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sklearn.metrics import adjusted_rand_score
 from transformers import PreTrainedModel
@@ -47,7 +50,9 @@ BASE_NAME, PRIVATE_NAME, MBC_NAME, SHARED_NAME, ELREA_NAME = (
     "toyworld-shared",
     "toyworld-elrea",
 )
+ELREA_STAGE = "ELREA: base adapter, gradient clusters, one expert per cluster"
 ELREA_ROWS = {"all members": None, "top-1": 1}
+T = TypeVar("T")
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -158,24 +163,28 @@ class Built:
     private_id: str
     mbc_id: str
     elrea_id: str
-    shared_folder: Path | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    shared: Path | None = None  # the shared expert's folder, when it was asked for
 
 
 class Stages:
-    """Runs named stages with a progress line and a timing for each."""
+    """Runs named stages with a progress line and a timing for each (stages may overlap)."""
 
     def __init__(self, say: Callable[[str], None]) -> None:
         self.say = say
         self.timings: dict[str, float] = {}
+        self._started = itertools.count(1)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        self.say(f"[{len(self.timings) + 1}] {name}...")
+        self.say(f"[{next(self._started)}] {name}...")
         start = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - start, 1)
         self.say(f"    {name}: {self.timings[name]:.0f} s")
+
+    def run(self, name: str, work: Callable[..., T], *args: Any) -> T:
+        with self.stage(name):
+            return work(*args)
 
 
 def check_base(model: PreTrainedModel, tokenizer: Any, gate: float, examples: int = 100) -> float:
@@ -211,14 +220,22 @@ def load_base(base: str | Path) -> tuple[PreTrainedModel, Any]:
     return model.eval(), tokenizer
 
 
-def build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Built:
-    """The building half of a run: base, private experts, MBC library, ELREA library. The
-    experts train on ``config.backend`` with one thread each; the rest with ``config.threads``."""
+def build_libraries(
+    config: RunConfig, registry: Registry, stages: Stages, *, shared_dir: Path | None = None
+) -> Built:
+    """The building half of a run: base, private experts, MBC library, ELREA library, and with
+    ``shared_dir`` the shared expert, written there. The experts train on ``config.backend`` with
+    one thread each; the rest with ``config.threads``. Once the private experts pass their gate,
+    the MBC library, the ELREA library and the shared expert build side by side on Ray (one
+    after another locally): Ray hands every expert to a free core, and each expert is the same
+    bit for bit as when trained alone."""
     with torch_threads(config.threads):
-        return _build_libraries(config, registry, stages)
+        return _build_libraries(config, registry, stages, shared_dir)
 
 
-def _build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> Built:
+def _build_libraries(
+    config: RunConfig, registry: Registry, stages: Stages, shared_dir: Path | None
+) -> Built:
     with stages.stage("base model"):
         if config.base is None:
             model, tokenizer = pretrain_base(config.pretrain)
@@ -233,6 +250,9 @@ def _build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> B
         t.name: training_pairs(tokenizer, t.examples(config.train_examples, seed=config.seed))
         for t in tasks
     }
+    independent = {ELREA_STAGE: partial(build_elrea, config, registry, model, tokenizer, data)}
+    if shared_dir is not None:
+        independent["shared expert"] = partial(train_shared, config, model, tokenizer, shared_dir)
     with tempfile.TemporaryDirectory(prefix="quiver-toyworld-") as scratch:
         with stages.stage(f"{len(tasks)} private experts"):
             private = _train_private(config, registry, model, tokenizer, data, Path(scratch))
@@ -240,23 +260,47 @@ def _build_libraries(config: RunConfig, registry: Registry, stages: Stages) -> B
             check_experts(
                 oracle_evaluation(model, tokenizer, private, tasks, config), config.expert_gate
             )
-        with stages.stage("MBC clusters and one expert per cluster"):
-            mbc = build_mbc_library(
-                private,
-                registry,
-                f"{NAMESPACE}/{MBC_NAME}",
-                k=config.cluster_count(),
-                embedding=config.embedding,
-                seed=config.seed,
-                data=data,
-                base_model=model,
-                tokenizer=tokenizer,
-                config=config.train_config(config.cluster_steps),
-                backend=config.backend,
-            )
-        with stages.stage("ELREA: base adapter, gradient clusters, one expert per cluster"):
-            elrea = build_elrea(config, registry, model, tokenizer, data)
-    return Built(registry, model, tokenizer, base_id, private.repo_id, mbc.repo_id, elrea.repo_id)
+    # Side by side only on Ray: local training in threads would share torch's global random
+    # state, and the experts would depend on the threads' timing.
+    side_by_side = config.backend == "ray"
+    with ThreadPoolExecutor(len(independent)) as pool:
+        started = {
+            name: pool.submit(stages.run, name, work)
+            for name, work in independent.items()
+            if side_by_side
+        }
+        try:
+            with stages.stage("MBC clusters and one expert per cluster"):
+                mbc = build_mbc_library(
+                    private,
+                    registry,
+                    f"{NAMESPACE}/{MBC_NAME}",
+                    k=config.cluster_count(),
+                    embedding=config.embedding,
+                    seed=config.seed,
+                    data=data,
+                    base_model=model,
+                    tokenizer=tokenizer,
+                    config=config.train_config(config.cluster_steps),
+                    backend=config.backend,
+                )
+        finally:
+            for future in started.values():
+                future.cancel()  # the ones not started yet; the pool waits for the others
+        done = {
+            name: started[name].result() if name in started else stages.run(name, work)
+            for name, work in independent.items()
+        }
+    return Built(
+        registry,
+        model,
+        tokenizer,
+        base_id,
+        private.repo_id,
+        mbc.repo_id,
+        done[ELREA_STAGE].repo_id,
+        done.get("shared expert"),
+    )
 
 
 def build_elrea(config: RunConfig, registry: Registry, model, tokenizer, data) -> Library:
@@ -414,23 +458,24 @@ def _better(a: TaskResult, b: TaskResult) -> bool:
     return (a.exact_match, -a.answer_nll) > (b.exact_match, -b.answer_nll)
 
 
-def train_shared(config: RunConfig, built: Built, scratch: Path) -> Path:
+def train_shared(config: RunConfig, model, tokenizer, output_dir: Path) -> Path:
     """One expert on every training task together, with the compute of the whole MBC library
-    (one expert: trained here, with ``config.threads`` threads)."""
+    (on Ray, in a worker with one thread; locally, here with ``config.threads`` threads)."""
     tasks = config.training_tasks()
     steps = config.shared_steps or config.cluster_steps * config.cluster_count()
     union = {
-        t.name: training_pairs(built.tokenizer, t.examples(config.train_examples, seed=config.seed))
+        t.name: training_pairs(tokenizer, t.examples(config.train_examples, seed=config.seed))
         for t in tasks
     }
     (result,) = train_experts(
-        built.model,
+        model,
         {SHARED_NAME: union},
         config=config.train_config(steps),
         seed=config.seed,
-        tokenizer=built.tokenizer,
-        output_dir=scratch,
-        cpus_per_expert=config.threads,
+        tokenizer=tokenizer,
+        output_dir=output_dir,
+        backend=config.backend,
+        cpus_per_expert=1 if config.backend == "ray" else config.threads,
     )
     if not result.ok:
         raise TrainingError(f"the shared expert failed to train: {result.error}")

@@ -14,6 +14,7 @@ import dataclasses
 import socket
 import sys
 import tempfile
+import threading
 import traceback
 import uuid
 from collections.abc import Mapping
@@ -145,6 +146,11 @@ def _check_reachable(address: str) -> None:
 
 
 def _start_ray(address: str | None, num_cpus: int | None):
+    """Connect to the Ray cluster at ``address``, or start a local one with ``num_cpus`` CPUs
+    (default: all), unless Ray is up already; returns the ``ray`` module.
+
+    A local Ray only from the main thread: the processes Ray starts die with the thread that
+    started them (a Ray started in a worker thread is gone once that thread ends)."""
     try:
         import ray
     except ImportError as error:
@@ -153,6 +159,12 @@ def _start_ray(address: str | None, num_cpus: int | None):
         ) from error
     if ray.is_initialized():
         return ray
+    if address is None and threading.current_thread() is not threading.main_thread():
+        raise TrainingError(
+            "a local Ray must be started from the main thread: the processes it starts die "
+            "with the thread that started them",
+            hint="call ray.init() in the main thread first",
+        )
     try:
         ray.init(
             address=address,
