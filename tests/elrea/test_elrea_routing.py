@@ -269,3 +269,19 @@ def test_teacher_forced_rows_are_weighted_by_their_prompt_alone(planted, tokeniz
         torch.testing.assert_close(logits.logits[row, :length], expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(RoutingError, match="prompt_lengths is for sequence-level routing"):
         route(tiny_model(), library, "uniform")(input_ids=ids, prompt_lengths=[2, 2, 2])
+
+
+def test_a_forward_without_a_cache_raises_no_deprecation_warning(planted, tokenizer, monkeypatch):
+    """Looking for a KV cache the forward did not make must not touch transformers 5's
+    deprecated ``past_key_values`` (it warns on every run of a scoring loop's first forward)."""
+    from transformers.utils import generic
+
+    warned = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda *args, **kwargs: warned.append(args))
+    _, library, pairs, _ = planted
+    routed = route(tiny_model(), library, "elrea")
+    ids = torch.tensor([tokenizer(pairs[0][0])["input_ids"]])
+    with torch.no_grad():
+        routed(input_ids=ids, use_cache=False)
+        routed(input_ids=ids, use_cache=True)
+    assert warned == []

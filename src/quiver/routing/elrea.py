@@ -107,11 +107,12 @@ _KEYS = itertools.count()
 
 def _cache_of(values: Any) -> Any:
     """The KV cache among a forward's inputs or outputs (``cache``; ``past_key_values`` before
-    transformers 5)."""
+    transformers 5). Looked up among the keys: transformers 5 warns on any other look-up of the
+    old name."""
+    keys = values.keys() if hasattr(values, "keys") else ()
     for name in ("cache", "past_key_values"):
-        cache = values.get(name) if hasattr(values, "get") else None
-        if cache is not None:
-            return cache
+        if name in keys and values[name] is not None:
+            return values[name]
     return None
 
 
