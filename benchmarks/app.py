@@ -14,8 +14,9 @@ Llama of hidden size 512 and 6 layers (14.5M parameters):
   traced, generating in a worker thread as the engine does, without the engine's streaming;
 - engine: ``ChatEngine.stream`` (``routed.using``, worker thread, decoding, the routing);
 - app (HTTP): the app served on 127.0.0.1, its ``/chat`` endpoint called through Gradio's HTTP API
-  (POST the call, read its server-sent events): queue, JSON, HTTP, what any client sees. The
-  calls share one session, as a ``gradio_client.Client``'s calls and a page's chats do;
+  (POST the call, read its server-sent events) by a client in a process of its own, as every
+  real client is: queue, JSON, HTTP, what any client sees. The calls share one session, as a
+  ``gradio_client.Client``'s calls and a page's chats do;
   (``gradio_client`` adds its own waits on top: it polls for messages every 50 ms);
 - app (HTTP), new session: each call in a session of its own (what a call without a
   ``session_hash`` gets): Gradio builds a session's state from every block of the app (129) first;
@@ -24,11 +25,12 @@ Llama of hidden size 512 and 6 layers (14.5M parameters):
 
 Time to first token (TTFT) runs from the request to the first token's text; tokens per second
 counts the tokens after the first over the time from the first token to the complete answer
-(with its routing). CPU is the process's CPU time per answer (every thread: model, server,
-client), which a loaded machine disturbs far less than wall time. The ways are called in turn in
-every round after a warm-up; medians are reported with their ratio to direct (goal: app < 1.10),
-beside the median of the rounds' own ratios (each round's CPU against the same round's direct,
-which cancels the changing load of a shared machine), and the extra CPU per token each layer adds.
+(with its routing). CPU is this process's CPU time per answer (every thread: model, server; not
+the client's process), which a loaded machine disturbs far less than wall time. The ways are
+called in turn in every round after a warm-up; medians are reported with their ratio to direct
+(goal: app < 1.10), beside the median of the rounds' own ratios (each round's CPU against the
+same round's direct, which cancels the changing load of a shared machine), and the extra CPU per
+token each layer adds.
 
     python benchmarks/app.py --rounds 9
     python benchmarks/app.py --model llama-512 --rounds 5
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -161,6 +164,39 @@ def app_stream(
     return ttft, (count - 1) / (times[-1] - times[0]), count
 
 
+class Client:
+    """``app_stream`` in a process of its own, as a real client is: its CPU is not the server's,
+    and its parsing does not hold the server's GIL."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, theirs = context.Pipe()
+        self.process = context.Process(target=_answer_calls, args=(theirs,), daemon=True)
+        self.process.start()
+
+    def __call__(self, *args, **kwargs):
+        self.connection.send((args, kwargs))
+        result = self.connection.recv()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join()
+
+
+def _answer_calls(connection) -> None:
+    """The client process: one ``app_stream`` per call its parent sends, until None."""
+    http = httpx.Client(timeout=60)
+    while (call := connection.recv()) is not None:
+        args, kwargs = call
+        try:
+            connection.send(app_stream(http, *args, **kwargs))
+        except Exception as error:  # to the parent, which raises it
+            connection.send(RuntimeError(f"{type(error).__name__}: {error}"))
+
+
 def gradio_floor(frames: list):
     """A bare Gradio app whose streamed endpoint replays an answer's updates with no model: what
     Gradio itself (queue, JSON, HTTP, server-sent events) costs any streamed answer, the floor
@@ -218,7 +254,7 @@ def main() -> None:
     app = serve(engine=engine)
     if args.queue_poll is not None:
         app._queue.sleep_when_free = args.queue_poll
-    http = httpx.Client(timeout=60)
+    client = Client()
     session = uuid.uuid4().hex  # one client's session, as gradio_client keeps
     library = engine.library
     model, _ = load_base_model(engine.registry, library.manifest.base_model)
@@ -229,7 +265,7 @@ def main() -> None:
         copy.generation_config.min_new_tokens = tokens
     settings = GenerationSettings(max_new_tokens=tokens, temperature=0.0)
     frames: list = []  # one answer's updates as the app streams them, for Gradio's floor
-    app_stream(http, app.local_url, tokens, session, frames=frames)
+    app_stream(httpx.Client(timeout=60), app.local_url, tokens, session, frames=frames)
     floor = gradio_floor(frames)
 
     ways = {
@@ -237,11 +273,9 @@ def main() -> None:
         "direct, traced": lambda: direct(routed, input_ids, tokens, traced=True),
         "using(), in a thread": lambda: using_in_thread(engine, strategy, input_ids, tokens),
         "engine": lambda: engine_stream(engine, strategy, settings),
-        "app (HTTP)": lambda: app_stream(http, app.local_url, tokens, session),
-        "app (HTTP), new session": lambda: app_stream(http, app.local_url, tokens, None),
-        "Gradio alone (replay)": lambda: app_stream(
-            http, floor.local_url, tokens, session, data=[MESSAGE]
-        ),
+        "app (HTTP)": lambda: client(app.local_url, tokens, session),
+        "app (HTTP), new session": lambda: client(app.local_url, tokens, None),
+        "Gradio alone (replay)": lambda: client(floor.local_url, tokens, session, data=[MESSAGE]),
     }
     results: dict[str, list[tuple[float, ...]]] = {name: [] for name in ways}
     for round_ in range(args.rounds + 1):  # round 0 warms up (kernels, caches, connections)
@@ -250,6 +284,7 @@ def main() -> None:
             result = way()
             if round_:
                 results[name].append((*result, time.process_time() - cpu))
+    client.close()
     app.close()
     floor.close()
     report(results, args)
@@ -257,8 +292,9 @@ def main() -> None:
 
 def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace) -> None:
     """Medians of TTFT, tokens/s and CPU seconds per answer (every thread of this process: the
-    model, the server, the HTTP client), each against direct; and the median over rounds of each
-    round's CPU against that round's direct (paired: the load of the moment cancels out)."""
+    model, the server; the HTTP client runs in its own), each against direct; and the median over
+    rounds of each round's CPU against that round's direct (paired: the load of the moment cancels
+    out)."""
     median = {
         name: [statistics.median(run[i] for run in runs) for i in range(4)]
         for name, runs in results.items()
