@@ -197,6 +197,46 @@ def _answer_calls(connection) -> None:
             connection.send(RuntimeError(f"{type(error).__name__}: {error}"))
 
 
+class ThreadCPU:
+    """CPU seconds per group of this process's threads, each read from its own CPU clock: the
+    caller (the main thread: direct's model, the engine's reader), the engine's answer threads
+    (each reads its own clock as it ends), Gradio's workers (AnyIO) and the rest (Gradio's
+    server and event loop, which polls its queue every millisecond even when idle)."""
+
+    GROUPS = ("caller", "answer threads", "Gradio's workers", "server and other threads")
+
+    def __init__(self, engine) -> None:
+        self.answers = 0.0
+        answer = type(engine)._answer
+
+        def timed(engine, *args) -> None:
+            start = time.thread_time()
+            try:
+                answer(engine, *args)
+            finally:
+                self.answers += time.thread_time() - start
+
+        engine._answer = timed.__get__(engine)  # this engine's answers, read as they end
+
+    def read(self) -> dict[str, float]:
+        groups = dict.fromkeys(self.GROUPS, 0.0)
+        groups["answer threads"] = self.answers
+        for thread in threading.enumerate():
+            if "_answer" in thread.name:
+                continue  # a running answer: counted when it ends
+            try:
+                cpu = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except (OSError, TypeError):  # ended since enumerate()
+                continue
+            if thread is threading.main_thread():
+                groups["caller"] += cpu
+            elif thread.name.startswith("AnyIO worker"):
+                groups["Gradio's workers"] += cpu
+            else:
+                groups["server and other threads"] += cpu
+        return groups
+
+
 def gradio_floor(frames: list):
     """A bare Gradio app whose streamed endpoint replays an answer's updates with no model: what
     Gradio itself (queue, JSON, HTTP, server-sent events) costs any streamed answer, the floor
@@ -277,17 +317,22 @@ def main() -> None:
         "app (HTTP), new session": lambda: client(app.local_url, tokens, None),
         "Gradio alone (replay)": lambda: client(floor.local_url, tokens, session, data=[MESSAGE]),
     }
+    threads = ThreadCPU(engine)
     results: dict[str, list[tuple[float, ...]]] = {name: [] for name in ways}
+    split: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
     for round_ in range(args.rounds + 1):  # round 0 warms up (kernels, caches, connections)
         for name, way in ways.items():
-            cpu = time.process_time()
+            before, cpu = threads.read(), time.process_time()
             result = way()
             if round_:
                 results[name].append((*result, time.process_time() - cpu))
+                after = threads.read()
+                split[name].append({group: after[group] - before[group] for group in after})
     client.close()
     app.close()
     floor.close()
     report(results, args)
+    report_threads(split)
 
 
 def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace) -> None:
@@ -342,6 +387,17 @@ def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace
     print(f"  streaming the same updates with no model: {floor:.1f} ms")
     print(f"direct: {per_token:.2f} ms CPU per token")
     print(f"torch {torch.__version__}, {args.threads} thread(s); {Path(__file__).name}")
+
+
+def report_threads(split: dict[str, list[dict[str, float]]]) -> None:
+    """Where each way's CPU goes, by group of threads (means over the rounds, in ms)."""
+    table = Table(title="CPU per answer by thread (means, ms)")
+    for column in ("way", *ThreadCPU.GROUPS, "all"):
+        table.add_column(column, justify="right")
+    for name in ("direct", "engine", "app (HTTP)", "Gradio alone (replay)"):
+        means = [statistics.fmean(run[group] for run in split[name]) for group in ThreadCPU.GROUPS]
+        table.add_row(name, *(f"{m * 1000:.1f}" for m in means), f"{sum(means) * 1000:.1f}")
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":
