@@ -98,6 +98,16 @@ def test_arrow_per_sequence_routes_the_whole_answer_once(client):
     assert per_token["sequence"] is None
 
 
+def test_arrow_per_sequence_scores_the_prompt_at_the_blocks_asked(client):
+    ask = dict(granularity="sequence", max_new_tokens=4, api_name="/chat")
+    _, every = client.predict("Hello", "arrow", 2, 0.5, **ask)
+    _, first = client.predict("Hello", "arrow", 2, 0.5, prompt_layers=[0], **ask)
+
+    assert first["sequence"] != every["sequence"]  # block 0's scores alone choose otherwise
+    with pytest.raises(AppError, match=r"no routed module lies in prompt_layers \[99\]"):
+        client.predict("Hello", "arrow", 2, 0.5, prompt_layers=[99], **ask)
+
+
 def test_search_card_and_pull(client):
     results, choices = client.predict("", "", "", "random", "", "", "expert", api_name="/search")
 

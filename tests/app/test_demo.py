@@ -4,12 +4,15 @@ sends a prompt to the expert of the prompt's cluster and answers it right."""
 import pytest
 
 from quiver.app import ChatEngine, GenerationSettings, StrategySpec
+from quiver.app.chat_tab import _advised
 from quiver.app.demo import (
     DEMO_BASE_MODEL,
     DEMO_ELREA_LIBRARY,
     DEMO_LIBRARY,
+    DEMO_PROMPTS,
     ensure_demo_library,
 )
+from quiver.app.engine import advice
 from quiver.errors import RoutingError
 from quiver.registry import Library, LocalRegistry
 from quiver.routing.arrow import ARTIFACT_NAME
@@ -50,6 +53,29 @@ def test_arrow_per_sequence_sends_a_words_prompt_to_the_words_expert(engine):
     assert text == expected
     assert dict(zip(routing.experts, routing.sequence, strict=True))[words_expert] == 1.0
     assert answer(engine, StrategySpec("base"), message)[0] != expected  # the expert knows it
+
+
+def test_the_demo_advises_the_first_block_which_routes_every_offered_prompt_right(engine):
+    """The demo library's routing advice, which the Chat tab starts from: Arrow per sequence
+    with the prompt scored at the first block; there, each prompt the tab offers goes to the
+    expert of its cluster."""
+    arrow = {"granularity": "sequence", "prompt_layers": [0], "top_k": 1}
+    assert advice(engine.library, "arrow") == arrow
+    assert engine.first_block == 0
+    assert _advised(engine) == {"top_k": 1, "granularity": "sequence", "prompt_scope": "first"}
+    owners = task_owners(engine.library)
+    tasks = ["words-each", "symbols-last", "numbers-each", "letters-ends"]  # DEMO_PROMPTS' tasks
+    first_block = StrategySpec("arrow", top_k=1, granularity="sequence", prompt_layers=(0,))
+    for prompt, task in zip(DEMO_PROMPTS, tasks, strict=True):
+        _, routing = answer(engine, first_block, prompt)
+        weights = dict(zip(routing.experts, routing.sequence, strict=True))
+        assert weights[owners[task]] == 1.0, prompt
+
+
+def test_a_library_without_advice_starts_top_2_per_sequence_at_every_block(random_engine):
+    assert advice(random_engine.library, "arrow") == {}
+    assert _advised(random_engine) == {"top_k": 2, "granularity": "sequence", "prompt_scope": "all"}
+    assert random_engine.elrea is None and "ELREA" not in random_engine.describe()
 
 
 def test_elrea_on_the_default_routes_over_the_demos_elrea_library(engine):

@@ -253,6 +253,7 @@ def _manifest(**changes) -> bytes:
         (_manifest(artifacts={"../../x": "a" * 64}), "invalid artifact name '../../x'"),
         (_manifest(base_model=5), "base_model must be a model id"),
         (_manifest(rank="8"), "rank must be a positive integer"),
+        (_manifest(routing={"arrow": 1}), "routing must map strategy names to mappings"),
     ],
 )
 def test_a_malformed_manifest_is_one_line_and_never_followed(local, tmp_path, manifest, problem):
@@ -265,6 +266,36 @@ def test_a_malformed_manifest_is_one_line_and_never_followed(local, tmp_path, ma
     assert (result.exit_code, result.stdout) == (1, "")
     assert result.stderr.startswith("error: malformed library.json in alice/bad@")
     assert problem in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_routing_advice_is_a_new_version_kept_in_manifest_and_card(library, local):
+    before = library.commit
+    advice = {"arrow": {"granularity": "sequence", "prompt_layers": (0,)}}
+    library.set_routing(advice, message="route by the first block")
+
+    assert library.commit != before and library.versions()[0].message == "route by the first block"
+    reopened = Library.open(local, "alice/lib")
+    assert reopened.manifest.routing == {"arrow": {"granularity": "sequence", "prompt_layers": [0]}}
+    assert reopened.names == ["math", "code"]  # the experts and their pins are kept
+    card = ModelCard.load(reopened.folder / "README.md")
+    assert card.data.to_dict()["quiver"]["library"]["routing"] == reopened.manifest.routing
+    assert Library.open(local, "alice/lib", revision=before).manifest.routing is None
+    assert library.set_routing(None).manifest.routing is None
+
+
+@pytest.mark.parametrize(
+    ("advice", "problem"),
+    [
+        ({"arrow": ["sequence"]}, "routing must map strategy names to mappings"),
+        ({"arrow": {"temperature": float("nan")}}, "routing must hold JSON values"),
+        ({"arrow": {"layers": {0, 1}}}, "routing must hold JSON values"),
+    ],
+)
+def test_bad_routing_advice_is_refused_before_any_commit(library, advice, problem):
+    versions = len(library.versions())
+    with pytest.raises(InvalidInputError, match=problem):
+        library.set_routing(advice)
+    assert len(library.versions()) == versions
 
 
 def test_a_deleted_pinned_expert_is_named_with_the_way_out(library, local, tmp_path):

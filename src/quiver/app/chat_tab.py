@@ -5,21 +5,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
 from quiver.app.engine import (
+    GRANULARITIES,
     STRATEGIES,
     STRATEGY_OPTIONS,
     ChatEngine,
     GenerationSettings,
     StrategySpec,
+    advice,
 )
 from quiver.app.errors import readable_errors
 from quiver.app.plots import MEAN, layer_choices, routing_figure, routing_summary
 
 MODEL = "model"  # the concurrency group of every event that uses the shared model
-CONTROLLED = ("top_k", "temperature", "mixing", "granularity", "expert")  # options with a control
+# The options with a control, in StrategyControls' order.
+CONTROLLED = ("top_k", "temperature", "mixing", "granularity", "prompt_layers", "expert")
+PROMPT_SCOPES = [("Every block", "all"), ("The first block", "first")]
 
 
 @dataclass
@@ -29,12 +34,20 @@ class StrategyControls:
     temperature: gr.Slider
     mixing: gr.Radio
     granularity: gr.Radio
+    prompt_scope: gr.Radio
     expert: gr.Dropdown
 
     @property
     def options(self) -> list[gr.components.Component]:
         """The controls of ``CONTROLLED``, in its order."""
-        return [self.top_k, self.temperature, self.mixing, self.granularity, self.expert]
+        return [
+            self.top_k,
+            self.temperature,
+            self.mixing,
+            self.granularity,
+            self.prompt_scope,
+            self.expert,
+        ]
 
     @property
     def inputs(self) -> list[gr.components.Component]:
@@ -76,17 +89,37 @@ class ChatTab:
         for pane in self.panes:
             controls = pane.controls
             updates[controls.expert] = gr.update(choices=names, value=names[0] if names else None)
-            updates[controls.top_k] = gr.update(**_top_k_range(len(names)))
+            advised = _advised(engine)
+            updates[controls.top_k] = gr.update(
+                maximum=_top_k_maximum(len(names)), value=advised["top_k"]
+            )
+            updates[controls.granularity] = gr.update(value=advised["granularity"])
+            updates[controls.prompt_scope] = gr.update(value=advised["prompt_scope"])
         return updates
 
     @property
     def outputs(self) -> list[gr.components.Component]:
-        return [self.info] + [c for p in self.panes for c in (p.controls.expert, p.controls.top_k)]
+        changed = ("expert", "top_k", "granularity", "prompt_scope")
+        return [self.info] + [getattr(p.controls, name) for p in self.panes for name in changed]
 
 
-def _top_k_range(experts: int) -> dict:
-    """Top-k from 1 to the number of experts (a slider needs two values to slide between)."""
-    return dict(maximum=max(2, experts), value=min(2, max(1, experts)))
+def _advised(engine: ChatEngine) -> dict[str, Any]:
+    """The Arrow controls' first values: the library's routing advice where it gives a usable
+    one (it comes from the library's author), else top-2, per sequence, every block."""
+    arrow = advice(engine.library, "arrow")
+    top_k = arrow.get("top_k")
+    top_k = top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > 0 else 2
+    granularity = arrow.get("granularity")
+    return {
+        "top_k": min(top_k, max(1, len(engine.expert_names))),
+        "granularity": granularity if granularity in GRANULARITIES else "sequence",
+        "prompt_scope": "first" if arrow.get("prompt_layers") == [engine.first_block] else "all",
+    }
+
+
+def _top_k_maximum(experts: int) -> int:
+    """Top-k goes from 1 to the number of experts (a slider needs two values to slide between)."""
+    return max(2, experts)
 
 
 def _options_shown(strategy: str) -> list[bool]:
@@ -97,6 +130,7 @@ def _options_shown(strategy: str) -> list[bool]:
 def _strategy_controls(engine: ChatEngine, title: str, default: str, key: str) -> StrategyControls:
     count = len(engine.expert_names)
     shown = _options_shown(default)
+    advised = _advised(engine)
     with gr.Group():
         name = gr.Radio(
             [(label, name) for name, label in STRATEGIES.items()],
@@ -106,7 +140,12 @@ def _strategy_controls(engine: ChatEngine, title: str, default: str, key: str) -
         )
         with gr.Row():
             top_k = gr.Slider(
-                minimum=1, step=1, label="Top-k", visible=shown[0], **_top_k_range(count)
+                minimum=1,
+                maximum=_top_k_maximum(count),
+                value=advised["top_k"],
+                step=1,
+                label="Top-k",
+                visible=shown[0],
             )
             temperature = gr.Slider(
                 0.05, 5.0, value=1.0, step=0.05, label="Router temperature", visible=shown[1]
@@ -119,19 +158,26 @@ def _strategy_controls(engine: ChatEngine, title: str, default: str, key: str) -
         )
         granularity = gr.Radio(
             [("Route every token", "token"), ("Route the answer once, by its prompt", "sequence")],
-            value="sequence",  # the one that routes the demo's prompts right (README, Toy world)
+            value=advised["granularity"],
             label="Granularity",
             visible=shown[3],
             elem_id=f"granularity-{key}",
+        )
+        prompt_scope = gr.Radio(
+            PROMPT_SCOPES,
+            value=advised["prompt_scope"],
+            label="Once per answer: score the prompt at",
+            visible=shown[4],
+            elem_id=f"prompt-scope-{key}",
         )
         expert = gr.Dropdown(
             engine.expert_names,
             value=engine.expert_names[0] if count else None,
             label="Expert",
-            visible=shown[4],
+            visible=shown[5],
             elem_id=f"expert-{key}",
         )
-    controls = StrategyControls(name, top_k, temperature, mixing, granularity, expert)
+    controls = StrategyControls(name, top_k, temperature, mixing, granularity, prompt_scope, expert)
     name.change(
         lambda chosen: [gr.update(visible=shown) for shown in _options_shown(chosen)],
         name,
@@ -142,10 +188,21 @@ def _strategy_controls(engine: ChatEngine, title: str, default: str, key: str) -
     return controls
 
 
-def _spec(name, top_k, temperature, mixing, granularity, expert) -> StrategySpec:
+def _spec(name, top_k, temperature, mixing, granularity, prompt_layers, expert) -> StrategySpec:
     return StrategySpec(
-        name, int(top_k), float(temperature), mixing, expert or None, granularity or "token"
+        name,
+        int(top_k),
+        float(temperature),
+        mixing,
+        expert or None,
+        granularity or "token",
+        prompt_layers,
     )
+
+
+def _layers(engine: ChatEngine, scope: str) -> tuple[int, ...] | None:
+    """The blocks a prompt scope names: the first the experts adapt, or all (None)."""
+    return (engine.first_block,) if scope == "first" else None
 
 
 def _interleaved(streams: dict) -> Iterator[tuple]:
@@ -211,7 +268,10 @@ def chat_tab(
     @readable_errors
     def respond(message_text, history_a, history_b, both, *values):
         """Answer with one strategy, or with two at once (side by side), streamed."""
-        specs = [_spec(*values[:per_pane]), _spec(*values[per_pane : 2 * per_pane])]
+        specs = [
+            _spec(*chosen[:5], _layers(engine, scope), expert)
+            for *chosen, scope, expert in (values[:per_pane], values[per_pane : 2 * per_pane])
+        ]
         max_new_tokens, temperature, top_p = values[2 * per_pane :]
         settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
         user = {"role": "user", "content": message_text}
@@ -281,16 +341,21 @@ def _chat_endpoint(engine: ChatEngine, concurrency: int) -> None:
         temperature: float = 0.0,
         top_p: float = 1.0,
         history: list | None = None,
+        prompt_layers: list[int] | None = None,
     ) -> Iterator[tuple[str, dict]]:
         """Answer a message with the routed model, streamed as it is written (at most 20 updates
-        a second). strategy: arrow, elrea (a library built with build-elrea, or the demo's),
-        uniform, single (with expert) or base; Arrow routes every token (granularity "token") or
-        the whole answer once by its prompt ("sequence"). Each update is [answer so far,
+        a second). strategy: arrow, elrea (a library built with build-elrea, or the one its
+        routing advice names, as the demo's does), uniform, single (with expert) or base; Arrow
+        routes every token (granularity "token") or the whole answer once by its prompt
+        ("sequence"), scored at every block or at prompt_layers only (e.g. [0], as the demo
+        library's routing advice recommends). Each update is [answer so far,
         routing]; routing is null until the answer is complete, then {experts, tokens, mean:
         [token][expert], layers: {layer: [token][expert]}, sequence: [expert] weights of the
         whole answer (Arrow per sequence, ELREA) or null}.
         """
-        spec = _spec(strategy, top_k, router_temperature, mixing, granularity, expert)
+        spec = _spec(
+            strategy, top_k, router_temperature, mixing, granularity, prompt_layers, expert
+        )
         settings = GenerationSettings(max_new_tokens, temperature, top_p)
         for text, routing in engine.stream(message, history or [], spec, settings):
             yield text, routing.to_dict() if routing else None

@@ -2,8 +2,9 @@
 
 ``quiver.toyworld`` ships it in the package: a tiny trained Llama (word-level tokenizer, 32
 positions), one LoRA expert per MBC cluster of its tasks (numbers, letter pairs, symbol pairs,
-words), bundled in the library with its Arrow prototypes, and its ELREA sibling built from the
-same data (the chat's ELREA strategy routes over it); it installs offline in well under a second.
+words), bundled in the library with its Arrow prototypes and its routing advice (Arrow per sequence,
+scored at the first block; ELREA over its sibling library, built from the same data), and that
+ELREA library; it installs offline in well under a second.
 ``ensure_demo_library`` is the app's one seam to it.
 
 ``install_random_library`` puts random LoRA experts over any model into a registry: the app on a
@@ -28,7 +29,6 @@ __all__ = [
     "DEMO_ELREA_LIBRARY",
     "DEMO_LIBRARY",
     "DEMO_PROMPTS",
-    "ELREA_SIBLINGS",
     "ensure_demo_library",
     "install_random_library",
 ]
@@ -42,10 +42,6 @@ DEMO_PROMPTS = (
     "map each : 12 40 7 33",
     "map ends : BE CI DO AU",
 )
-
-# A library's ELREA sibling: built from the same data on the same base model, it serves the chat's
-# ELREA strategy for a library that has no ELREA centroids of its own.
-ELREA_SIBLINGS = {DEMO_LIBRARY: DEMO_ELREA_LIBRARY}
 
 _RANDOM_EXPERT = (
     "A random LoRA expert (not trained: it changes the base model's outputs, nothing more)."

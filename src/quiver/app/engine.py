@@ -20,16 +20,17 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from quiver.app.demo import ELREA_SIBLINGS
 from quiver.errors import InvalidInputError, NotFoundError, QuiverError, RoutingError
 from quiver.registry import Library, Registry
 from quiver.routing import RoutedModel, RoutingTrace, route
 from quiver.routing.base_model import load_base_model
+from quiver.routing.trace import layer_of
 
 STRATEGIES = {
     "arrow": "Arrow",
@@ -41,8 +42,8 @@ STRATEGIES = {
 # The StrategySpec fields each strategy passes to ``routed.using(name, **options)``: a strategy
 # that routing adds needs a line here and in STRATEGIES (and its label), nothing else.
 STRATEGY_OPTIONS = {
-    "arrow": ("top_k", "temperature", "mixing", "granularity"),
-    "elrea": ("top_k", "temperature"),  # needs a library built with build-elrea, or a sibling
+    "arrow": ("top_k", "temperature", "mixing", "granularity", "prompt_layers"),
+    "elrea": ("top_k", "temperature"),  # a library built with build-elrea, or the one it advises
     "uniform": ("mixing",),
     "single": ("expert",),
     "base": (),
@@ -63,6 +64,7 @@ class StrategySpec:
     mixing: str = "outputs"  # Arrow and uniform: mix the experts' outputs or their parameters
     expert: str | None = None  # "single": the expert to use
     granularity: str = "token"  # Arrow: route every token, or each answer once by its prompt
+    prompt_layers: tuple[int, ...] | None = None  # Arrow per sequence: the blocks scoring it
 
     def __post_init__(self) -> None:
         for option, value, allowed in (
@@ -76,15 +78,30 @@ class StrategySpec:
                 )
         if self.name == "single" and not self.expert:
             raise InvalidInputError("the one-expert strategy needs an expert", hint="choose one")
+        if self.prompt_layers is not None:  # a list from JSON; Arrow checks the numbers
+            if isinstance(self.prompt_layers, (str, bytes)) or not hasattr(
+                self.prompt_layers, "__iter__"
+            ):
+                raise InvalidInputError(
+                    f"prompt_layers must be a list of block numbers, got {self.prompt_layers!r}"
+                )
+            object.__setattr__(self, "prompt_layers", tuple(self.prompt_layers) or None)
 
     def using(self) -> tuple[str, dict]:
-        """The routing strategy's name and options, for ``routed.using``."""
-        return self.name, {option: getattr(self, option) for option in STRATEGY_OPTIONS[self.name]}
+        """The routing strategy's name and options, for ``routed.using`` (the prompt's blocks
+        only for Arrow per sequence: per token, every block routes)."""
+        options = {option: getattr(self, option) for option in STRATEGY_OPTIONS[self.name]}
+        if self.granularity != "sequence":
+            options.pop("prompt_layers", None)
+        return self.name, options
 
     @property
     def label(self) -> str:
         if self.name == "arrow":
             per = ", per sequence" if self.granularity == "sequence" else ""
+            if per and self.prompt_layers:
+                blocks = "block" if len(self.prompt_layers) == 1 else "blocks"
+                per += f" ({blocks} {', '.join(map(str, self.prompt_layers))})"
             return f"Arrow top-{self.top_k}, T={self.temperature:g}, {self.mixing} mixing{per}"
         if self.name == "elrea":
             return f"ELREA top-{self.top_k}, T={self.temperature:g}"
@@ -326,6 +343,11 @@ def _message_text(content) -> str:
     return ""
 
 
+def advice(library: Library, strategy: str) -> dict[str, Any]:
+    """The options ``library``'s routing advice gives ``strategy`` (``Library.set_routing``)."""
+    return dict((library.manifest.routing or {}).get(strategy, {}))
+
+
 class ChatEngine:
     """One base model routed over one library, streamed to any number of sessions at once."""
 
@@ -342,7 +364,8 @@ class ChatEngine:
         self.dtype = dtype
         self.model = self.tokenizer = self._base_model = None
         self.routed: RoutedModel | None = None
-        self.elrea: RoutedModel | None = None  # the ELREA sibling's, see _elrea_sibling
+        self.elrea: RoutedModel | None = None  # the advised ELREA library's, see _elrea_sibling
+        self.elrea_library: str | None = None
         self._use(registry, Library.pull(registry, library_id))
 
     # -- the library ----------------------------------------------------------------------------
@@ -356,22 +379,25 @@ class ChatEngine:
                 registry, base_model, dtype=self.dtype, device=self.device
             )
             self._base_model = base_model
-        self.elrea = self._elrea_sibling(registry, library)  # copies the model: before routing it
+        self.elrea, self.elrea_library = self._elrea_sibling(registry, library)  # before routing
         # Routed with no strategy of its own: every chat chooses one with routed.using().
         self.routed = route(self.model, library, "base") if library.names else None
         self.registry, self.library = registry, library
 
-    def _elrea_sibling(self, registry: Registry, library: Library) -> RoutedModel | None:
-        """ELREA chats on a library without ELREA's centroids go to its ELREA sibling when it
-        has one (the demo library's, built from the same data on the same base model): a copy of
-        the base model, routed over that library. Without it, ELREA chats get routing's error."""
-        sibling = ELREA_SIBLINGS.get(library.repo_id)
-        if sibling is None or library.artifact_path("elrea") is not None:
-            return None
+    def _elrea_sibling(
+        self, registry: Registry, library: Library
+    ) -> tuple[RoutedModel | None, str | None]:
+        """ELREA chats on a library without ELREA's centroids go to the ELREA library its
+        routing advice names (``{"elrea": {"library": repo_id}}``, as the demo's does: built
+        from the same data on the same base model), routed over a copy of the base model.
+        Without one, ELREA chats get routing's error."""
+        sibling = advice(library, "elrea").get("library")
+        if not isinstance(sibling, str) or library.artifact_path("elrea") is not None:
+            return None, None
         try:
             elrea = Library.pull(registry, sibling)
         except NotFoundError:  # a registry holding an older demo, without its ELREA library
-            return None
+            return None, None
         if elrea.manifest.base_model != library.manifest.base_model:
             raise RoutingError(
                 f"{sibling} is built on {elrea.manifest.base_model}, not on "
@@ -379,7 +405,7 @@ class ChatEngine:
                 hint="reinstall the demo (`quiver toyworld install`)",
                 repo_id=sibling,
             )
-        return route(copy.deepcopy(self.model), elrea, "base")
+        return route(copy.deepcopy(self.model), elrea, "base"), sibling
 
     def load_library(self, registry: Registry, library_id: str) -> None:
         """Chat with another library from now on, once running chats are done. The base model
@@ -401,6 +427,13 @@ class ChatEngine:
         return self.library.names
 
     @property
+    def first_block(self) -> int:
+        """The first block the library's experts adapt (Arrow per sequence can score the
+        prompt there alone)."""
+        layers = [layer_of(name) for name in self.routed.routed_layers] if self.routed else []
+        return min((layer for layer in layers if layer >= 0), default=0)
+
+    @property
     def context_length(self) -> int:
         config = self.model.config
         return (
@@ -420,8 +453,8 @@ class ChatEngine:
             f"**{self.library.repo_id}** ({self.library.commit[:10]}) on "
             f"`{self.library.manifest.base_model}`: {len(self.expert_names)} experts ({names})"
         )
-        if self.elrea is not None:
-            text += f"; ELREA chats use **{ELREA_SIBLINGS[self.library.repo_id]}**"
+        if self.elrea_library is not None:
+            text += f"; ELREA chats use **{self.elrea_library}**"
         return text
 
     # -- chatting -------------------------------------------------------------------------------

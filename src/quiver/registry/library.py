@@ -110,6 +110,7 @@ class LibraryManifest:
     experts: list[ExpertPin] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> sha256
     build: dict[str, Any] | None = None  # how the library was made (e.g. MBC: method, k, clusters)
+    routing: dict[str, dict[str, Any]] | None = None  # how to route it: see Library.set_routing
 
     def __post_init__(self) -> None:
         names = [pin.name for pin in self.experts]
@@ -132,6 +133,7 @@ class LibraryManifest:
                 self.build is not None and not isinstance(self.build, dict),
                 "build must be a mapping",
             ),
+            (not _is_routing(self.routing), "routing must map strategy names to mappings"),
         )
         for wrong, problem in problems:
             if wrong:
@@ -166,6 +168,13 @@ class LibraryManifest:
 
 def _is_rank(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_routing(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, dict)
+        and all(isinstance(k, str) and isinstance(v, dict) for k, v in value.items())
+    )
 
 
 def _is_names(value: Any) -> bool:
@@ -375,6 +384,23 @@ class Library:
         artifacts = {**self.manifest.artifacts, name: _artifact_sha256(name, path)}
         manifest = dataclasses.replace(self.manifest, artifacts=artifacts)
         return self._commit(manifest, message or f"Add artifact {name}", artifacts={name: path})
+
+    def set_routing(
+        self, routing: dict[str, dict[str, Any]] | None, *, message: str | None = None
+    ) -> Library:
+        """Record how the library is best routed, replacing any earlier advice: strategy name ->
+        options, JSON values (e.g. ``{"arrow": {"granularity": "sequence", "prompt_layers":
+        [0]}}``; ``{"elrea": {"library": repo_id}}`` names an ELREA library built from the same
+        data). Tools such as the app start from it; ``route`` itself never reads it."""
+        try:  # stored as JSON reads it back: tuples become lists
+            advice = json.loads(json.dumps(routing, allow_nan=False))
+        except (TypeError, ValueError) as error:
+            raise InvalidInputError(
+                f"library {self.repo_id}: routing must hold JSON values ({error})",
+                hint="use text, numbers, booleans, lists and mappings",
+            ) from error
+        manifest = dataclasses.replace(self.manifest, routing=advice)  # checks the shape
+        return self._commit(manifest, message or "Set the routing advice")
 
     def _commit(
         self,
@@ -601,6 +627,7 @@ def _library_card(repo_id: str, manifest: LibraryManifest) -> ModelCard:
             "library": {
                 "experts": [pin.name for pin in manifest.experts],
                 **({"build": manifest.build} if manifest.build else {}),
+                **({"routing": manifest.routing} if manifest.routing else {}),
             }
         },
     )
