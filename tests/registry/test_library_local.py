@@ -283,6 +283,20 @@ def test_routing_advice_is_a_new_version_kept_in_manifest_and_card(library, loca
     assert library.set_routing(None).manifest.routing is None
 
 
+def test_the_cli_sets_shows_and_refuses_routing_advice(library, local):
+    where = ["-r", str(local.root)]
+    advice = '{"arrow": {"granularity": "sequence", "prompt_layers": [0]}}'
+    result = CliRunner().invoke(app, ["library", "set-routing", "alice/lib", advice, *where])
+    assert result.exit_code == 0, result.output
+    assert 'routing advice: {"arrow": {"granularity": "sequence", "prompt_layers": [0]}}' in (
+        " ".join(result.stdout.split())
+    )
+    assert Library.open(local, "alice/lib").manifest.routing == json.loads(advice)
+    for bad, problem in [("{arrow", "is not JSON"), ("[1]", "must map strategy names")]:
+        result = CliRunner().invoke(app, ["library", "set-routing", "alice/lib", bad, *where])
+        assert result.exit_code == 1 and problem in result.stderr, result.output
+
+
 @pytest.mark.parametrize(
     ("advice", "problem"),
     [

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from quiver.errors import InvalidInputError, TrainingError
-from quiver.registry import LocalRegistry
+from quiver.registry import Library, LocalRegistry
 from quiver.toyworld import DEMO_FOLDER, RunConfig, run_benchmark
 from quiver.toyworld.evaluate import Evaluation, TaskResult
 from quiver.toyworld.model import build_tokenizer, model_config
@@ -42,6 +42,9 @@ def test_reduced_run_routes_held_out_tasks_to_the_right_cluster(tmp_path):
     assert sequence["held_out_em"] > base["held_out_em"]
     assert results.row("oracle", "MBC").summary()["train_em"] >= 0.9
     assert registry.refs("quiver-demo/toyworld")  # the libraries went through the registry
+    advice = Library.open(registry, "quiver-demo/toyworld").manifest.routing
+    assert advice["arrow"]["prompt_layers"] == [0]  # what the app's chat starts from
+    assert advice["elrea"] == {"library": "quiver-demo/toyworld-elrea"}
     # ELREA: built on all four tasks' examples pooled, pulled from the registry, routed per prompt
     assert registry.refs("quiver-demo/toyworld-elrea")
     assert set(saved["elrea_clusters"]["members"]) == {"cluster-0", "cluster-1"}

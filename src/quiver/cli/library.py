@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import typer
 
 from quiver.cli._common import (
@@ -29,6 +31,8 @@ def _show_library(library) -> None:
     console.print(f"base model: {manifest.base_model}, rank: {manifest.rank}")
     if manifest.artifacts:
         console.print(f"artifacts: {', '.join(manifest.artifacts)}")
+    if manifest.routing:
+        console.print(f"routing advice: {json.dumps(manifest.routing)}")
 
 
 @library_app.command("create")
@@ -88,6 +92,34 @@ def library_remove(
 
     library = Library.open(registry_from(registry, token), repo_id)
     library.remove(name)
+    _show_library(library)
+
+
+@library_app.command("set-routing")
+def library_set_routing(
+    repo_id: str = typer.Argument(..., help="The library: namespace/name."),
+    advice: str = typer.Argument(
+        ...,
+        help='Strategy -> options, as JSON: \'{"arrow": {"granularity": "sequence", '
+        '"prompt_layers": [0]}}\'; null removes the advice.',
+    ),
+    registry: str | None = RegistryOption,
+    token: str | None = TokenOption,
+) -> None:
+    """Record how the library is best routed (tools such as the app start from it); commits a
+    new version of the library."""
+    from quiver.errors import InvalidInputError
+    from quiver.registry import Library
+
+    try:
+        routing = json.loads(advice)
+    except json.JSONDecodeError as error:
+        raise InvalidInputError(
+            f"the routing advice is not JSON: {error}",
+            hint='e.g. \'{"arrow": {"granularity": "sequence", "prompt_layers": [0]}}\'',
+        ) from error
+    library = Library.open(registry_from(registry, token), repo_id)
+    library.set_routing(routing)
     _show_library(library)
 
 
