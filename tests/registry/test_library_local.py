@@ -49,6 +49,7 @@ def test_manifest_pins_every_expert(library, local):
     assert manifest["format"] == "quiver-library/1"
     assert [e["name"] for e in manifest["experts"]] == ["math", "code"]
     assert manifest["rank"] == 4
+    assert "routing" not in manifest  # no advice, no key: older Quiver reads it
     card = ModelCard.load(library.folder / "README.md")
     assert card.data.base_model == BASE
     assert {"quiver-library", f"base_model:adapter:{BASE}"} <= set(card.data.tags)

@@ -144,7 +144,10 @@ class LibraryManifest:
                 raise InvalidInputError(f"artifact {name!r}: sha256 {sha256!r} is malformed")
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, **dataclasses.asdict(self)}, indent=2) + "\n"
+        data = dataclasses.asdict(self)
+        if data["routing"] is None:  # left out: Quiver before routing advice reads the rest
+            del data["routing"]
+        return json.dumps({"format": FORMAT, **data}, indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str) -> LibraryManifest:
