@@ -1,9 +1,9 @@
 """The Registry tab's card preview reads broken repos as the registry does: a typed error naming
-the repo, never a raw decoding error."""
+the repo, never a raw decoding error; a library's summary shows its routing advice."""
 
 import pytest
 
-from quiver.app.browse import card_markdown
+from quiver.app.browse import card_markdown, library_markdown
 from quiver.errors import CardError, InvalidAdapterError
 
 
@@ -38,3 +38,10 @@ def test_a_repo_that_is_not_an_expert_shows_its_readme_even_if_not_utf8(local_re
     _raw_repo(local_registry, tmp_path, "acme/notes", {"README.md": b"caf\xe9 notes"})
     text = card_markdown(local_registry, "acme/notes")
     assert "Not an expert or a library" in text and "caf\ufffd notes" in text
+
+
+def test_a_librarys_summary_shows_its_routing_advice(engine):
+    text = library_markdown(engine.library)  # the demo library, which carries advice
+
+    assert '- **Routing advice, arrow**: granularity `"sequence"`, prompt_layers `[0]`' in text
+    assert '- **Routing advice, elrea**: library `"quiver-demo/toyworld-elrea"`' in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from quiver.errors import InvalidInputError
 from quiver.registry import Expert, ExpertCard, Library, Registry, read_card
 
@@ -105,6 +107,9 @@ def library_markdown(library: Library) -> str:
         f"- **Experts**: {', '.join(library.names) or 'none yet'}",
         f"- **Artifacts**: {artifacts}",
     ]
+    for strategy, options in (manifest.routing or {}).items():  # the author's advice
+        given = ", ".join(f"{key} `{json.dumps(value)}`" for key, value in options.items())
+        lines.append(f"- **Routing advice, {strategy}**: {given or 'no options'}")
     if manifest.description:
         lines += ["", manifest.description]
     return "\n".join(lines)
