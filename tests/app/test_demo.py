@@ -78,6 +78,27 @@ def test_a_library_without_advice_starts_top_2_per_sequence_at_every_block(rando
     assert random_engine.elrea is None and "ELREA" not in random_engine.describe()
 
 
+def test_advice_naming_an_elrea_library_of_another_base_model_leaves_the_chat_up(
+    local_registry, random_library, engine
+):
+    """Advice is the library author's: when it cannot be followed the library still chats, and
+    ELREA chats say why they cannot run."""
+    experts = Library.open(local_registry, random_library).names
+    library = Library.create(
+        local_registry,
+        "quiver-test/advised",
+        base_model=Library.open(local_registry, random_library).manifest.base_model,
+        experts={name: f"quiver-test/{name}" for name in experts},
+    )
+    library.set_routing({"elrea": {"library": DEMO_ELREA_LIBRARY}})
+    advised = ChatEngine(local_registry, library.repo_id)
+
+    assert answer(advised, StrategySpec("arrow", top_k=1), "Hello")[0]
+    assert "is built on quiver-demo/toyworld-base, not on" in advised.describe()
+    with pytest.raises(RoutingError, match=r"no ELREA chats with quiver-test/advised: .* built on"):
+        answer(advised, StrategySpec("elrea", top_k=1), "Hello")
+
+
 def test_elrea_on_the_default_routes_over_the_demos_elrea_library(engine):
     expected = " ".join(DOMAINS["words"].map(word) for word in WORDS.split())
     elrea = Library.open(engine.registry, DEMO_ELREA_LIBRARY)
@@ -99,5 +120,6 @@ def test_a_registry_with_an_older_demo_chats_but_elrea_says_what_is_missing(tmp_
     engine = ChatEngine(registry, DEMO_LIBRARY)
 
     assert answer(engine, StrategySpec("base"), f"map each : {WORDS}")[0]
-    with pytest.raises(RoutingError, match="'elrea' artifact"):
+    assert "quiver-demo/toyworld-elrea', is not in" in engine.describe()
+    with pytest.raises(RoutingError, match="toyworld-elrea', is not in"):
         answer(engine, StrategySpec("elrea", top_k=1), f"map each : {WORDS}")

@@ -366,6 +366,7 @@ class ChatEngine:
         self.routed: RoutedModel | None = None
         self.elrea: RoutedModel | None = None  # the advised ELREA library's, see _elrea_sibling
         self.elrea_library: str | None = None
+        self.elrea_problem: str | None = None  # why the advised ELREA library cannot be used
         self._use(registry, Library.pull(registry, library_id))
 
     # -- the library ----------------------------------------------------------------------------
@@ -379,33 +380,34 @@ class ChatEngine:
                 registry, base_model, dtype=self.dtype, device=self.device
             )
             self._base_model = base_model
-        self.elrea, self.elrea_library = self._elrea_sibling(registry, library)  # before routing
+        # Before routing the model: the ELREA library's copy of it must not be routed.
+        self.elrea, self.elrea_library, self.elrea_problem = self._elrea_sibling(registry, library)
         # Routed with no strategy of its own: every chat chooses one with routed.using().
         self.routed = route(self.model, library, "base") if library.names else None
         self.registry, self.library = registry, library
 
     def _elrea_sibling(
         self, registry: Registry, library: Library
-    ) -> tuple[RoutedModel | None, str | None]:
+    ) -> tuple[RoutedModel | None, str | None, str | None]:
         """ELREA chats on a library without ELREA's centroids go to the ELREA library its
         routing advice names (``{"elrea": {"library": repo_id}}``, as the demo's does: built
         from the same data on the same base model), routed over a copy of the base model.
-        Without one, ELREA chats get routing's error."""
+        Returns it, its repo id and, when the advice cannot be followed, why: the library still
+        chats, and ELREA chats are refused with that reason."""
         sibling = advice(library, "elrea").get("library")
-        if not isinstance(sibling, str) or library.artifact_path("elrea") is not None:
-            return None, None
+        if sibling is None or library.artifact_path("elrea") is not None:
+            return None, None, None
+        named = f"the ELREA library {library.repo_id}'s routing advice names, {sibling!r},"
         try:
             elrea = Library.pull(registry, sibling)
-        except NotFoundError:  # a registry holding an older demo, without its ELREA library
-            return None, None
+        except NotFoundError:  # e.g. a registry holding an older demo, without its ELREA library
+            return None, None, f"{named} is not in {registry.location}"
+        except (QuiverError, TypeError) as error:  # not a repo id, a broken library
+            return None, None, f"{named} cannot be used: {getattr(error, 'message', error)}"
         if elrea.manifest.base_model != library.manifest.base_model:
-            raise RoutingError(
-                f"{sibling} is built on {elrea.manifest.base_model}, not on "
-                f"{library.manifest.base_model} like {library.repo_id}",
-                hint="reinstall the demo (`quiver toyworld install`)",
-                repo_id=sibling,
-            )
-        return route(copy.deepcopy(self.model), elrea, "base"), sibling
+            base = library.manifest.base_model
+            return None, None, f"{named} is built on {elrea.manifest.base_model}, not on {base}"
+        return route(copy.deepcopy(self.model), elrea, "base"), sibling, None
 
     def load_library(self, registry: Registry, library_id: str) -> None:
         """Chat with another library from now on, once running chats are done. The base model
@@ -455,6 +457,8 @@ class ChatEngine:
         )
         if self.elrea_library is not None:
             text += f"; ELREA chats use **{self.elrea_library}**"
+        if self.elrea_problem is not None:
+            text += f"; no ELREA chats: {self.elrea_problem}"
         return text
 
     # -- chatting -------------------------------------------------------------------------------
@@ -531,6 +535,11 @@ class ChatEngine:
     def _routing(self, strategy: StrategySpec) -> Iterator[tuple[torch.nn.Module, RoutingTrace]]:
         """The model routed by ``strategy`` for this call only, and the trace it records (none
         for the base model of a library without experts)."""
+        if strategy.name == "elrea" and self.elrea_problem is not None:
+            raise RoutingError(
+                f"no ELREA chats with {self.library.repo_id}: {self.elrea_problem}",
+                hint="choose another strategy, or fix the library's routing advice",
+            )
         routed = self.elrea if strategy.name == "elrea" and self.elrea else self.routed
         if routed is None:
             if strategy.name != "base":
