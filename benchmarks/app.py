@@ -142,7 +142,7 @@ def app_stream(
     ``frames``: a list that collects the updates as they came."""
     times, count = [], 0
     start = time.perf_counter()
-    data = data or [MESSAGE, "arrow", 2, 1.0, "outputs", "token", "", tokens, 0.0, 1.0, None]
+    data = data or [MESSAGE, "arrow", 2, 1.0, "outputs", "token", "", tokens, 0.0, 1.0, None, None]
     call = {"data": data, "session_hash": session}
     event = http.post(f"{url}gradio_api/call/chat", json=call).json()["event_id"]
     with http.stream("GET", f"{url}gradio_api/call/chat/{event}") as events:
