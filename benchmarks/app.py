@@ -253,20 +253,35 @@ def gradio_floor(frames: list):
     return floor
 
 
-def open_bench_engine(model: str):
-    """The engine on the embedded default, or on random experts over a bigger Llama."""
-    from quiver.app import ChatEngine, open_engine
-    from quiver.app.demo import install_random_library
+def install_bench_library(model: str) -> tuple:
+    """(registry, library id) in the local store of ``$QUIVER_HOME``: the embedded default, or
+    random experts over a bigger Llama; either base model never ends an answer early, so that
+    every way writes as many tokens as asked for (or as fit)."""
+    from quiver.app.demo import DEMO_BASE_MODEL, ensure_demo_library, install_random_library
     from quiver.registry import LocalRegistry
+    from quiver.routing.base_model import load_base_model, push_base_model
     from quiver.testing import tiny_model, tiny_tokenizer
 
-    if model == "demo":
-        return open_engine()  # installed into the fresh $QUIVER_HOME
-    base = tiny_model("llama", hidden=512, layers=6, heads=8, max_position_embeddings=1024)
-    base.name_or_path = "bench/llama-512"
     registry = LocalRegistry()
-    library = install_random_library(registry, "bench/llama-512-experts", base, tiny_tokenizer())
-    return ChatEngine(registry, library.repo_id)
+    if model == "demo":
+        library_id = ensure_demo_library(registry)
+        base, tokenizer = load_base_model(registry, DEMO_BASE_MODEL)
+    else:
+        base = tiny_model("llama", hidden=512, layers=6, heads=8, max_position_embeddings=1024)
+        base.name_or_path, tokenizer = "bench/llama-512", tiny_tokenizer()
+    base.generation_config.suppress_tokens = [tokenizer.eos_token_id]
+    if model == "demo":
+        push_base_model(registry, DEMO_BASE_MODEL, base, tokenizer, message="Never end early")
+        return registry, library_id
+    library = install_random_library(registry, "bench/llama-512-experts", base, tokenizer)
+    return registry, library.repo_id
+
+
+def open_bench_engine(model: str):
+    """The engine on ``install_bench_library(model)``."""
+    from quiver.app import ChatEngine
+
+    return ChatEngine(*install_bench_library(model))
 
 
 def main() -> None:

@@ -4,10 +4,12 @@ command line."""
 
 from quiver.app.demo import ensure_demo_library
 from quiver.app.engine import ChatEngine, GenerationSettings, StrategySpec, TokenRouting
+from quiver.app.engine_process import EngineProcess
 from quiver.app.ui import create_app, open_engine, serve
 
 __all__ = [
     "ChatEngine",
+    "EngineProcess",
     "GenerationSettings",
     "StrategySpec",
     "TokenRouting",

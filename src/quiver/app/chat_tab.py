@@ -13,11 +13,11 @@ from quiver.app.engine import (
     GRANULARITIES,
     STRATEGIES,
     STRATEGY_OPTIONS,
-    ChatEngine,
     GenerationSettings,
     StrategySpec,
     advice,
 )
+from quiver.app.engine_process import Engine
 from quiver.app.errors import readable_errors
 from quiver.app.plots import MEAN, layer_choices, routing_figure, routing_summary
 
@@ -82,7 +82,7 @@ class ChatTab:
     info: gr.Markdown
     panes: tuple[ChatPane, ChatPane]
 
-    def refresh(self, engine: ChatEngine) -> dict:
+    def refresh(self, engine: Engine) -> dict:
         """Updates that show the engine's current library (after a swap, or on page load)."""
         names = engine.expert_names
         updates = {self.info: engine.describe()}
@@ -103,7 +103,7 @@ class ChatTab:
         return [self.info] + [getattr(p.controls, name) for p in self.panes for name in changed]
 
 
-def _advised(engine: ChatEngine) -> dict[str, Any]:
+def _advised(engine: Engine) -> dict[str, Any]:
     """The Arrow controls' first values: the library's routing advice where it gives a usable
     one (it comes from the library's author), else top-2, per sequence, every block."""
     arrow = advice(engine.library, "arrow")
@@ -127,7 +127,7 @@ def _options_shown(strategy: str) -> list[bool]:
     return [option in STRATEGY_OPTIONS[strategy] for option in CONTROLLED]
 
 
-def _strategy_controls(engine: ChatEngine, title: str, default: str, key: str) -> StrategyControls:
+def _strategy_controls(engine: Engine, title: str, default: str, key: str) -> StrategyControls:
     count = len(engine.expert_names)
     shown = _options_shown(default)
     advised = _advised(engine)
@@ -200,7 +200,7 @@ def _spec(name, top_k, temperature, mixing, granularity, prompt_layers, expert) 
     )
 
 
-def _layers(engine: ChatEngine, scope: str) -> tuple[int, ...] | None:
+def _layers(engine: Engine, scope: str) -> tuple[int, ...] | None:
     """The blocks a prompt scope names: the first the experts adapt, or all (None)."""
     return (engine.first_block,) if scope == "first" else None
 
@@ -228,9 +228,7 @@ def _answer_column(title: str, key: str, visible: bool):
     return column, chatbot, figure, summary, view
 
 
-def chat_tab(
-    engine: ChatEngine, concurrency: int, examples: Sequence[str] | None = None
-) -> ChatTab:
+def chat_tab(engine: Engine, concurrency: int, examples: Sequence[str] | None = None) -> ChatTab:
     """The tab; ``examples``: messages to offer under the message box."""
     info = gr.Markdown(engine.describe())
     with gr.Row():
@@ -327,7 +325,7 @@ def chat_tab(
     return ChatTab(info, panes)
 
 
-def _chat_endpoint(engine: ChatEngine, concurrency: int) -> None:
+def _chat_endpoint(engine: Engine, concurrency: int) -> None:
     @readable_errors
     def chat(
         message: str,

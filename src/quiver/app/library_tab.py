@@ -9,7 +9,7 @@ import gradio as gr
 
 from quiver.app.browse import library_markdown
 from quiver.app.chat_tab import MODEL, ChatTab
-from quiver.app.engine import ChatEngine
+from quiver.app.engine_process import Engine
 from quiver.app.errors import readable_errors
 from quiver.app.libraries import (
     cluster_library,
@@ -45,7 +45,7 @@ def _view(library: Library) -> tuple:
     return library_markdown(library), expert_rows(library), *_clusters(library)
 
 
-def library_tab(engine: ChatEngine, registries: RegistryTab, chat: ChatTab) -> None:
+def library_tab(engine: Engine, registries: RegistryTab, chat: ChatTab) -> None:
     gr.Markdown(
         "Open a library from the registry chosen in the Registry tab, or compose one from the "
         "experts chosen there."
