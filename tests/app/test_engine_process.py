@@ -10,7 +10,7 @@ import pytest
 from quiver.app import ChatEngine, GenerationSettings, StrategySpec
 from quiver.app.demo import DEMO_LIBRARY
 from quiver.app.engine_process import EngineProcess
-from quiver.errors import NotFoundError, RoutingError
+from quiver.errors import NotFoundError, QuiverError, RoutingError
 
 pytestmark = pytest.mark.slow  # each process imports torch and loads the model: ~7 s
 
@@ -95,3 +95,12 @@ def test_a_script_without_a_main_guard_gets_a_typed_error(tmp_path, local_regist
         result.stderr
     )
     assert "if __name__ == '__main__':" in result.stderr
+
+
+def test_a_killed_engine_process_is_a_typed_error_not_a_hang(local_registry):
+    doomed = EngineProcess(local_registry, DEMO_LIBRARY)
+    doomed._process.kill()
+    doomed._process.join()
+    for _ in range(2):  # the reader may learn it first, or the send
+        with pytest.raises(QuiverError, match="the chat's engine process has stopped"):
+            _answer(doomed, StrategySpec("base"), tokens=3)

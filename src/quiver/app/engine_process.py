@@ -29,6 +29,13 @@ from quiver.registry import Library, Registry
 _DONE = object()
 
 
+def _stopped() -> QuiverError:
+    return QuiverError(
+        "the chat's engine process has stopped",
+        hint="restart the app; its log says why the process ended",
+    )
+
+
 def _portable(error: BaseException) -> tuple[str, str]:
     return type(error).__name__, str(error)
 
@@ -128,8 +135,12 @@ class EngineProcess:
     def _call(self, kind: str, *args: Any) -> int:
         call = next(self._ids)
         self._calls[call] = queue.Queue()
-        with self._sending:
-            self._connection.send((call, kind, args))
+        try:
+            with self._sending:
+                self._connection.send((call, kind, args))
+        except OSError as error:  # the child is gone (killed, out of memory)
+            self._calls.pop(call, None)
+            raise _stopped() from error
         return call
 
     def _frames(self, call: int) -> Iterator[Any]:
@@ -152,7 +163,7 @@ class EngineProcess:
                 call, kind, payload = self._connection.recv()
             except (EOFError, OSError):  # the child is gone: every waiting call learns it
                 for answers in list(self._calls.values()):
-                    answers.put(QuiverError("the chat's engine process has stopped"))
+                    answers.put(_stopped())
                 return
             if kind == "state":  # a library swap, before its call's "done"
                 self._state = _opened(payload)
