@@ -24,7 +24,7 @@ def test_quiver_app_serves_the_demo_and_prints_its_url(local_registry):
     port = _free_port()
     command = [sys.executable, "-c", "from quiver.cli import main; main()", "app"]
     process = subprocess.Popen(
-        [*command, "--port", str(port)],
+        [*command, "--port", str(port), "--threads", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

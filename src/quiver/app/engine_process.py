@@ -103,6 +103,11 @@ class EngineProcess:
     def first_block(self) -> int:
         return self._state["first_block"]
 
+    @property
+    def threads(self) -> int:
+        """The torch threads the model runs on, in its process."""
+        return self._state["threads"]
+
     def describe(self) -> str:
         return self._state["describe"]
 
@@ -181,14 +186,26 @@ class EngineProcess:
 
 def _opened(state: tuple) -> dict[str, Any]:
     """The child's state, with the library opened here (manifest, card and artifacts)."""
-    registry, library_id, commit, first_block, description = state
+    registry, library_id, commit, first_block, description, threads = state
     library = Library.open(registry, library_id, revision=commit)
-    return {"library": library, "first_block": first_block, "describe": description}
+    return {
+        "library": library,
+        "first_block": first_block,
+        "describe": description,
+        "threads": threads,
+    }
 
 
 def _state(engine: ChatEngine) -> tuple:
     library = engine.library
-    return (engine.registry, library.repo_id, library.commit, engine.first_block, engine.describe())
+    return (
+        engine.registry,
+        library.repo_id,
+        library.commit,
+        engine.first_block,
+        engine.describe(),
+        torch.get_num_threads(),
+    )
 
 
 def _serve(

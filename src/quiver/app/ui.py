@@ -25,10 +25,12 @@ def open_engine(
     *,
     token: str | None = None,
     own_process: bool = False,
+    threads: int | None = None,
 ) -> ChatEngine | EngineProcess:
     """The chat's model: ``library`` of ``registry``, or without a library the demo library of
     the local store (installed on first use); ``own_process``: in a process of its own (the
-    app's choice: there the model never waits for the GIL behind Gradio's threads)."""
+    app's choice: there the model never waits for the GIL behind Gradio's threads), with
+    ``threads`` torch threads (default: torch's choice, one for the demo)."""
     if library:
         where, library_id = open_registry(registry, token=token), library
     else:
@@ -38,7 +40,7 @@ def open_engine(
         return ChatEngine(where, library_id)
     # The demo's 0.88M model streams fastest on one thread: with torch's two here, beside
     # Gradio, 1.63x slower than alone against 0.95x (benchmarks/app_process.py).
-    return EngineProcess(where, library_id, threads=None if library else 1)
+    return EngineProcess(where, library_id, threads=threads or (None if library else 1))
 
 
 def create_app(

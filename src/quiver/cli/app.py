@@ -19,11 +19,15 @@ def app(
     host: str = typer.Option("127.0.0.1", help="Address to serve on (0.0.0.0: every interface)."),
     port: int | None = typer.Option(None, help="Port (default: 7860, or the next free one)."),
     share: bool = typer.Option(False, "--share", help="Also serve on a public gradio.live link."),
+    threads: int | None = typer.Option(
+        None, min=1, help="Torch threads of the chat's model (default: torch's; 1 for the demo)."
+    ),
 ) -> None:
     """Browse a registry, compose a library, chat with the routed model and see the routing."""
-    from quiver.app import serve
+    from quiver.app import open_engine, serve
 
-    served = serve(registry, library, token=token, host=host, port=port, share=share)
+    engine = open_engine(registry, library, token=token, own_process=True, threads=threads)
+    served = serve(registry, token=token, host=host, port=port, share=share, engine=engine)
     console.print(f"Quiver app running on {served.local_url}")
     if served.share_url:
         console.print(f"Public link: {served.share_url}")
