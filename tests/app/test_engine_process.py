@@ -111,3 +111,23 @@ def test_a_killed_engine_process_is_a_typed_error_not_a_hang(local_registry):
     for _ in range(2):  # the reader may learn it first, or the send
         with pytest.raises(QuiverError, match="the chat's engine process has stopped"):
             _answer(doomed, StrategySpec("base"), tokens=3)
+
+
+def test_a_swap_that_fails_here_is_the_callers_error_and_chats_go_on(
+    remote, local_registry, random_library, monkeypatch
+):
+    """The new library is opened in the caller's thread, never in the pipe's reader: an error
+    there (a registry that stops answering) reaches the caller, and later chats still get
+    their frames."""
+    from quiver.app import engine_process
+
+    def unreachable(state):
+        raise NotFoundError("the registry stopped answering")
+
+    monkeypatch.setattr(engine_process, "_opened", unreachable)
+    with pytest.raises(NotFoundError, match="stopped answering"):
+        remote.load_library(local_registry, random_library)
+    monkeypatch.undo()
+    assert _answer(remote, StrategySpec("base"), tokens=3)[-1][0]
+    remote.load_library(local_registry, DEMO_LIBRARY)
+    assert remote.library.repo_id == DEMO_LIBRARY

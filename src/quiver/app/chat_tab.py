@@ -84,12 +84,11 @@ class ChatTab:
 
     def refresh(self, engine: Engine) -> dict:
         """Updates that show the engine's current library (after a swap, or on page load)."""
-        names = engine.expert_names
+        names, advised = engine.expert_names, _advised(engine)
         updates = {self.info: engine.describe()}
         for pane in self.panes:
             controls = pane.controls
             updates[controls.expert] = gr.update(choices=names, value=names[0] if names else None)
-            advised = _advised(engine)
             updates[controls.top_k] = gr.update(
                 maximum=_top_k_maximum(len(names)), value=advised["top_k"]
             )

@@ -1,6 +1,6 @@
 """The chat's engine in a process of its own, so that the model's thread never waits for the
-GIL behind Gradio's threads: in one process the app streamed 1.12-1.41x slower than the engine
-alone, behind a pipe 1.01-1.08x (``benchmarks/app_process.py``).
+GIL behind Gradio's threads: with the engine in Gradio's process the app streamed 1.11-1.47x
+slower than the engine alone, with it here 0.95-1.14x (``benchmarks/app_process.py``).
 
 ``EngineProcess`` offers what the app's tabs use of a ``ChatEngine`` (``stream``,
 ``load_library``, ``library``, ``expert_names``, ``first_block``, ``describe``); the engine, and
@@ -125,9 +125,8 @@ class EngineProcess:
 
     def load_library(self, registry: Registry, library_id: str) -> None:
         """``ChatEngine.load_library`` in the child; the state here follows once it is done."""
-        call = self._call("load_library", registry, library_id)
-        for _ in self._frames(call):
-            pass
+        for state in self._frames(self._call("load_library", registry, library_id)):
+            self._state = _opened(state)  # here, not in the reader: its errors are this call's
 
     def close(self) -> None:
         """Stop the child (it also stops when this process ends)."""
@@ -162,17 +161,15 @@ class EngineProcess:
                     self._connection.send((call, "leave", ()))
 
     def _read(self) -> None:
-        """Hand each message of the child to its call: a frame, the end, an error, new state."""
+        """Hand each message of the child to its call: a frame (or a swap's new state), the
+        end, an error."""
         while True:
             try:
                 call, kind, payload = self._connection.recv()
-            except (EOFError, OSError):  # the child is gone: every waiting call learns it
+            except Exception:  # the child is gone (or garbled the pipe): every waiting call learns
                 for answers in list(self._calls.values()):
                     answers.put(_stopped())
                 return
-            if kind == "state":  # a library swap, before its call's "done"
-                self._state = _opened(payload)
-                continue
             answers = self._calls.get(call)
             if answers is None:
                 continue  # a call whose reader left
@@ -241,7 +238,7 @@ def _serve(
                     answer.close()  # stops the answer when its reader left
             else:  # "load_library"
                 engine.load_library(*args)
-                send((call, "state", _state(engine)))
+                send((call, "frame", _state(engine)))
             send((call, "done", None))
         except Exception as error:
             send((call, "error", _portable(error)))

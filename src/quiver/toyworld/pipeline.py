@@ -257,7 +257,9 @@ def _build_libraries(
     }
     independent = {ELREA_STAGE: partial(build_elrea, config, registry, model, tokenizer, data)}
     if shared_dir is not None:
-        independent["shared expert"] = partial(train_shared, config, model, tokenizer, shared_dir)
+        independent["shared expert"] = partial(
+            train_shared, config, model, tokenizer, data, shared_dir
+        )
     with tempfile.TemporaryDirectory(prefix="quiver-toyworld-") as scratch:
         with stages.stage(f"{len(tasks)} private experts"):
             private = _train_private(config, registry, model, tokenizer, data, Path(scratch))
@@ -269,29 +271,26 @@ def _build_libraries(
     # state, and the experts would depend on the threads' timing.
     side_by_side = config.backend == "ray"
     with ThreadPoolExecutor(len(independent)) as pool:
+        # One worker each: all start at once (an error of MBC's waits for them to finish).
         started = {
             name: pool.submit(stages.run, name, work)
             for name, work in independent.items()
             if side_by_side
         }
-        try:
-            with stages.stage("MBC clusters and one expert per cluster"):
-                mbc = build_mbc_library(
-                    private,
-                    registry,
-                    f"{NAMESPACE}/{MBC_NAME}",
-                    k=config.cluster_count(),
-                    embedding=config.embedding,
-                    seed=config.seed,
-                    data=data,
-                    base_model=model,
-                    tokenizer=tokenizer,
-                    config=config.train_config(config.cluster_steps),
-                    backend=config.backend,
-                )
-        finally:
-            for future in started.values():
-                future.cancel()  # the ones not started yet; the pool waits for the others
+        with stages.stage("MBC clusters and one expert per cluster"):
+            mbc = build_mbc_library(
+                private,
+                registry,
+                f"{NAMESPACE}/{MBC_NAME}",
+                k=config.cluster_count(),
+                embedding=config.embedding,
+                seed=config.seed,
+                data=data,
+                base_model=model,
+                tokenizer=tokenizer,
+                config=config.train_config(config.cluster_steps),
+                backend=config.backend,
+            )
         done = {
             name: started[name].result() if name in started else stages.run(name, work)
             for name, work in independent.items()
@@ -468,18 +467,13 @@ def _better(a: TaskResult, b: TaskResult) -> bool:
     return (a.exact_match, -a.answer_nll) > (b.exact_match, -b.answer_nll)
 
 
-def train_shared(config: RunConfig, model, tokenizer, output_dir: Path) -> Path:
-    """One expert on every training task together, with the compute of the whole MBC library
-    (on Ray, in a worker with one thread; locally, here with ``config.threads`` threads)."""
-    tasks = config.training_tasks()
+def train_shared(config: RunConfig, model, tokenizer, data, output_dir: Path) -> Path:
+    """One expert on every training task's ``data`` together, with the compute of the whole MBC
+    library (on Ray, in a worker with one thread; locally, here with ``config.threads``)."""
     steps = config.shared_steps or config.cluster_steps * config.cluster_count()
-    union = {
-        t.name: training_pairs(tokenizer, t.examples(config.train_examples, seed=config.seed))
-        for t in tasks
-    }
     (result,) = train_experts(
         model,
-        {SHARED_NAME: union},
+        {SHARED_NAME: data},
         config=config.train_config(steps),
         seed=config.seed,
         tokenizer=tokenizer,
